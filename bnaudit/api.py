@@ -1,0 +1,89 @@
+"""The public functions behind every command. Each takes either spec strings (as the CLI does) or live
+objects (an nn.Module, a DataLoader, a function), so people with their own training loops call the same code
+the CLI runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bnaudit.findings import Report
+from bnaudit.loading import load_data, load_model, load_predict, parse_shape
+
+__all__ = ["inspect", "load_data", "load_model"]
+
+
+def inspect(
+    model: Any,
+    data: Any = None,
+    *,
+    predict: str | Callable[..., Any] | None = None,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+    select: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None,
+    rule_config: Mapping[str, Mapping[str, Any]] | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+    input_key: str | None = None,
+    batch_size: int = 32,
+    steps: int = 8,
+    device: str = "cpu",
+    history: Any | None = None,
+    graph: str = "fx",
+    name: str | None = None,
+) -> Report:
+    """Audit a model's normalization: static rules on its layer graph, plus dynamic probes when data is given.
+
+    Args:
+        model: an nn.Module or a MODEL spec (``model.py:build_model``, ``pkg.mod:Net``, a bnaudit ``.pt``).
+        data: a DATA spec or object (DataLoader, Dataset, tensor, (inputs, targets), iterable of batches).
+            None: ``build_data`` in the model's file if it has one, else static rules only.
+        predict: the user's ``predict(model, inputs)`` or its spec; None: ``predict`` in the model's file.
+        weights: a state_dict file to load into the model first.
+        trust_pickle: allow a ``.pt`` MODEL holding a whole pickled module.
+        select: rule codes, prefixes or names to run (default all).
+        ignore: rule codes, prefixes or names to skip.
+        rule_config: per-rule settings: code -> {"severity", "options", "ignore": [layer globs]}.
+        input_shape: one sample's shape (``"3x32x32"``) for the graph when there is no data.
+        input_key: the input's key in dict batches.
+        batch_size: batch size where bnaudit batches the data itself.
+        steps: batches the probes may use.
+        device: ``cpu`` or ``cuda[:N]``.
+        history: a recorded training History (from ``bnaudit.record``) for the history rules.
+        graph: ``fx`` (torch.fx where it traces) or ``hooks`` (follow tensors at run time).
+        name: the report's name for the model (default: the spec or class name).
+
+    Returns:
+        A Report; ``report.to_dict()`` is the JSON the CLI prints.
+
+    Raises:
+        SpecError, WeightsError, DataError, ConfigError, UsageError: bad input, with a one-line message.
+    """
+    from bnaudit.audit import run_audit
+
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
+    predict_fn = load_predict(predict, loaded.namespace)
+    example = None
+    if input_shape is not None and source is None:
+        import torch
+
+        shape = parse_shape(input_shape, "--input-shape") if isinstance(input_shape, str) else tuple(input_shape)
+        example = torch.randn(min(batch_size, 4) if batch_size > 1 else 2, *shape)
+    return run_audit(
+        loaded.module,
+        name=name or loaded.spec,
+        data=source,
+        predict=predict_fn,
+        select=select,
+        ignore=ignore,
+        rule_config=rule_config,
+        example=example,
+        history=history,
+        device=device,
+        steps=steps,
+        source_path=str(loaded.source_path) if loaded.source_path else None,
+        prefer_graph=graph,
+        meta={"weights": str(weights)} if weights else None,
+    )

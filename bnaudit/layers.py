@@ -1,0 +1,105 @@
+"""What kind of layer a module is: normalization, BatchNorm, activation, dropout, Linear/Conv.
+
+One place for these isinstance checks so that every rule and transform agrees, and third-party subclasses
+(SyncBatchNorm, LazyBatchNorm, a vendor's BatchNorm2d subclass) are recognised the same way everywhere."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.GLU,
+)
+OUTPUT_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Sigmoid, nn.Identity)
+DROPOUTS: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+NORMS: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+# Functional spellings of activations as they appear in torch.fx graphs and in __torch_function__ calls.
+ACTIVATION_FUNCTIONS = frozenset({
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "elu", "elu_", "selu", "selu_",
+    "celu", "gelu", "silu", "mish", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid",
+    "hardtanh", "hardtanh_", "softplus", "softsign", "logsigmoid", "threshold", "glu",
+})
+DROPOUT_FUNCTIONS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
+# Operations that move values around without mixing channels or adding anything: a per-channel constant
+# survives them unchanged, so a bias before them is still cancelled by a following BatchNorm.
+RESHAPE_FUNCTIONS = frozenset({
+    "view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "clone", "to", "float", "type_as",
+    "identity", "__getitem__", "getitem",
+})
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm)
+
+
+def is_norm(m: nn.Module) -> bool:
+    return isinstance(m, NORMS) or type(m).__name__ == "FrozenBatchNorm2d"
+
+
+def is_activation(m: nn.Module) -> bool:
+    return isinstance(m, ACTIVATIONS)
+
+
+def is_dropout(m: nn.Module) -> bool:
+    return isinstance(m, DROPOUTS)
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Bilinear, nn.LazyLinear))
+
+
+def is_conv(m: nn.Module) -> bool:
+    return isinstance(m, _ConvNd)
+
+
+def is_weight_layer(m: nn.Module) -> bool:
+    """Linear or Conv (transposed included): the layers BatchNorm is inserted after."""
+    return is_linear(m) or is_conv(m)
+
+
+def out_features(m: nn.Module) -> int | None:
+    """Output channels/features of a Linear or Conv layer, or None."""
+    if is_conv(m):
+        return int(m.out_channels)
+    if is_linear(m):
+        return int(m.out_features) if not isinstance(m, nn.LazyLinear) or m.out_features else None
+    return None
+
+
+def has_bias(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "bias", None), torch.Tensor)
+
+
+def norm_kind(m: nn.Module) -> str | None:
+    """A short label for the normalization a module performs, for the per-layer table."""
+    if is_batchnorm(m):
+        return "batch"
+    if isinstance(m, nn.GroupNorm):
+        return "group"
+    if isinstance(m, nn.LayerNorm):
+        return "layer"
+    if isinstance(m, _InstanceNorm):
+        return "instance"
+    if isinstance(m, nn.RMSNorm):
+        return "rms"
+    if isinstance(m, nn.LocalResponseNorm):
+        return "local-response"
+    if type(m).__name__ == "FrozenBatchNorm2d":
+        return "frozen-batch"
+    return None
+
+
+def param_count(m: nn.Module) -> int:
+    total = 0
+    for p in m.parameters(recurse=False):
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            continue
+        total += p.numel()
+    return total

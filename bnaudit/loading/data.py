@@ -1,0 +1,404 @@
+"""Loading the data to audit with: whatever a ``--data`` spec yields, turned into a re-iterable source of
+``Batch(inputs, targets)`` plus what the loader says about itself (batch size, dataset length, drop_last,
+shuffling), which the batch rules need.
+
+Accepted: a DataLoader, a Dataset, a tensor, an ``(inputs, targets)`` pair, an iterable of batches (a
+one-shot generator is cached as it is read), ``random:SHAPE``, and ``.pt`` / ``.npz`` / ``.csv`` array files.
+A batch may be a tensor, a tuple/list (first element = inputs, second = targets) or a dict (``input_key``)."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from bnaudit.errors import DataError, SpecError
+from bnaudit.loading.specs import describe_exception, import_target, lookup, parse_py_spec
+
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "input_ids", "features", "data")
+TARGET_KEYS = ("target", "targets", "label", "labels", "y")
+ARRAY_SUFFIXES = (".pt", ".pth", ".npz", ".csv")
+_CACHE_LIMIT = 256  # batches kept from a one-shot iterator
+
+
+@dataclass
+class Batch:
+    """One batch: the model's input and, when present, the targets."""
+
+    inputs: Any
+    targets: Any = None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+        """Move tensors to ``device``; cast floating inputs to ``dtype`` (the model's) when given."""
+
+        def move(x: Any, cast: bool) -> Any:
+            if isinstance(x, torch.Tensor):
+                if cast and dtype is not None and x.is_floating_point() and x.dtype != dtype:
+                    x = x.to(dtype)
+                return x.to(device) if device is not None else x
+            if isinstance(x, (list, tuple)):
+                return type(x)(move(v, cast) for v in x)
+            if isinstance(x, dict):
+                return {k: move(v, cast) for k, v in x.items()}
+            return x
+
+        return Batch(move(self.inputs, True), move(self.targets, False))
+
+    @property
+    def size(self) -> int | None:
+        x = self.inputs
+        while isinstance(x, (list, tuple)) and x:
+            x = x[0]
+        if isinstance(x, dict) and x:
+            x = next(iter(x.values()))
+        return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+
+def split_batch(raw: Any, input_key: str | None = None, where: str = "data") -> Batch:
+    """Turn one raw batch into a Batch.
+
+    Raises:
+        DataError: a dict batch without a recognisable input key, or an unsupported batch type.
+    """
+    if isinstance(raw, torch.Tensor):
+        return Batch(raw)
+    if isinstance(raw, np.ndarray):
+        return Batch(_as_tensor(raw))
+    if isinstance(raw, (tuple, list)):
+        if not raw:
+            raise DataError(f"{where}: a batch is an empty {type(raw).__name__}")
+        return Batch(raw[0], raw[1] if len(raw) > 1 else None)
+    if isinstance(raw, dict):
+        keys = [input_key] if input_key else [k for k in INPUT_KEYS if k in raw]
+        if not keys or keys[0] not in raw:
+            raise DataError(
+                f"{where}: batches are dicts with keys {sorted(map(str, raw))}; pass --input-key to name the model's input"
+            )
+        target = next((raw[k] for k in TARGET_KEYS if k in raw), None)
+        return Batch(raw[keys[0]], target)
+    raise DataError(f"{where}: a batch is a {type(raw).__name__}; expected a tensor, a tuple/list or a dict")
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(a))
+    if t.is_floating_point():
+        t = t.float()
+    return t
+
+
+@dataclass
+class DataSource:
+    """A re-iterable source of batches and what is known about how it batches.
+
+    Attributes:
+        spec: the DATA spec (or the type name of an object passed in).
+        batch_size: the loader's batch size, when known.
+        dataset_len: number of samples, when known.
+        drop_last: whether the loader drops a short last batch.
+        shuffled: True/False when the sampler is known, None when not.
+        input_key: the key naming inputs in dict batches.
+        origin: the loader-ish object batches come from.
+    """
+
+    spec: str
+    origin: Iterable[Any]
+    batch_size: int | None = None
+    dataset_len: int | None = None
+    drop_last: bool = False
+    shuffled: bool | None = None
+    input_key: str | None = None
+    _cache: list[Any] | None = field(default=None, repr=False)
+    _one_shot: bool = False
+
+    @property
+    def num_batches(self) -> int | None:
+        try:
+            return len(self.origin)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    @property
+    def smallest_batch(self) -> int | None:
+        """The smallest batch the loader will produce: the short last batch when drop_last is off."""
+        if self.batch_size is None or self.dataset_len is None:
+            return None
+        rest = self.dataset_len % self.batch_size
+        if rest and not self.drop_last:
+            return rest
+        return min(self.batch_size, self.dataset_len) if self.dataset_len else None
+
+    def raw_batches(self, limit: int | None = None) -> Iterator[Any]:
+        if self._one_shot:
+            yield from self._cached(limit)
+            return
+        for i, raw in enumerate(self.origin):
+            if limit is not None and i >= limit:
+                return
+            yield raw
+
+    def _cached(self, limit: int | None) -> Iterator[Any]:
+        if self._cache is None:
+            self._cache = []
+            self._iter = iter(self.origin)
+        i = 0
+        while limit is None or i < limit:
+            if i < len(self._cache):
+                yield self._cache[i]
+            else:
+                try:
+                    raw = next(self._iter)
+                except StopIteration:
+                    return
+                if len(self._cache) < _CACHE_LIMIT:
+                    self._cache.append(raw)
+                yield raw
+            i += 1
+
+    def batches(
+        self, limit: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Iterator[Batch]:
+        """Yield up to ``limit`` batches as Batch objects on ``device``."""
+        for raw in self.raw_batches(limit):
+            batch = split_batch(raw, self.input_key, self.spec)
+            yield batch.to(device, dtype) if device is not None or dtype is not None else batch
+
+    def first(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+        """The first batch.
+
+        Raises:
+            DataError: the source yields nothing.
+        """
+        for batch in self.batches(limit=1, device=device, dtype=dtype):
+            return batch
+        raise DataError(f"{self.spec}: yields no batches (empty dataset?); check the data spec")
+
+
+def _from_loader(spec: str, loader: DataLoader, input_key: str | None) -> DataSource:
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    shuffled = isinstance(loader.sampler, RandomSampler) if loader.batch_sampler is not None else None
+    return DataSource(spec, loader, loader.batch_size, n, bool(loader.drop_last), shuffled, input_key)
+
+
+def _make_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    # Our own loader over the user's dataset: shuffled with a fixed seed, as a training loader would be.
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
+
+
+def as_source(obj: Any, spec: str, *, batch_size: int = 32, input_key: str | None = None, seed: int = 0) -> DataSource:
+    """Wrap anything ``--data`` may yield in a DataSource.
+
+    Raises:
+        DataError: an empty dataset, mismatched input/target lengths, or an unsupported object.
+    """
+    if isinstance(obj, DataSource):
+        return obj
+    if isinstance(obj, DataLoader):
+        source = _from_loader(spec, obj, input_key)
+    elif isinstance(obj, (torch.Tensor, np.ndarray)):
+        x = _as_tensor(obj) if isinstance(obj, np.ndarray) else obj
+        if x.dim() == 0:
+            raise DataError(f"{spec}: is a scalar; give a tensor of samples (first dimension = samples)")
+        source = _from_loader(spec, _make_loader(TensorDataset(x), batch_size, seed), input_key)
+    elif (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj)
+        and getattr(obj[0], "ndim", 0) > 0
+        and len(obj[0]) == len(obj[1])
+        and len(obj[0]) != 1
+    ):
+        x, y = (_as_tensor(v) if isinstance(v, np.ndarray) else v for v in obj)
+        source = _from_loader(spec, _make_loader(TensorDataset(x, y), batch_size, seed), input_key)
+    elif isinstance(obj, Dataset) and hasattr(obj, "__len__"):
+        source = _from_loader(spec, _make_loader(obj, batch_size, seed), input_key)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
+        one_shot = iter(obj) is obj
+        source = DataSource(spec, obj, None, None, False, None, input_key, _one_shot=one_shot)
+        first = source.first()
+        source.batch_size = first.size
+    else:
+        raise DataError(
+            f"{spec}: gives a {type(obj).__name__}; return a DataLoader, a Dataset, a tensor, an (inputs, targets) "
+            "pair or an iterable of batches"
+        )
+    if source.dataset_len == 0:
+        raise DataError(f"{spec}: the dataset is empty; check the data spec")
+    source.first()  # fail now, with the spec named, if it yields nothing
+    return source
+
+
+def parse_shape(text: str, what: str = "shape") -> tuple[int, ...]:
+    """``3x32x32`` -> (3, 32, 32).
+
+    Raises:
+        SpecError: anything but positive integers joined by ``x``.
+    """
+    try:
+        dims = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise SpecError(f"{what} {text!r} is not a shape; write positive sizes joined by x, e.g. 3x32x32")
+    return dims
+
+
+def _random_source(spec: str, batch_size: int, seed: int, batches: int = 8) -> DataSource:
+    shape = parse_shape(spec.split(":", 1)[1], "random:SHAPE")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size * batches, *shape, generator=gen)
+    loader = DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)
+    return _from_loader(spec, loader, None)
+
+
+def _array_file(path: Path, spec: str) -> Any:
+    if not path.is_file():
+        raise SpecError(f"{spec}: file {path} not found")
+    suffix = path.suffix
+    try:
+        if suffix in (".pt", ".pth"):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001
+                raise SpecError(
+                    f"{spec}: cannot read it with torch.load(weights_only=True) ({describe_exception(exc)}); "
+                    "save plain tensors, an (inputs, targets) tuple or a dict of tensors"
+                ) from exc
+            if isinstance(obj, dict):
+                x = next((obj[k] for k in INPUT_KEYS if k in obj), None)
+                y = next((obj[k] for k in TARGET_KEYS if k in obj), None)
+                if x is None:
+                    raise SpecError(f"{spec}: dict with keys {sorted(obj)}; store the inputs under 'x' or 'inputs'")
+                return (x, y) if y is not None else x
+            return tuple(obj) if isinstance(obj, list) else obj
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                names = list(arrays.files)
+                xk = next((k for k in INPUT_KEYS if k in names), names[0] if names else None)
+                yk = next((k for k in TARGET_KEYS if k in names), None)
+                if xk is None:
+                    raise SpecError(f"{spec}: the .npz file holds no arrays")
+                x = arrays[xk]
+                return (x, arrays[yk]) if yk else x
+        if suffix == ".csv":
+            return _read_csv(path, spec)
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{spec}: cannot read {path} ({describe_exception(exc)})") from exc
+    raise SpecError(f"{spec}: unsupported data file type {suffix}")
+
+
+def _read_csv(path: Path, spec: str) -> Any:
+    with path.open(encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    has_header = any(not _is_number(h) for h in header)
+    table = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, ndmin=2, dtype=np.float64)
+    if table.size == 0:
+        raise SpecError(f"{spec}: {path} has no rows")
+    if has_header:
+        names = [h.strip().lower() for h in header]
+        target = next((names.index(k) for k in TARGET_KEYS if k in names), None)
+        if target is not None:
+            x = np.delete(table, target, axis=1)
+            y = table[:, target]
+            y_t = torch.as_tensor(y).long() if np.all(np.mod(y, 1) == 0) else torch.as_tensor(y).float()
+            return (_as_tensor(x), y_t)
+    return _as_tensor(table)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def load_data(
+    spec: Any,
+    *,
+    namespace: types.ModuleType | None = None,
+    batch_size: int = 32,
+    input_key: str | None = None,
+    seed: int = 0,
+) -> DataSource | None:
+    """Resolve a DATA spec (or object) to a DataSource.
+
+    Args:
+        spec: ``PATH.py:NAME``, ``PATH.py`` (NAME defaults to ``build_data``), ``package.module:NAME``,
+            ``random:SHAPE``, a ``.pt``/``.npz``/``.csv`` file, or any object ``as_source`` accepts. None means
+            ``build_data`` in the model's file when it defines one, else no data.
+        namespace: the model's Python module, searched for ``build_data`` when ``spec`` is None.
+        batch_size: batch size for sources bnaudit batches itself (tensors, datasets, files, random).
+        input_key: the key of the input in dict batches.
+        seed: seed for random data and for shuffling bnaudit's own loaders.
+
+    Returns:
+        The DataSource, or None when there is no data.
+
+    Raises:
+        SpecError: the spec names nothing usable.
+        DataError: the data is empty or not in a supported layout.
+    """
+    if batch_size < 1:
+        raise SpecError(f"--batch-size must be at least 1, got {batch_size}")
+    if spec is None:
+        if namespace is None or not hasattr(namespace, "build_data"):
+            return None
+        text = f"{getattr(namespace, '__file__', namespace.__name__)}:build_data"
+        return as_source(_produce(getattr(namespace, "build_data"), text), text, batch_size=batch_size, input_key=input_key, seed=seed)
+    if not isinstance(spec, (str, Path)):
+        return as_source(spec, type(spec).__name__, batch_size=batch_size, input_key=input_key, seed=seed)
+    text = str(spec)
+    if text.startswith("random:"):
+        return _random_source(text, batch_size, seed)
+    if text.endswith(ARRAY_SUFFIXES):
+        return as_source(_array_file(Path(text), text), text, batch_size=batch_size, input_key=input_key, seed=seed)
+    py = parse_py_spec(text)
+    if py is None:
+        raise SpecError(
+            f"{text}: not a data spec; use PATH.py[:NAME], package.module:NAME, random:SHAPE or a .pt/.npz/.csv file"
+        )
+    module = import_target(py)
+    obj = lookup(module, py.attr or "build_data", text, "data")
+    return as_source(_produce(obj, text), text, batch_size=batch_size, input_key=input_key, seed=seed)
+
+
+def _produce(obj: Any, spec: str) -> Any:
+    """Call a data factory; leave data objects (datasets, loaders, tensors) as they are."""
+    if isinstance(obj, (torch.Tensor, np.ndarray, Dataset, DataLoader, tuple, list)) or not callable(obj):
+        return obj
+    try:
+        return obj()
+    except Exception as exc:
+        raise SpecError(f"{spec}: building the data raised {describe_exception(exc)}; rerun with --debug") from exc
+
+
+def load_predict(spec: Any, namespace: types.ModuleType | None = None) -> Any:
+    """Resolve a PREDICT spec to a callable ``predict(model, inputs)``; None means ``predict`` in the model's
+    file when present.
+
+    Raises:
+        SpecError: the spec names nothing callable.
+    """
+    if spec is None:
+        fn = getattr(namespace, "predict", None) if namespace is not None else None
+        return fn if callable(fn) else None
+    if callable(spec):
+        return spec
+    text = str(spec)
+    py = parse_py_spec(text)
+    if py is None:
+        raise SpecError(f"{text}: not a predict spec; use PATH.py:NAME or package.module:NAME")
+    fn = lookup(import_target(py), py.attr or "predict", text, "predict function")
+    if not callable(fn):
+        raise SpecError(f"{text}: names a {type(fn).__name__}, not a function predict(model, inputs)")
+    return fn

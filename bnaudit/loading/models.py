@@ -1,0 +1,193 @@
+"""Loading the model to audit: from a Python spec (a module instance or a zero-argument factory), from a
+file saved by bnaudit (rebuilt safely), or — only with ``trust_pickle`` — from a whole pickled module.
+Weights files are read with ``torch.load(weights_only=True)`` or safetensors, never unpickled by default."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnaudit.errors import SpecError, WeightsError
+from bnaudit.loading.specs import describe_exception, import_target, lookup, parse_py_spec
+
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from.
+
+    Attributes:
+        module: the nn.Module.
+        spec: the spec text (or the class name for an object passed in).
+        source_path: the .py or .pt file it came from, when known.
+        namespace: the Python module the spec pointed into (to find build_data / predict), or None.
+    """
+
+    module: nn.Module
+    spec: str
+    source_path: Path | None = None
+    namespace: types.ModuleType | None = None
+
+
+def _call_factory(obj: Any, spec: str) -> Any:
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise SpecError(f"{spec}: names a {type(obj).__name__}, not an nn.Module or a function returning one")
+    try:
+        return obj()
+    except TypeError as exc:
+        if "argument" in str(exc):
+            raise SpecError(
+                f"{spec}: calling it with no arguments failed ({describe_exception(exc)}); point the spec at a "
+                "zero-argument function, e.g. def build_model(): return MyNet(num_features=64)"
+            ) from exc
+        raise SpecError(f"{spec}: building the model raised {describe_exception(exc)}; rerun with --debug") from exc
+    except Exception as exc:
+        raise SpecError(f"{spec}: building the model raised {describe_exception(exc)}; rerun with --debug") from exc
+
+
+def load_model(
+    spec: str | nn.Module | Path,
+    *,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Resolve a MODEL spec.
+
+    Args:
+        spec: ``PATH.py:NAME``, ``PATH.py`` (NAME defaults to ``build_model``), ``package.module:NAME``, a
+            ``.pt`` file written by bnaudit (or a pickled module with ``trust_pickle``), or an nn.Module.
+        weights: a state_dict file (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, ``.safetensors``).
+        trust_pickle: allow unpickling a whole module from a ``.pt`` file (runs code from the file).
+
+    Returns:
+        The LoadedModel.
+
+    Raises:
+        SpecError: the spec names nothing usable.
+        WeightsError: the weights cannot be read or do not match the model.
+    """
+    if isinstance(spec, nn.Module):
+        loaded = LoadedModel(spec, type(spec).__name__)
+    else:
+        text = str(spec)
+        if text.endswith(MODEL_FILE_SUFFIXES):
+            loaded = _load_model_file(Path(text), trust_pickle=trust_pickle)
+        else:
+            py = parse_py_spec(text)
+            if py is None:
+                raise SpecError(
+                    f"{text}: not a model spec; use PATH.py, PATH.py:NAME, package.module:NAME or a .pt file saved by bnaudit"
+                )
+            namespace = import_target(py)
+            obj = lookup(namespace, py.attr or "build_model", text, "model")
+            module = _call_factory(obj, text)
+            if not isinstance(module, nn.Module):
+                raise SpecError(f"{text}: returned a {type(module).__name__}, not a torch.nn.Module; return the model itself")
+            loaded = LoadedModel(module, text, py.path.resolve() if py.path else _module_file(namespace), namespace)
+    if weights is not None:
+        load_weights(loaded.module, weights)
+    return loaded
+
+
+def _module_file(namespace: types.ModuleType) -> Path | None:
+    f = getattr(namespace, "__file__", None)
+    return Path(f) if f else None
+
+
+def _torch_load_safe(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise WeightsError(f"{what} file {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for unsafe or corrupt files
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in type(exc).__name__:
+            raise _UnsafePickle(str(exc)) from exc
+        raise WeightsError(f"{path}: cannot read it as a torch file ({describe_exception(exc)})") from exc
+
+
+class _UnsafePickle(Exception):
+    pass
+
+
+def _load_model_file(path: Path, *, trust_pickle: bool) -> LoadedModel:
+    try:
+        obj = _torch_load_safe(path, "model")
+    except WeightsError as exc:
+        raise SpecError(str(exc)) from exc
+    except _UnsafePickle:
+        if not trust_pickle:
+            raise SpecError(
+                f"{path} holds a pickled Python object, which can run arbitrary code when loaded; pass "
+                "--trust-pickle only if you trust the file, or save model.state_dict() and use "
+                "MODEL.py:build_model --weights FILE"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise SpecError(f"{path}: unpickling failed ({describe_exception(exc)})") from exc
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, str(path), path.resolve())
+    if isinstance(obj, dict) and "bnaudit_format" in obj:
+        from bnaudit.transforms.saving import load_saved
+
+        return LoadedModel(load_saved(obj, path), str(path), path.resolve())
+    if isinstance(obj, dict):
+        raise SpecError(
+            f"{path} holds weights only (a state_dict), not an architecture; run "
+            f"`bnaudit inspect MODEL.py:build_model --weights {path}`"
+        )
+    raise SpecError(f"{path} holds a {type(obj).__name__}, not a model")
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    raise WeightsError(f"{path} holds no state_dict (expected a dict of tensors, or a checkpoint with a 'state_dict' key)")
+
+
+def load_weights(model: nn.Module, weights: str | Path) -> None:
+    """Load a state_dict file into ``model`` strictly (a ``module.`` prefix from DDP is stripped).
+
+    Raises:
+        WeightsError: unreadable file, a pickled object without weights, or keys/shapes that do not match.
+    """
+    path = Path(weights)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} not found")
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise WeightsError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+        state = load_file(str(path))
+    else:
+        try:
+            obj = _torch_load_safe(path, "weights")
+        except _UnsafePickle:
+            raise WeightsError(
+                f"{path} is not a plain state_dict (it needs unpickling); save model.state_dict() instead"
+            ) from None
+        state = _extract_state_dict(obj, path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise WeightsError(f"{path} does not match the model: {detail[:300]}") from exc
+    del result

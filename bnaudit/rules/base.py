@@ -1,0 +1,258 @@
+"""The rule machinery: the Rule base class, the Example cases every rule carries, and the registry.
+
+A rule is a small class with class attributes (code, name, severity, summary, fix, options, defaults,
+requires) and one method, ``check(ctx)``, that yields Findings. Its docstring is its documentation: ``bnaudit
+rules CODE`` prints it. ``@register`` adds it to the registry and refuses a duplicate code or name.
+Nothing here imports torch at module load."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bnaudit.errors import ConfigError, UsageError
+from bnaudit.findings import SEVERITY_RANK, Finding, check_severity
+
+if TYPE_CHECKING:
+    from bnaudit.context import RuleContext
+
+CODE_RE = re.compile(r"^BN\d{3}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+# What a rule may need from the audit; a rule whose needs are not met is skipped with this reason.
+REQUIREMENTS = {
+    "graph": "needs the layer graph",
+    "shapes": "needs --data or --input-shape (runs one forward pass)",
+    "data": "needs --data",
+    "predict": "needs --data (and uses --predict when given)",
+    "history": "needs a recorded training run (bnaudit.record or train-compare)",
+    "distributed": "needs a torch.distributed process group",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tiny case that must (``Rule.invalid``) or must not (``Rule.valid``) make the rule fire.
+
+    Attributes:
+        model: zero-argument factory returning an nn.Module.
+        data: zero-argument factory returning anything ``--data`` accepts (a tensor, an (x, y) pair, a
+            DataLoader...). Its first batch is also the example input for the graph.
+        predict: optional ``predict(model, inputs)`` for the inference-path rules.
+        options: rule options for this case.
+        layer: for invalid cases, the layer the finding must name (None: any layer).
+        note: one line saying what the case shows.
+        context: extra keyword arguments for ``bnaudit.inspect`` (e.g. a recorded history).
+    """
+
+    model: Callable[[], Any]
+    data: Callable[[], Any] | None = None
+    predict: Callable[..., Any] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    layer: str | None = None
+    note: str = ""
+    context: Callable[[], Mapping[str, Any]] | None = None
+
+
+class Rule:
+    """Base class of every rule. Subclasses set the class attributes and implement ``check``."""
+
+    code: ClassVar[str]
+    name: ClassVar[str]
+    severity: ClassVar[str]
+    summary: ClassVar[str]
+    fix: ClassVar[str]
+    family: ClassVar[str] = "architecture"
+    requires: ClassVar[frozenset[str]] = frozenset({"graph"})
+    options: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    valid: ClassVar[tuple[Example, ...]] = ()
+    invalid: ClassVar[tuple[Example, ...]] = ()
+
+    def __init__(self, severity: str | None = None, options: Mapping[str, Any] | None = None):
+        self.severity_override = check_severity(severity) if severity else None
+        self.config = self.resolve_options(options or {})
+
+    @classmethod
+    def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``options`` over the defaults, type-checking every value.
+
+        Raises:
+            ConfigError: an unknown option, a value of the wrong type, or one outside its choices.
+        """
+        merged = dict(cls.defaults)
+        for key, value in options.items():
+            if key not in cls.options:
+                known = ", ".join(sorted(cls.options)) or "none"
+                raise ConfigError(f"{cls.code} has no option {key!r} (options: {known})")
+            expected = cls.options[key]
+            # bool is an int subclass; an option typed float accepts ints but never bools.
+            ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in _as_tuple(expected))
+            if not ok and float in _as_tuple(expected) and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                names = " or ".join(t.__name__ for t in _as_tuple(expected))
+                raise ConfigError(f"{cls.code} option {key!r} must be {names}, got {value!r}")
+            if key in cls.choices and value not in cls.choices[key]:
+                raise ConfigError(f"{cls.code} option {key!r} must be one of {list(cls.choices[key])}, got {value!r}")
+            merged[key] = value
+        return merged
+
+    @property
+    def effective_severity(self) -> str:
+        return self.severity_override or self.severity
+
+    def check(self, ctx: RuleContext) -> Iterator[Finding]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def finding(
+        self,
+        layer: str | None,
+        message: str,
+        evidence: Mapping[str, Any] | None = None,
+        *,
+        fix: str | None = None,
+        severity: str | None = None,
+    ) -> Finding:
+        """Build a Finding for this rule. ``severity`` lets a rule escalate one case (e.g. an error
+        where a warning is the norm); a configured severity always wins."""
+        return Finding(
+            code=self.code,
+            name=self.name,
+            severity=self.severity_override or severity or self.severity,
+            layer=layer,
+            message=message,
+            fix=fix or self.fix,
+            evidence=dict(evidence or {}),
+        )
+
+    @classmethod
+    def doc(cls) -> str:
+        """The rule's documentation: its docstring, dedented."""
+        return textwrap.dedent(inspect.getdoc(cls) or "").strip()
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+_REGISTRY: dict[str, type[Rule]] = {}
+_BY_NAME: dict[str, str] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    """Class decorator adding a rule to the registry.
+
+    Raises:
+        ValueError: malformed code/name/severity, or a code or name already registered.
+    """
+    for attr in ("code", "name", "severity", "summary", "fix"):
+        if not getattr(cls, attr, None):
+            raise ValueError(f"rule {cls.__name__} lacks the class attribute {attr!r}")
+    if not CODE_RE.match(cls.code):
+        raise ValueError(f"rule code {cls.code!r} must look like BN123")
+    if not NAME_RE.match(cls.name):
+        raise ValueError(f"rule name {cls.name!r} must be kebab-case")
+    check_severity(cls.severity)
+    if cls.code in _REGISTRY:
+        raise ValueError(f"rule code {cls.code} is registered twice ({_REGISTRY[cls.code].__name__}, {cls.__name__})")
+    if cls.name in _BY_NAME:
+        raise ValueError(f"rule name {cls.name!r} is registered twice ({_BY_NAME[cls.name]}, {cls.code})")
+    unknown = set(cls.requires) - set(REQUIREMENTS)
+    if unknown:
+        raise ValueError(f"rule {cls.code} requires unknown capabilities {sorted(unknown)}")
+    missing = set(cls.options) - set(cls.defaults)
+    if missing:
+        raise ValueError(f"rule {cls.code} options {sorted(missing)} have no default")
+    _REGISTRY[cls.code] = cls
+    _BY_NAME[cls.name] = cls.code
+    return cls
+
+
+def _load_families() -> None:
+    # Importing the family modules runs their @register decorators; they import torch lazily inside
+    # check() so listing the catalogue stays cheap.
+    from bnaudit.rules import catalog  # noqa: F401
+
+
+def all_rules() -> list[type[Rule]]:
+    """Every registered rule, ordered by code."""
+    _load_families()
+    return [_REGISTRY[c] for c in sorted(_REGISTRY)]
+
+
+def get_rule(code_or_name: str) -> type[Rule]:
+    """Look a rule up by code (``BN101``, any case) or name (``redundant-bias``).
+
+    Raises:
+        UsageError: no such rule; the message suggests the closest code or name.
+    """
+    _load_families()
+    key = code_or_name.strip()
+    if key.upper() in _REGISTRY:
+        return _REGISTRY[key.upper()]
+    if key in _BY_NAME:
+        return _REGISTRY[_BY_NAME[key]]
+    raise UsageError(f"no rule {code_or_name!r}{_did_you_mean(key, [*_REGISTRY, *_BY_NAME])}; `bnaudit rules` lists them")
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def matches(code: str, name: str, patterns: Iterable[str]) -> bool:
+    """True when a code/name is selected by any pattern: a code (``BN101``), a prefix (``BN1``, ``BN``),
+    a name (``redundant-bias``) or a glob (``BN10*``)."""
+    for pattern in patterns:
+        p = pattern.strip()
+        if not p:
+            continue
+        if p == name or code.startswith(p.upper()) or fnmatch.fnmatch(code, p.upper()):
+            return True
+    return False
+
+
+def validate_patterns(patterns: Iterable[str], what: str) -> list[str]:
+    """Reject a --select/--ignore entry that selects no rule, so a typo never silently disables a gate.
+
+    Raises:
+        UsageError: a pattern that matches no registered code or name.
+    """
+    rules = all_rules()
+    out = []
+    for pattern in patterns:
+        p = pattern.strip()
+        if not p:
+            continue
+        if not any(matches(r.code, r.name, [p]) for r in rules):
+            hint = _did_you_mean(p, [*(r.code for r in rules), *(r.name for r in rules)])
+            raise UsageError(f"{what} {p!r} matches no rule{hint}; `bnaudit rules` lists them")
+        out.append(p)
+    return out
+
+
+def select_rules(select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> list[type[Rule]]:
+    """Rules chosen by ``select`` (default: all) minus ``ignore``; both take codes, prefixes or names."""
+    select = validate_patterns(select or [], "--select")
+    ignore = validate_patterns(ignore or [], "--ignore")
+    chosen = []
+    for rule in all_rules():
+        if select and not matches(rule.code, rule.name, select):
+            continue
+        if ignore and matches(rule.code, rule.name, ignore):
+            continue
+        chosen.append(rule)
+    return chosen
+
+
+def severity_at_least(severity: str, threshold: str) -> bool:
+    return SEVERITY_RANK[severity] >= SEVERITY_RANK[threshold]

@@ -1,0 +1,3 @@
+"""Imports every rule family so that the registry is complete. A new family module is added here."""
+
+from bnaudit.rules import architecture  # noqa: F401
