@@ -122,19 +122,26 @@ class LayerGraph:
         )
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _is_torch_composite(m: nn.Module) -> bool:
+    # torch.nn's own composite layers (MultiheadAttention, TransformerEncoderLayer, ...) are opaque units:
+    # their internals hold no BatchNorm, and their forwards branch on tensor properties fx cannot trace.
+    return type(m).__module__.startswith("torch.nn.") and not isinstance(m, _CONTAINERS)
+
+
 def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules the graph treats as nodes: those without children, and every normalization layer (whose
-    subclasses may wrap children of their own)."""
+    """Modules the graph treats as nodes: those without children, every normalization layer (whose
+    subclasses may wrap children of their own), and torch.nn's composite layers."""
     out: dict[str, nn.Module] = {}
     skip_prefixes: list[str] = []
     for name, m in model.named_modules():
         if not name or any(name.startswith(p) for p in skip_prefixes):
             continue
-        if is_norm(m):
+        if is_norm(m) or _is_torch_composite(m) or next(m.children(), None) is None:
             out[name] = m
             skip_prefixes.append(name + ".")
-        elif next(m.children(), None) is None:
-            out[name] = m
     return out
 
 
@@ -150,7 +157,7 @@ def _fx_edges(model: nn.Module, leaves: dict[str, nn.Module]) -> tuple[list[Edge
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return id(m) in leaf_ids or super().is_leaf_module(m, qualname)
+            return id(m) in leaf_ids
 
     graph = _Tracer().trace(model)
     memo: dict[Any, frozenset[tuple[str, tuple[str, ...]]]] = {}

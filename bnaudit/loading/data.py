@@ -188,8 +188,10 @@ def _from_loader(spec: str, loader: DataLoader, input_key: str | None) -> DataSo
     return DataSource(spec, loader, loader.batch_size, n, bool(loader.drop_last), shuffled, input_key)
 
 
-def _make_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+def _make_loader(dataset: Dataset, batch_size: int, seed: int, spec: str) -> DataLoader:
     # Our own loader over the user's dataset: shuffled with a fixed seed, as a training loader would be.
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError(f"{spec}: the dataset is empty; check the data spec")
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
 
@@ -208,7 +210,7 @@ def as_source(obj: Any, spec: str, *, batch_size: int = 32, input_key: str | Non
         x = _as_tensor(obj) if isinstance(obj, np.ndarray) else obj
         if x.dim() == 0:
             raise DataError(f"{spec}: is a scalar; give a tensor of samples (first dimension = samples)")
-        source = _from_loader(spec, _make_loader(TensorDataset(x), batch_size, seed), input_key)
+        source = _from_loader(spec, _make_loader(TensorDataset(x), batch_size, seed, spec), input_key)
     elif (
         isinstance(obj, (tuple, list))
         and len(obj) == 2
@@ -218,9 +220,9 @@ def as_source(obj: Any, spec: str, *, batch_size: int = 32, input_key: str | Non
         and len(obj[0]) != 1
     ):
         x, y = (_as_tensor(v) if isinstance(v, np.ndarray) else v for v in obj)
-        source = _from_loader(spec, _make_loader(TensorDataset(x, y), batch_size, seed), input_key)
+        source = _from_loader(spec, _make_loader(TensorDataset(x, y), batch_size, seed, spec), input_key)
     elif isinstance(obj, Dataset) and hasattr(obj, "__len__"):
-        source = _from_loader(spec, _make_loader(obj, batch_size, seed), input_key)
+        source = _from_loader(spec, _make_loader(obj, batch_size, seed, spec), input_key)
     elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
         one_shot = iter(obj) is obj
         source = DataSource(spec, obj, None, None, False, None, input_key, _one_shot=one_shot)

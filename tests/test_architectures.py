@@ -1,0 +1,62 @@
+"""`inspect` on architectures built the way popular ones are: no false warnings on the correct ones, the
+graph method honest about fx, and the user's model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnaudit
+from bnaudit.graph import OUTPUT, build_graph
+from tests.fixtures.architectures import ARCHITECTURES, BY_NAME
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_inspect_correct_architectures_raise_no_warning(arch):
+    model = arch.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    report = bnaudit.inspect(model, arch.example(), select=["BN1"])
+    loud = [f for f in report.findings if f.severity in ("warning", "error")]
+    assert not loud, [(f.code, f.layer, f.message) for f in loud]
+    assert not any("internal error" in why for why in report.rules_skipped.values()), report.rules_skipped
+    assert report.graph_method == ("fx" if arch.traceable else "hooks"), report.graph_note
+    assert report.layers and all(layer.calls >= 1 for layer in report.layers if layer.input_shapes)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [m.training for m in model.modules()]
+
+
+def test_unnormalized_vgg_is_told_about_batchnorm():
+    report = bnaudit.inspect(BY_NAME["vgg11"].build(), BY_NAME["vgg11"].example(), select=["BN110"])
+    assert [f.code for f in report.findings] == ["BN110"]
+    assert report.findings[0].evidence["hidden_layers"] == 10  # 8 convs + 2 hidden Linear layers
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "early_exit_cnn"])
+def test_fx_and_hooks_agree_on_dataflow_between_modules(name):
+    arch = BY_NAME[name]
+    model = arch.build()
+    hooks = build_graph(model, arch.example(), prefer="hooks")
+    assert hooks.method == "hooks"
+    # Every BatchNorm is fed by the convolution before it, and the head feeds the output.
+    for node in hooks.nodes.values():
+        if isinstance(node.module, torch.nn.BatchNorm2d):
+            srcs = {e.src for e in hooks.parents(node.name)}
+            assert any(isinstance(hooks.module(s), torch.nn.Conv2d) for s in srcs), (node.name, srcs)
+    assert {e.src for e in hooks.parents(OUTPUT)} & {"fc", "head"}
+    if arch.traceable:
+        fx = build_graph(model, arch.example(), prefer="fx")
+        key = lambda g: {(e.src, e.dst) for e in g.edges if e.src in g.nodes and e.dst in g.nodes}  # noqa: E731
+        assert key(fx) == key(hooks)
+
+
+def test_call_counts_and_shapes_recorded():
+    graph = build_graph(BY_NAME["densenet_block"].build(), BY_NAME["densenet_block"].example())
+    assert graph.nodes["conv0"].input_shapes[0] == (4, 3, 32, 32)
+    assert graph.nodes["norm5"].input_shapes[0] == (4, 20, 16, 16)
+    assert all(n.calls == 1 for n in graph.nodes.values())
+    # The concatenation feeding norm5 comes from the stem's pool and all three dense layers.
+    srcs = {e.src for e in graph.parents("norm5")}
+    assert srcs == {"pool0", "block.0.conv2", "block.1.conv2", "block.2.conv2"}
