@@ -95,10 +95,6 @@ def _graph_batchnorms(ctx: RuleContext) -> Iterator[Node]:
             yield node
 
 
-def _kind(node_module: nn.Module | None, name: str) -> str:
-    return type(node_module).__name__ if node_module is not None else name
-
-
 # --- rules -----------------------------------------------------------------------------------------------------
 
 
@@ -153,8 +149,8 @@ class RedundantBias(Rule):
                 bns = sorted({e.dst for e in consumers})
                 yield self.finding(
                     name,
-                    f"{node.type} {name} has a bias of {node.module.bias.numel()} values that {', '.join(bns)} "
-                    "subtracts away again",
+                    f"{node.type} {name} has a bias of {node.module.bias.numel()} values that "
+                    f"{' and '.join(f'{g.nodes[b].type} {b}' for b in bns)} subtracts away again",
                     {"bias_values": node.module.bias.numel(), "feeds": bns},
                     fix=f"construct {name} with bias=False; the BatchNorm's beta already provides the shift",
                 )
@@ -212,7 +208,11 @@ class BNAfterActivation(Rule):
             if policy == "before-activation":
                 acts = [e for e in g.parents(node.name) if self._activation_between(ctx, e.src, e.via)]
                 if acts:
-                    what = _kind(g.module(acts[0].src), acts[0].src) if g.module(acts[0].src) is not None and is_activation(g.module(acts[0].src)) else next(iter(set(acts[0].via) & ACTIVATION_FUNCTIONS))
+                    src_module = g.module(acts[0].src)
+                    if src_module is not None and is_activation(src_module):
+                        what = type(src_module).__name__
+                    else:
+                        what = "F." + sorted(set(acts[0].via) & ACTIVATION_FUNCTIONS)[0]
                     yield self.finding(
                         node.name,
                         f"{node.name} normalizes the output of an activation ({what}); the placement policy is "
@@ -431,7 +431,7 @@ class SuspiciousMomentum(Rule):
             if mom > limit:
                 yield self.finding(
                     name,
-                    f"{name} has momentum={mom:g}: its running statistics are {mom:.0%} the latest batch "
+                    f"{type(m).__name__} {name} has momentum={mom:g}: its running statistics are {mom:.0%} the latest batch "
                     f"(PyTorch's convention; Keras's {mom:g} is PyTorch's {1 - mom:.2g})",
                     {"momentum": mom, "max_momentum": limit, "pytorch_equivalent_of_keras": round(1 - mom, 6)},
                     fix=f"set momentum={1 - mom:.2g} on {name} (PyTorch momentum = 1 - Keras momentum)",
@@ -439,7 +439,7 @@ class SuspiciousMomentum(Rule):
             elif mom == 0:
                 yield self.finding(
                     name,
-                    f"{name} has momentum=0: its running statistics never update from mean 0, variance 1",
+                    f"{type(m).__name__} {name} has momentum=0: its running statistics never update from mean 0, variance 1",
                     {"momentum": mom},
                     fix=f"set momentum=0.1 (the default) on {name}, or None for a cumulative average",
                 )
