@@ -7,7 +7,7 @@ import importlib
 
 from bnaudit.cli.app import app
 
-_COMMANDS = ("inspect", "rules")
+_COMMANDS = ("inspect", "rules", "check")
 
 for _name in _COMMANDS:
     importlib.import_module(f"bnaudit.cli.{_name}")

@@ -1,0 +1,138 @@
+"""``bnaudit check`` (the YAML-configured CI gate) and ``bnaudit init`` (writes a commented starter config).
+
+``check`` reads bnaudit.yaml (or --config), lays the command-line flags over it, runs every audit through
+``bnaudit.checking.run_checks``, prints the report in --format on stdout, writes the config's ``outputs:``,
+prints a one-line verdict on stderr, and exits 0 (pass), 1 (new findings at or above fail_on) or 2 (bad
+config or input). torch is imported only once a command runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnaudit.cli.app import command, print_stdout, write_text_output
+from bnaudit.cli.options import ForceOpt, split_list
+from bnaudit.errors import UsageError
+from bnaudit.findings import FAIL_ON_CHOICES
+
+
+@command("check")
+def check_cmd(
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Config file (default: ./bnaudit.yaml).")
+    ] = None,
+    fail_on: Annotated[
+        Optional[str],
+        typer.Option("--fail-on", help="Override the file's fail_on: error, warning, info or never."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="Report on stdout: auto, rich, json, sarif, junit, github or markdown.")
+    ] = "auto",
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write the --format report to this file instead of stdout.")
+    ] = None,
+    select: Annotated[
+        Optional[list[str]], typer.Option("--select", help="Rules to run (replaces the file's rules.select).")
+    ] = None,
+    ignore: Annotated[
+        Optional[list[str]], typer.Option("--ignore", help="Rules to skip (added to the file's rules.ignore).")
+    ] = None,
+    audit: Annotated[
+        Optional[list[str]], typer.Option("--audit", help="Run only the audit with this name (repeatable).")
+    ] = None,
+    baseline: Annotated[
+        Optional[Path], typer.Option("--baseline", help="Accept the findings recorded in this baseline file.")
+    ] = None,
+    no_baseline: Annotated[
+        bool, typer.Option("--no-baseline", help="Ignore the config's baseline: judge every finding.")
+    ] = False,
+    write_baseline: Annotated[
+        Optional[Path],
+        typer.Option("--write-baseline", help="Record today's findings in this file and exit 0 (needs --force to "
+                     "replace one)."),
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run the audits in bnaudit.yaml and fail when findings reach fail_on: the CI gate.
+
+    Exit status: 0 passed, 1 new findings at or above fail_on, 2 bad config or input. With a baseline only findings not recorded in it count. The config's [bold]outputs:[/] (SARIF, JUnit, ...) are written on every run.
+
+    [bold]Example[/]: bnaudit check --format sarif -o bnaudit.sarif --fail-on warning
+    """
+    from bnaudit.config import find_config, load_config
+    from bnaudit.report import render, resolve_format
+
+    if fail_on is not None and fail_on not in FAIL_ON_CHOICES:
+        raise UsageError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON_CHOICES)}")
+    if baseline is not None and (no_baseline or write_baseline is not None):
+        raise UsageError("--baseline cannot be combined with --no-baseline or --write-baseline; pick one")
+    concrete = resolve_format(fmt)  # validate before the (slow) audits run
+    if config is None:
+        config = find_config(".")
+        if config is None:
+            raise UsageError("no bnaudit.yaml in this folder; run `bnaudit init` to write one, or pass --config FILE")
+    cfg = load_config(config).override(
+        fail_on=fail_on, select=split_list(select), ignore=split_list(ignore), baseline=baseline,
+        audits=split_list(audit),
+    )
+    # Refuse before the audits run, not after minutes of work.
+    from bnaudit.io import check_writable
+
+    for target, overwrite in [(output, force), (write_baseline, force)]:
+        if target is not None:
+            check_writable(target, force=overwrite)
+    for spec in cfg.outputs:
+        check_writable(spec.path, force=spec.overwrite or force)
+
+    from bnaudit.checking import run_checks
+
+    if write_baseline is not None:
+        from bnaudit.baseline import render_baseline
+
+        result = run_checks(cfg, use_baseline=False)
+        write_text_output(write_baseline, render_baseline(result.reports), force=force)
+        n = len(result.findings)
+        typer.echo(f"wrote {write_baseline}: {n} finding{'s' if n != 1 else ''} accepted; later runs of "
+                   f"`bnaudit check --baseline {write_baseline}` fail only on new ones", err=True)
+        return
+
+    result = run_checks(cfg, use_baseline=not no_baseline)
+    from bnaudit.report.sarif import artifact_uri
+
+    opts = {
+        "fail_on": cfg.fail_on,
+        "default_uri": artifact_uri(str(config)),
+        "always_list": True,
+        "extra": {"check": {"fail_on": cfg.fail_on, "failed": result.failed, "accepted": len(result.accepted),
+                            "stale_baseline_entries": result.stale}},
+    }
+    for spec in cfg.outputs:
+        write_text_output(spec.path, render(result.reports, spec.format, **opts), force=spec.overwrite or force)
+    color = output is None and concrete == "rich" and sys.stdout.isatty()
+    text = render(result.reports, concrete, color=color, **opts)
+    if output is not None:
+        write_text_output(output, text, force=force)
+    else:
+        print_stdout(text)
+    typer.echo(result.summary(), err=True)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@command("init")
+def init_cmd(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("bnaudit.yaml"),
+    preset: Annotated[str, typer.Option("--preset", help="Preset the config extends: default or strict.")] = "default",
+    force: ForceOpt = False,
+) -> None:
+    """Write a commented starter bnaudit.yaml for `bnaudit check`.
+
+    [bold]Example[/]: bnaudit init --preset strict
+    """
+    from bnaudit.config import starter_config
+
+    write_text_output(path, starter_config(preset), force=force)
+    typer.echo(f"wrote {path}; edit its audits: entry, then run `bnaudit check`", err=True)
