@@ -40,7 +40,7 @@ def is_batchnorm(m: nn.Module) -> bool:
 
 
 def is_norm(m: nn.Module) -> bool:
-    return isinstance(m, NORMS) or type(m).__name__ == "FrozenBatchNorm2d"
+    return isinstance(m, NORMS) or type(m).__name__.startswith("FrozenBatchNorm")
 
 
 def is_activation(m: nn.Module) -> bool:
@@ -91,7 +91,7 @@ def norm_kind(m: nn.Module) -> str | None:
         return "rms"
     if isinstance(m, nn.LocalResponseNorm):
         return "local-response"
-    if type(m).__name__ == "FrozenBatchNorm2d":
+    if type(m).__name__.startswith("FrozenBatchNorm"):
         return "frozen-batch"
     return None
 

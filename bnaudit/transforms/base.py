@@ -1,0 +1,324 @@
+"""What every model transform shares: the ``Change`` and ``TransformResult`` records, the replayable plan,
+and module surgery through parents.
+
+A transform never edits the model it is given. It deep-copies it, decides from the layer graph what to
+change, and records each structural edit as a plan step (plain dicts: ``wrap``, ``replace``, ``add_bias``,
+``drop_bias``) that ``apply_plan`` performs. The same plan, stored in a saved file, rebuilds the
+architecture later without re-deciding anything, so a saved model loads back identically even without the
+data or example input it was made with."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from bnaudit.errors import DataError, TransformError
+from bnaudit.transforms.modules import NormalizedLayer, build_module
+
+RunFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a transform did, or decided not to do.
+
+    Attributes:
+        action: ``insert``, ``fold``, ``swap`` or ``skip``.
+        layer: qualified name (in the original model) of the layer the change is about.
+        detail: what was done, e.g. ``BatchNorm2d(64) after Conv2d(3, 64, ...)``.
+        reason: why (for ``skip``: why the layer was left alone).
+        new: qualified name of the new or changed module in the result model, when there is one.
+    """
+
+    action: str
+    layer: str
+    detail: str
+    reason: str = ""
+    new: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action, "layer": self.layer, "detail": self.detail, "reason": self.reason, "new": self.new
+        }
+
+    def __str__(self) -> str:
+        text = f"{self.action} {self.layer}: {self.detail}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+@dataclass
+class TransformResult:
+    """The outcome of a transform: the new model and the list of what changed.
+
+    Attributes:
+        name: the transform (``insert_bn``, ``fold_bn``, ``swap_norm``).
+        model: the new model; the input model is untouched.
+        changes: what was changed, in model order.
+        skipped: candidate layers left alone, each with the reason.
+        options: the options the transform ran with (stored in saved files).
+        plan: the structural edits, replayable with ``apply_plan`` on a fresh copy of the source model.
+        max_abs_error: for transforms meant to keep the function (fold-bn, calibrated insert-bn, frozen
+            swap): the largest absolute difference between old and new eval-mode outputs on the example
+            input; None when not measured.
+        graph_method: how the layer graph was found (``fx`` or ``hooks``), or "" when none was needed.
+    """
+
+    name: str
+    model: nn.Module
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Change] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    max_abs_error: float | None = None
+    graph_method: str = ""
+
+    def summary(self) -> str:
+        """One line: how many changes and skips, and the measured error when there is one."""
+        text = f"{self.name}: {len(self.changes)} changed, {len(self.skipped)} skipped"
+        if self.max_abs_error is not None:
+            text += f", max abs error {self.max_abs_error:.3g}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------- surgery
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """``model``'s submodule at the qualified ``name`` ("" is the model itself).
+
+    Raises:
+        TransformError: no module of that name.
+    """
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError as exc:
+        raise TransformError(f"the model has no submodule {name!r}; it does not match the saved plan") from exc
+
+
+def replace_module(model: nn.Module, target: nn.Module, new: nn.Module) -> list[str]:
+    """Put ``new`` wherever ``target`` is registered in ``model`` (every parent, aliases included).
+
+    Returns:
+        The qualified names that now hold ``new``.
+
+    Raises:
+        TransformError: ``target`` is the model itself or is not inside it.
+    """
+    # Find every slot first, then swap: ``new`` may contain ``target`` (a wrapper), and must not be walked.
+    slots = [
+        (parent_name, parent, attr)
+        for parent_name, parent in model.named_modules(remove_duplicate=False)
+        if parent is not new
+        for attr, child in parent._modules.items()
+        if child is target
+    ]
+    names: list[str] = []
+    for parent_name, parent, attr in slots:
+        # Through __setattr__ so Module bookkeeping (and subclasses that override it) sees the swap.
+        setattr(parent, attr, new)
+        names.append(f"{parent_name}.{attr}" if parent_name else attr)
+    if not names:
+        raise TransformError(f"cannot replace the model itself ({type(target).__name__}); wrap it in a parent module")
+    return sorted(set(names))
+
+
+def drop_bias(layer: nn.Module) -> None:
+    """Remove a Linear/Conv bias: the layer then computes ``W x`` (its forward passes ``bias=None``)."""
+    layer.register_parameter("bias", None)
+
+
+def add_zero_bias(layer: nn.Module) -> None:
+    """Give a bias-free Linear/Conv a zero bias parameter on its weight's device and dtype."""
+    w = layer.weight
+    channels = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+    layer.bias = nn.Parameter(torch.zeros(channels, device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
+
+
+def apply_plan(model: nn.Module, plan: Iterable[dict[str, Any]]) -> nn.Module:
+    """Perform a plan's structural edits on ``model`` in place (used on fresh copies only).
+
+    Steps: ``{"op": "wrap", "target", "module"}`` puts ``NormalizedLayer(target, module)`` where ``target``
+    was; ``{"op": "replace", "target", "module"}`` puts ``module`` there; ``{"op": "drop_bias"|"add_bias",
+    "target"}`` removes or adds a Linear/Conv bias. Module records are rebuilt by ``build_module``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TransformError: a step names a module the model lacks, or an unknown operation.
+    """
+    for step in plan:
+        op = step.get("op")
+        target = get_module(model, str(step.get("target", "")))
+        if op == "wrap":
+            norm = build_module(step["module"], like=target)
+            norm.train(target.training)
+            replace_module(model, target, NormalizedLayer(target, norm))
+        elif op == "replace":
+            new = build_module(step["module"], like=target)
+            new.train(target.training)
+            replace_module(model, target, new)
+        elif op == "drop_bias":
+            drop_bias(target)
+        elif op == "add_bias":
+            add_zero_bias(target)
+        else:
+            raise TransformError(f"unknown plan step {op!r}; the file was written by a newer bnaudit")
+    return model
+
+
+def pristine_copy(model: nn.Module) -> nn.Module:
+    """A deep copy to transform.
+
+    Raises:
+        TransformError: the model cannot be deep-copied (the message says what to do).
+    """
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - deepcopy failures come in many types
+        raise TransformError(
+            f"cannot copy the model ({type(exc).__name__}: {str(exc)[:120]}); bnaudit transforms a copy and never "
+            "edits yours, so the model must support copy.deepcopy"
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def default_run(model: nn.Module, inputs: Any) -> Any:
+    return model(inputs)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """The device of the model's first tensor and the dtype of its first floating tensor."""
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+    return device, dtype
+
+
+def to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Move tensors in ``value`` to ``device``; cast floating ones to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def iter_inputs(data: Any, limit: int | None = None) -> Iterator[Any]:
+    """Model inputs from anything a caller may pass as data.
+
+    Accepts a tensor or an ``(inputs, targets)`` tuple of tensors (one batch), a bnaudit DataSource (its
+    batches' inputs), or an iterable of batches (a DataLoader, a list) where a batch is a tensor, an
+    ``(inputs, targets)`` tuple/list, a dict, or an object with ``.inputs``.
+
+    Raises:
+        DataError: the object yields no batches or is not data.
+    """
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(v, torch.Tensor) for v in data):
+        yield data[0]  # an (inputs, targets) pair is one batch; a list of tensors is several
+        return
+    if hasattr(data, "batches") and callable(data.batches):
+        source: Iterable[Any] = (b.inputs for b in data.batches(limit=limit))
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
+        source = data
+    else:
+        raise DataError(f"calibration data is a {type(data).__name__}; pass a tensor, a DataLoader or a DataSource")
+    count = 0
+    for batch in source:
+        if limit is not None and count >= limit:
+            return
+        if hasattr(batch, "inputs"):
+            batch = batch.inputs
+        elif isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], (int, float)):
+            batch = batch[0]
+        count += 1
+        yield batch
+    if count == 0:
+        raise DataError("the data yields no batches; check the data (empty dataset?)")
+
+
+def first_input(data: Any) -> Any:
+    """The first batch of model inputs in ``data`` (see ``iter_inputs``)."""
+    for inputs in iter_inputs(data, limit=1):
+        return inputs
+    raise DataError("the data yields no batches; check the data (empty dataset?)")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(value)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+@torch.no_grad()
+def eval_outputs(model: nn.Module, example: Any, run: RunFn) -> list[torch.Tensor]:
+    """The model's eval-mode output tensors on ``example``; every module's training flag is restored."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        return [t.detach().clone() for t in _tensors(run(model, example))]
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def max_abs_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute elementwise difference between two lists of output tensors (inf on a shape mismatch)."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    if not a:
+        return 0.0
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+
+
+def max_abs_value(a: list[torch.Tensor]) -> float:
+    return max((float(x.double().abs().max()) for x in a if x.numel()), default=0.0)
+
+
+# ----------------------------------------------------------------------------------------- presentation
+
+
+def architecture_diff(before: nn.Module, after: nn.Module, context: int = 1) -> list[str]:
+    """A unified diff of ``print(before)`` against ``print(after)``: the before/after architecture.
+
+    Returns:
+        Diff lines without the file headers, each starting with ``+``, ``-``, `` `` or ``@@``.
+    """
+    lines = difflib.unified_diff(str(before).splitlines(), str(after).splitlines(), lineterm="", n=context)
+    return [ln for ln in lines if not ln.startswith(("---", "+++"))]
+
+
+def describe(module: nn.Module) -> str:
+    """A compact label: the class and its size, e.g. ``BatchNorm2d(64)``, ``GroupNorm(32, 64)``, ``Conv2d(3, 64)``."""
+    name = type(module).__name__
+    if isinstance(module, nn.GroupNorm):
+        return f"{name}({module.num_groups}, {module.num_channels})"
+    if isinstance(module, nn.LayerNorm):
+        return f"{name}({', '.join(map(str, module.normalized_shape))})"
+    if hasattr(module, "num_features"):
+        return f"{name}({module.num_features})"
+    if hasattr(module, "out_channels") and hasattr(module, "in_channels"):
+        return f"{name}({module.in_channels}, {module.out_channels})"
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return f"{name}({module.in_features}, {module.out_features})"
+    return name
+
+
+def short_repr(module: nn.Module, width: int = 60) -> str:
+    text = " ".join(repr(module).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
