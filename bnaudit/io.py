@@ -40,6 +40,10 @@ def atomic_write(path: Path | str, write: Callable[[Path], None], *, force: bool
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp creates 0600; give the file the mode a plain open() would have (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if p.exists() and not force:  # re-check: another process may have created it meanwhile
             raise OutputError(f"{p} already exists; pass --force to overwrite it")
         os.replace(tmp, p)

@@ -138,3 +138,15 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "False"
     help_run = subprocess.run([sys.executable, "-m", "bnaudit", "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0 and "inspect" in help_run.stdout
+
+
+def test_output_file_follows_umask(tmp_path):
+    import os
+
+    out = tmp_path / "r.json"
+    old = os.umask(0o022)
+    try:
+        assert run("inspect", "examples/cnn.py", "-f", "json", "-o", out, "--select", "BN1").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644
