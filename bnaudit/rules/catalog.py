@@ -1,3 +1,4 @@
 """Imports every rule family so that the registry is complete. A new family module is added here."""
 
 from bnaudit.rules import architecture  # noqa: F401
+from bnaudit.rules import data  # noqa: F401

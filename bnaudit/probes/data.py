@@ -1,0 +1,219 @@
+"""The ``inspect --data`` dynamic probe behind the data rules (BN201-BN209).
+
+One pass over a few batches (``ctx.steps``) of the user's data through a private copy of the model, with
+BatchNorm layers in train mode (so they use, and we see, batch statistics) and everything else in eval mode
+(dropout off, so the numbers describe the data rather than dropout noise); no gradient, no optimizer step.
+``bnaudit.record`` collects per-layer, per-channel statistics batch by batch (one recorded step per batch),
+and a few extra hooks measure what moments cannot: the fraction of positions whose whole channel vector is
+zero at each BatchNorm input (padding, BN205), units of ReLU-like activations never positive (BN208) and
+sigmoid/tanh inputs in the flat tails (BN208). The model's inputs and targets are summarised on the way
+(BN201, BN204). The audited model, its buffers and the global RNG are untouched: the copy is thrown away
+and the RNG is forked. A batch the model rejects in train mode (a batch of one at a BatchNorm) is recorded
+as an error instead of stopping the audit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnaudit.layers import is_batchnorm, is_dropout
+from bnaudit.recording import History, record
+from bnaudit.stats import Moments
+
+if TYPE_CHECKING:
+    from bnaudit.context import RuleContext
+
+__all__ = ["SATURATION", "DataProbe", "data_probe", "run_data_probe"]
+
+_RELU_LIKE = (nn.ReLU, nn.ReLU6)
+# |input| beyond which the activation's slope is below ~1% of its maximum: the flat tails.
+SATURATION = {nn.Sigmoid: 5.0, nn.Tanh: 3.0, nn.Hardtanh: 1.0, nn.Hardsigmoid: 3.0}
+_TARGET_BATCHES = 64  # batches read (inputs untouched, no model call) to judge label order of unshuffled loaders
+
+
+@dataclass
+class DataProbe:
+    """What the probe saw.
+
+    Attributes:
+        history: per-batch statistics of every default-recorded layer (one step per batch).
+        batch_sizes: sizes of the batches that ran.
+        errors: batch index -> the model's error on it (train mode).
+        input: per-feature moments of float inputs (``mean``, ``std`` arrays, ``layout``), or None.
+        targets: integer class labels per probe batch (None when targets are not class labels).
+        order_targets: labels from up to 64 batches of an unshuffled loader, in loader order (else None).
+        zero_positions: BN layer -> fraction of positions (samples x spatial) whose whole channel vector is 0.
+        dead: ReLU-like layer -> (units never positive, units).
+        saturated: sigmoid/tanh layer -> (fraction of inputs in the flat tails, threshold).
+        spatial: BN layer -> values per channel per sample (H*W, L or 1).
+    """
+
+    history: History
+    batch_sizes: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    input: dict[str, Any] | None = None
+    targets: list[np.ndarray] | None = None
+    order_targets: np.ndarray | None = None
+    zero_positions: dict[str, float] = field(default_factory=dict)
+    dead: dict[str, tuple[int, int]] = field(default_factory=dict)
+    saturated: dict[str, tuple[float, float]] = field(default_factory=dict)
+    spatial: dict[str, int] = field(default_factory=dict)
+
+
+def data_probe(ctx: RuleContext) -> DataProbe:
+    """The probe for this audit, run once and shared by every data rule."""
+
+    def compute() -> DataProbe:
+        probe = run_data_probe(ctx.working_copy(), ctx.batches(), device=ctx.device)
+        if ctx.data is not None and ctx.data.shuffled is not True:
+            probe.order_targets = _loader_targets(ctx.data)
+        return probe
+
+    return ctx.cached("data_probe", compute)
+
+
+def _labels(targets: Any) -> np.ndarray | None:
+    """Integer class labels as a 1-D array, or None when the targets are something else."""
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.numel() == 0:
+        return None
+    t = targets.detach().cpu()
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()) or t.unique().numel() > 100:
+            return None
+    elif t.dtype == torch.bool:
+        t = t.long()
+    return t.long().numpy()
+
+
+def _loader_targets(data: Any) -> np.ndarray | None:
+    from bnaudit.loading.data import split_batch
+
+    out = []
+    try:
+        for i, raw in enumerate(data.raw_batches(_TARGET_BATCHES)):
+            labels = _labels(split_batch(raw, data.input_key, data.spec).targets)
+            if labels is None:
+                return None
+            out.append(labels)
+    except Exception:  # noqa: BLE001 - the label-order check is optional; the probe proper already ran
+        return None
+    return np.concatenate(out) if out else None
+
+
+def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.device | str | None = None) -> DataProbe:
+    """Run the probe on ``model`` (which it changes: pass a copy) over ``batches`` (Batch objects).
+
+    Args:
+        model: a private copy of the audited model, on its device.
+        batches: ``Batch(inputs, targets)`` objects on that device.
+        device: the device, for the forked RNG.
+
+    Returns:
+        The DataProbe.
+    """
+    model.eval()
+    for m in model.modules():
+        if is_batchnorm(m):
+            m.train()
+    handles = []
+    zeros: dict[str, list[float]] = {}
+    active: dict[str, torch.Tensor] = {}
+    tails: dict[str, list[float]] = {}
+    sat_at: dict[str, float] = {}
+    spatial: dict[str, int] = {}
+
+    def zero_hook(name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point():
+                spatial[name] = int(x[0, 0].numel())
+                all_zero = (x == 0).all(dim=1)  # a whole channel vector zero at a position: padding
+                zeros.setdefault(name, [0.0, 0.0])
+                zeros[name][0] += float(all_zero.sum())
+                zeros[name][1] += all_zero.numel()
+        return hook
+
+    def relu_hook(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.is_floating_point():
+                cd = 1 if out.dim() >= 2 else 0
+                dims = tuple(d for d in range(out.dim()) if d != cd)
+                pos = (out > 0).any(dim=dims) if dims else out > 0
+                active[name] = pos if name not in active or active[name].shape != pos.shape else active[name] | pos
+        return hook
+
+    def tail_hook(name: str, limit: float):
+        def hook(module: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+                tails.setdefault(name, [0.0, 0.0])
+                tails[name][0] += float((x.abs() > limit).sum())
+                tails[name][1] += x.numel()
+        return hook
+
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        if is_batchnorm(m):
+            handles.append(m.register_forward_pre_hook(zero_hook(name)))
+        elif isinstance(m, _RELU_LIKE):
+            handles.append(m.register_forward_hook(relu_hook(name)))
+        else:
+            for kind, limit in SATURATION.items():
+                if type(m) is kind:
+                    sat_at[name] = limit
+                    handles.append(m.register_forward_pre_hook(tail_hook(name, limit)))
+        if is_dropout(m):
+            m.eval()
+    sizes: list[int] = []
+    errors: dict[int, str] = {}
+    targets: list[np.ndarray] | None = []
+    moments: Moments | None = None
+    layout = None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(0)
+            with record(model) as rec:
+                for i, batch in enumerate(batches):
+                    x = batch.inputs
+                    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
+                        layout = layout or ("features" if x.dim() == 2 else "channels")
+                        if moments is None:
+                            moments = Moments(channel_dim=1)
+                        try:
+                            moments.update(x)
+                        except ValueError:
+                            pass
+                    labels = _labels(batch.targets)
+                    if targets is not None:
+                        if labels is None:
+                            targets = None
+                        else:
+                            targets.append(labels)
+                    try:
+                        model(x)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a batch of one at a train-mode BatchNorm
+                        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        errors[i] = f"{type(exc).__name__}: {text[:200]}"
+                    else:
+                        sizes.append(int(batch.size or 0))
+                    rec.step()
+    finally:
+        for h in handles:
+            h.remove()
+    probe = DataProbe(history=rec.history, batch_sizes=sizes, errors=errors, targets=targets or None)
+    if moments is not None and moments.mean is not None:
+        host = moments.to_numpy()
+        probe.input = {"mean": host["mean"], "std": np.sqrt(host["var"]), "layout": layout,
+                       "nonfinite_frac": host["nonfinite_frac"], "min": host["min"], "max": host["max"]}
+    probe.zero_positions = {k: v[0] / v[1] for k, v in zeros.items() if v[1]}
+    probe.dead = {k: (int((~v).sum()), int(v.numel())) for k, v in active.items()}
+    probe.saturated = {k: (v[0] / v[1], sat_at[k]) for k, v in tails.items() if v[1]}
+    probe.spatial = spatial
+    return probe

@@ -1,0 +1,1197 @@
+"""Recording activation statistics across a user's own training steps: ``bnaudit.record``.
+
+Public API (stable; other modules and helpers build on these exact names)::
+
+    with bnaudit.record(model, *, layers=None, per_channel=True, every=1, units=None,
+                        quantiles=(0.15, 0.5, 0.85), chunk=256) as rec:
+        for x, y in loader:              # the user's loop, unchanged
+            loss = loss_fn(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+            rec.step()                   # marks the end of one training step
+    h = rec.history                      # History
+    h.layers                             # recorded layer names, in first-call order
+    h.steps                              # np.ndarray of the recorded step numbers (0-based)
+    h.series(layer, stat)                # (steps,) or (steps, C) array; stats: STATS below
+    h.layer(layer)                       # dict stat -> array, every stat of one layer
+    h.bn_layers                          # every BatchNorm layer of the model (recorded whatever `layers` says)
+    h.bn_modes(layer)                    # BNModes(steps, training, num_batches_tracked, requires_grad, updated)
+    h.updated                            # (steps,) bool: did any parameter change during the step (optimizer ran)
+    h.to_json(path) / h.to_csv(path) / h.save(path);  History.load(path)
+
+What is recorded, per selected module and recorded step: ``mean``, ``var`` (population), ``std``, ``min``,
+``max``, ``zero_frac`` (exact zeros), ``nonfinite_frac`` (NaN/Inf), ``count`` (values per channel in the
+step) and ``calls``; with ``per_channel=True`` also ``channel_mean`` / ``channel_var`` / ``channel_std``
+(``(steps, C)``); for watched ``units`` the ``quantiles`` of each unit's values within the step
+(``(steps, Q, U)``). Normalization layers are measured on their *input* (a train-mode BatchNorm's input
+statistics are its batch statistics); Linear/Conv layers and activations on their *output*. For every
+BatchNorm layer of the model, every recorded step: ``running_mean``, ``running_var``,
+``num_batches_tracked`` (as they are at the end of the step), its ``training`` flag and whether its affine
+parameters ``requires_grad``: ``bn_modes(layer)`` returns those mode series (rule BN307 reads them), and
+``measures.batch_stats_from_buffers`` recovers each step's batch mean/variance from the running buffers alone.
+
+Cost model. Reductions run on the tensor's device, under no autograd, in a fixed handful of kernels per
+tensor (two-pass per-channel mean and M2, min/max, nonzero count). A tensor of more than 16384 values is
+reduced in its hook, while it is still hot in cache (six kernels; a Conv output that feeds a BatchNorm is
+reduced once for both). A smaller one is only held (a detached view, no copy) until ``step()``, which
+concatenates the held tensors of one shape along their channels and reduces each group at once: for small
+tensors the per-kernel launch cost, not the arithmetic, is what counts. ``step()`` then concatenates every
+result into one row, written straight into the preallocated history on CPU or moved to the host in one
+transfer from an accelerator: no ``.item()`` per module. NaN/Inf show up in the channel means and are
+counted exactly only when they are there (on CPU, where reading a value costs no transfer, the hook reads the
+min and max of large tensors to decide). A held tensor that a hooked ``inplace=True`` module is about to
+overwrite is reduced just before it runs; one changed in place where no hook sees it (a functional in-place
+op) is detected by its version counter, skipped for that step, and reduced in its hook from then on.
+``benchmarks/record_overhead.py`` measures what this costs against an unhooked step.
+
+Memory. History lives in host buffers preallocated in chunks of up to ``chunk`` rows (16, 32, ... then
+``chunk``); untouched pages cost nothing until written. It grows by ``History.bytes_per_step`` per recorded
+step and never by an activation: per recorded layer 4 x (2C + 4) bytes (C = channels; 1 with
+``per_channel=False``) + 16 for its call/count entry, per BatchNorm 4 x (2C + 1) + 2 (4 + 2 with
+``per_channel=False``: its counter and flags, not its running buffers), per watched layer 4 x Q x U, + 9 per
+step. A ResNet-18-like net's per-channel history (61 layers, 20 BatchNorms) is about 130 KB a step, 65 MB over
+500 steps: pass ``every=k`` to keep one step in k (the other steps cost one Python check per hook),
+``per_channel=False`` for whole-tensor summaries (about 2 KB a step), or ``layers=`` to watch fewer modules.
+
+Steps. ``rec.step()`` ends a step. If it is never called, every forward pass inside the ``with`` block is
+merged into one row, written when the block exits (one summary of the whole block). Several calls of a module
+within one step are merged exactly (Chan's update; quantiles describe the first call).
+
+torch.compile. Hooks added after a compiled model's first call never fire (dynamo skips module-hook guards by
+default). ``record`` watches for that: when a step ends in which parameters changed (an optimizer step ran)
+or a BatchNorm's ``num_batches_tracked`` moved, yet not one hook has fired since recording began, it raises
+``RecordingError`` naming the fix (enter ``record`` before the first compiled call, or record the uncompiled
+module). It never silently records nothing. A ``torch.compile(model)`` wrapper is unwrapped (``_orig_mod``),
+so layer names are the uncompiled model's.
+
+On exit, normal or by exception, every hook handle is removed and every held tensor released; the model's
+parameters, buffers, flags and hook dictionaries are as they were (the recorder only reads)."""
+
+from __future__ import annotations
+
+import array
+import fnmatch
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnaudit.errors import BnauditError, UsageError
+from bnaudit.io import atomic_write, atomic_write_text
+from bnaudit.layers import is_activation, is_batchnorm, is_conv, is_norm, is_weight_layer
+from bnaudit.stats import ChannelStats, as_3d, channel_stats, count_nonfinite, group_stats
+
+__all__ = ["STATS", "BNModes", "History", "Recorder", "RecordingError", "default_layers", "record"]
+
+HISTORY_SCHEMA = "bnaudit.history/1"
+SCALAR_STATS = ("mean", "var", "std", "min", "max", "zero_frac", "nonfinite_frac", "count", "calls")
+CHANNEL_STATS = ("channel_mean", "channel_var", "channel_std")
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+STATS = (*SCALAR_STATS, *CHANNEL_STATS, *BN_STATS, "quantiles")
+# Channels live last for these (token layouts (N, L, F)); first after the batch for conv-style layers.
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.Bilinear)
+# Tensors up to this many values are held until step() and reduced together (per-kernel launch cost
+# dominates for them); larger ones are reduced in the hook, while they are still hot in cache.
+_GROUP_MAX = 1 << 14
+
+
+class RecordingError(BnauditError):
+    """Recording cannot measure what it was asked to: hooks that never fire on a compiled model, or
+    ``layers``/``units`` that name no module."""
+
+
+@dataclass(frozen=True)
+class BNModes:
+    """The mode series of one BatchNorm layer, one entry per recorded step (read at the end of the step).
+
+    Attributes:
+        steps: the recorded step numbers.
+        training: the layer's ``training`` flag.
+        num_batches_tracked: its counter (-1 when it tracks no running statistics).
+        requires_grad: whether its affine weight/bias require grad (False when it has none).
+        updated: whether any model parameter changed during the step (an optimizer step ran).
+    """
+
+    steps: np.ndarray
+    training: np.ndarray
+    num_batches_tracked: np.ndarray
+    requires_grad: np.ndarray
+    updated: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage: rows of one structure form a segment; a descriptor says where each value sits in its rows.
+
+
+@dataclass(frozen=True)
+class _Cols:
+    """Columns of one recorded layer in a segment's rows."""
+
+    channels: int
+    mean: int  # first of `channels` columns of per-channel means
+    m2: int  # first of `channels` columns of per-channel M2 (sum of squared deviations)
+    min: int
+    max: int
+    nonzero: int
+    nonfinite: int
+    q: int = -1  # first of `qu` quantile columns, -1 when none
+    qu: int = 0
+    ext: int = 1  # columns of min/max/nonzero: 1, or one per channel (reduced when read)
+
+
+@dataclass(frozen=True)
+class _Desc:
+    """A row structure: the recorded layers present (in ``ints`` order) and BatchNorm layers (in ``flags``
+    order), with their columns."""
+
+    width: int
+    slots: tuple[tuple[str, _Cols], ...]
+    bns: tuple[tuple[str, int, int, int, int], ...]  # name, channels, running_mean, running_var, nbt columns
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slot_at", {n: (k, c) for k, (n, c) in enumerate(self.slots)})
+        object.__setattr__(self, "bn_at", {b[0]: (k, b) for k, b in enumerate(self.bns)})
+
+
+class _Segment:
+    """Rows recorded under one descriptor, in preallocated chunks that grow 16, 32, ... up to ``chunk``."""
+
+    def __init__(self, desc: _Desc, chunk: int):
+        self.desc, self.chunk = desc, chunk
+        self.values: list[np.ndarray] = []  # (rows, width) float32
+        self.ints: list[np.ndarray] = []  # (rows, slots, 2) int64: calls, values per channel
+        self.flags: list[np.ndarray] = []  # (rows, bns, 2) bool: training, requires_grad
+        self.rows = 0
+        self._cap = 0
+
+    def next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.rows == self._cap:
+            size = min(self.chunk, max(16, self._cap))
+            d = self.desc
+            self.values.append(np.empty((size, d.width), dtype=np.float32))
+            self.ints.append(np.empty((size, len(d.slots), 2), dtype=np.int64))
+            self.flags.append(np.empty((size, len(d.bns), 2), dtype=bool))
+            self._cap += size
+        r = self.rows - (self._cap - len(self.values[-1]))
+        self.rows += 1
+        return self.values[-1][r], self.ints[-1][r], self.flags[-1][r]
+
+    def take(self, which: str) -> np.ndarray:
+        """All rows of ``values``, ``ints`` or ``flags`` as one array."""
+        chunks = getattr(self, which)
+        if not chunks:
+            shape = {"values": (0, self.desc.width), "ints": (0, len(self.desc.slots), 2),
+                     "flags": (0, len(self.desc.bns), 2)}[which]
+            return np.zeros(shape, dtype={"values": np.float32, "ints": np.int64, "flags": bool}[which])
+        return np.concatenate(chunks, axis=0)[: self.rows]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for group in (self.values, self.ints, self.flags) for a in group)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# History
+
+
+class History:
+    """A compact per-step table of recorded statistics, with one accessor per question.
+
+    Built by ``Recorder``; loaded by ``History.load``. Arrays returned are fresh float64 numpy arrays, one row
+    per recorded step; a layer not called in a step has NaN there and ``calls`` 0.
+    """
+
+    def __init__(self, chunk: int = 256):
+        self.chunk = chunk
+        self._segments: list[_Segment] = []
+        self._steps = array.array("q")  # 8 bytes a step
+        self._updated = bytearray()  # 1 byte a step
+        self.info: dict[str, dict[str, Any]] = {}  # layer -> type, where, channel_dim, units
+        self.bn_info: dict[str, dict[str, Any]] = {}  # BN layer -> type, channels, momentum, eps, initial buffers
+        self.quantile_levels: tuple[float, ...] = ()
+        self.notes: list[str] = []
+
+    # -- writing (Recorder) --
+    def _append(self, desc: _Desc, step: int, updated: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self._segments or self._segments[-1].desc is not desc:
+            self._segments.append(_Segment(desc, self.chunk))
+        self._steps.append(step)
+        self._updated.append(updated)
+        return self._segments[-1].next_row()
+
+    # -- reading --
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """The recorded step numbers (how many ``step()`` calls came before the row was taken)."""
+        return np.frombuffer(self._steps, dtype=np.int64).copy() if self._steps else np.zeros(0, np.int64)
+
+    @property
+    def updated(self) -> np.ndarray:
+        """Per recorded step: whether any parameter changed during it (an optimizer step ran)."""
+        return np.frombuffer(bytes(self._updated), dtype=bool).copy() if self._updated else np.zeros(0, bool)
+
+    @property
+    def layers(self) -> list[str]:
+        """Recorded layer names, in the order they were first called."""
+        return list(self.info)
+
+    @property
+    def bn_layers(self) -> list[str]:
+        """Every BatchNorm layer of the model (their buffers and modes are recorded whatever ``layers`` says)."""
+        return list(self.bn_info)
+
+    @property
+    def bytes_per_step(self) -> int:
+        """Host bytes one recorded step keeps under the latest row structure."""
+        if not self._segments:
+            return 0
+        d = self._segments[-1].desc
+        return 4 * d.width + 16 * len(d.slots) + 2 * len(d.bns) + 9
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes allocated for the history so far (whole chunks)."""
+        return sum(s.nbytes for s in self._segments) + 9 * len(self._steps)
+
+    def _check_layer(self, layer: str, bn: bool = False) -> None:
+        known = self.bn_info if bn else self.info
+        if layer not in known:
+            what = "BatchNorm layer" if bn else "recorded layer"
+            names = ", ".join(list(known)[:8]) or "none"
+            raise UsageError(f"no {what} {layer!r} in this history (have: {names})")
+
+    def _gather(self, fn, width: int | None) -> np.ndarray:
+        """Concatenate ``fn(segment, values, ints)`` over segments; NaN where it returns None."""
+        parts = []
+        for seg in self._segments:
+            got = fn(seg)
+            shape = (seg.rows,) if width is None else (seg.rows, width)
+            if got is None:
+                parts.append(np.full(shape, np.nan))
+                continue
+            got = np.asarray(got, dtype=np.float64)
+            if width is not None and got.shape[1] != width:  # channel count changed: pad with NaN
+                pad = np.full(shape, np.nan)
+                k = min(width, got.shape[1])
+                pad[:, :k] = got[:, :k]
+                got = pad
+            parts.append(got)
+        if not parts:
+            return np.zeros((0,) if width is None else (0, width))
+        return np.concatenate(parts, axis=0)
+
+    def _channels(self, layer: str) -> int:
+        return max((seg.desc.slot_at[layer][1].channels for seg in self._segments if layer in seg.desc.slot_at), default=0)
+
+    def series(self, layer: str, stat: str) -> np.ndarray:
+        """One statistic of one layer over the recorded steps.
+
+        Args:
+            layer: a recorded layer (``layers``) or, for ``running_mean``/``running_var``/
+                ``num_batches_tracked``, a BatchNorm layer (``bn_layers``).
+            stat: one of ``STATS``: ``mean``, ``var``, ``std``, ``min``, ``max``, ``zero_frac``,
+                ``nonfinite_frac``, ``count``, ``calls``, ``num_batches_tracked`` (shape ``(steps,)``);
+                ``channel_mean``, ``channel_var``, ``channel_std``, ``running_mean``, ``running_var``
+                (``(steps, C)``); ``quantiles`` (``(steps, Q, U)``, watched units only).
+
+        Returns:
+            A float64 array (NaN where the layer was not called in a step).
+
+        Raises:
+            UsageError: an unknown layer or statistic.
+        """
+        if stat not in STATS:
+            raise UsageError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+        if stat in BN_STATS:
+            return self._bn_series(layer, stat)
+        self._check_layer(layer)
+        if stat == "quantiles":
+            return self._quantiles(layer)
+        c = self._channels(layer)
+
+        def pick(seg: _Segment):
+            at = seg.desc.slot_at.get(layer)
+            if at is None:
+                return None
+            k, cols = at
+            v = seg.take("values")
+            n = seg.take("ints")[:, k, :].astype(np.float64)
+            calls, count = n[:, 0], n[:, 1]
+            if stat == "calls":
+                return calls
+            if stat == "count":
+                return count
+            numel = count * cols.channels
+            with np.errstate(invalid="ignore", divide="ignore"):
+                e = cols.ext
+                if stat == "min":
+                    out = v[:, cols.min: cols.min + e].min(axis=1).astype(np.float64)
+                elif stat == "max":
+                    out = v[:, cols.max: cols.max + e].max(axis=1).astype(np.float64)
+                elif stat == "zero_frac":
+                    out = 1.0 - v[:, cols.nonzero: cols.nonzero + e].astype(np.float64).sum(axis=1) / numel
+                elif stat == "nonfinite_frac":
+                    out = v[:, cols.nonfinite] / numel
+                else:
+                    cm = v[:, cols.mean: cols.mean + cols.channels].astype(np.float64)
+                    cv = v[:, cols.m2: cols.m2 + cols.channels] / count[:, None]
+                    out = self._from_channels(stat, cm, cv, c)
+            out = np.array(out, dtype=np.float64)
+            out[calls == 0] = np.nan
+            return out
+
+        width = c if stat in CHANNEL_STATS else None
+        got = self._gather(pick, width)
+        if stat in ("calls", "count"):
+            got = np.nan_to_num(got, nan=0.0)
+        return got
+
+    @staticmethod
+    def _from_channels(stat: str, cm: np.ndarray, cv: np.ndarray, c: int) -> np.ndarray:
+        if stat == "channel_mean":
+            return cm
+        if stat == "channel_var":
+            return cv
+        if stat == "channel_std":
+            return np.sqrt(cv)
+        # Whole-layer moments from per-channel ones: every channel holds the same number of values, so the
+        # layer mean is the mean of channel means and the variance adds the spread between channels.
+        mean = cm.mean(axis=1)
+        if stat == "mean":
+            return mean
+        var = cv.mean(axis=1) + cm.var(axis=1)
+        return var if stat == "var" else np.sqrt(var)
+
+    def _bn_series(self, layer: str, stat: str) -> np.ndarray:
+        self._check_layer(layer, bn=True)
+        c = int(self.bn_info[layer]["channels"])
+
+        def pick(seg: _Segment):
+            at = seg.desc.bn_at.get(layer)
+            if at is None or not c:
+                return None
+            _, (_, ch, rm, rv, nbt) = at
+            if stat == "num_batches_tracked":
+                return None if nbt < 0 else seg.take("values")[:, nbt]
+            if not ch:  # recorded with per_channel=False: no per-channel buffers
+                return None
+            v = seg.take("values")
+            return v[:, rm: rm + ch] if stat == "running_mean" else v[:, rv: rv + ch]
+
+        if stat == "num_batches_tracked":
+            if not c:
+                return np.full(len(self), -1.0)
+            return self._gather(pick, None)
+        return self._gather(pick, c)
+
+    def _quantiles(self, layer: str) -> np.ndarray:
+        units = self.info[layer].get("units") or ()
+        qu = len(self.quantile_levels) * len(units)
+        if not qu:
+            raise UsageError(f"layer {layer!r} has no watched units; pass units={{{layer!r}: [0]}} to record()")
+
+        def pick(seg: _Segment):
+            at = seg.desc.slot_at.get(layer)
+            if at is None or at[1].q < 0:
+                return None
+            cols = at[1]
+            return seg.take("values")[:, cols.q: cols.q + cols.qu]
+
+        flat = self._gather(pick, qu)
+        return flat.reshape(len(flat), len(self.quantile_levels), len(units))
+
+    def layer(self, layer: str) -> dict[str, np.ndarray]:
+        """Every statistic of one recorded layer as ``stat -> array`` (``quantiles`` only when watched)."""
+        self._check_layer(layer)
+        out = {s: self.series(layer, s) for s in (*SCALAR_STATS, *CHANNEL_STATS)}
+        if self.info[layer].get("units"):
+            out["quantiles"] = self.series(layer, "quantiles")
+        return out
+
+    def bn_modes(self, layer: str) -> BNModes:
+        """The mode series of one BatchNorm layer (for BN307 and friends): its training flag,
+        num_batches_tracked, whether its affine parameters require grad, and whether the step updated
+        parameters.
+
+        Raises:
+            UsageError: ``layer`` is not a BatchNorm layer of the recorded model.
+        """
+        self._check_layer(layer, bn=True)
+
+        def flag(j: int):
+            def pick(seg: _Segment):
+                at = seg.desc.bn_at.get(layer)
+                return None if at is None else seg.take("flags")[:, at[0], j]
+            return pick
+
+        training = self._gather(flag(0), None)
+        req = self._gather(flag(1), None)
+        nbt = self.series(layer, "num_batches_tracked")
+        return BNModes(
+            steps=self.steps,
+            training=np.nan_to_num(training, nan=0).astype(bool),
+            num_batches_tracked=np.nan_to_num(nbt, nan=-1).astype(np.int64),
+            requires_grad=np.nan_to_num(req, nan=0).astype(bool),
+            updated=self.updated,
+        )
+
+    # -- export --
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain lists (the JSON export's shape; NaN as None)."""
+        layers = {}
+        for name in self.layers:
+            entry: dict[str, Any] = dict(self.info[name])
+            for stat, arr in self.layer(name).items():
+                entry[stat] = _jsonable(arr)
+            layers[name] = entry
+        bns = {}
+        for name in self.bn_layers:
+            modes = self.bn_modes(name)
+            info = {k: v for k, v in self.bn_info[name].items() if not k.startswith("initial_")}
+            bns[name] = {
+                **info,
+                "training": modes.training.tolist(),
+                "requires_grad": modes.requires_grad.tolist(),
+                "num_batches_tracked": modes.num_batches_tracked.tolist(),
+                "running_mean": _jsonable(self.series(name, "running_mean")),
+                "running_var": _jsonable(self.series(name, "running_var")),
+            }
+        return {
+            "schema": HISTORY_SCHEMA,
+            "steps": self.steps.tolist(),
+            "updated": self.updated.tolist(),
+            "quantile_levels": list(self.quantile_levels),
+            "notes": list(self.notes),
+            "layers": layers,
+            "batchnorm": bns,
+        }
+
+    def to_json(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write ``to_dict()`` as JSON.
+
+        Raises:
+            OutputError: the file exists without ``force``, or its folder is missing.
+        """
+        return atomic_write_text(path, json.dumps(self.to_dict()), force=force)
+
+    def to_csv(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write whole-layer statistics as a long CSV, one row per layer and step: ``step, layer, calls,
+        count, mean, var, min, max, zero_frac, nonfinite_frac``, then one row per BatchNorm layer and step with
+        ``training, num_batches_tracked, requires_grad`` (per-channel series go to JSON or .pt).
+
+        Raises:
+            OutputError: the file exists without ``force``, or its folder is missing.
+        """
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        cols = ("calls", "count", "mean", "var", "min", "max", "zero_frac", "nonfinite_frac")
+        w.writerow(("step", "layer", *cols, "training", "num_batches_tracked", "requires_grad"))
+        steps = self.steps
+        for name in self.layers:
+            data = [self.series(name, c) for c in cols]
+            for i, step in enumerate(steps):
+                w.writerow((int(step), name, *(_fmt(d[i]) for d in data), "", "", ""))
+        for name in self.bn_layers:
+            m = self.bn_modes(name)
+            for i, step in enumerate(steps):
+                w.writerow((int(step), name, *([""] * len(cols)), int(m.training[i]), int(m.num_batches_tracked[i]),
+                            int(m.requires_grad[i])))
+        return atomic_write_text(path, buf.getvalue(), force=force)
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the history as a ``.pt`` file that ``History.load`` reads back (tensors and plain types
+        only, so it loads with ``weights_only=True``).
+
+        Raises:
+            OutputError: the file exists without ``force``, or its folder is missing.
+        """
+        payload = _to_payload(self)
+        return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=force)
+
+    @classmethod
+    def load(cls, path: str | Path) -> History:
+        """Read a history written by ``save``.
+
+        Raises:
+            UsageError: the file is missing or is not a bnaudit history.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"{p}: no such history file; write one with History.save()")
+        try:
+            payload = torch.load(p, weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"{p}: not a readable bnaudit history ({type(exc).__name__}); write one with "
+                             "History.save()") from exc
+        if not isinstance(payload, dict) or payload.get("schema") != HISTORY_SCHEMA:
+            raise UsageError(f"{p}: not a bnaudit history file (schema {HISTORY_SCHEMA} expected)")
+        return _from_payload(payload)
+
+
+def _fmt(v: float) -> str:
+    return "" if v is None or math.isnan(float(v)) else repr(float(v))
+
+
+def _jsonable(arr: np.ndarray) -> Any:
+    a = np.asarray(arr, dtype=np.float64)
+    if a.ndim == 1:
+        return [None if not math.isfinite(v) else v for v in a.tolist()]
+    return [_jsonable(r) for r in a]
+
+
+def _to_payload(h: History) -> dict[str, Any]:
+    segs = []
+    for s in h._segments:
+        d = s.desc
+        segs.append({
+            "width": d.width,
+            "slots": [(n, list(vars(c).values())) for n, c in d.slots],
+            "bns": [list(b) for b in d.bns],
+            "values": torch.from_numpy(s.take("values").copy()),
+            "ints": torch.from_numpy(s.take("ints").copy()),
+            "flags": torch.from_numpy(s.take("flags").copy()),
+        })
+    bn_info = {k: {kk: (torch.from_numpy(vv) if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()}
+               for k, v in h.bn_info.items()}
+    return {
+        "schema": HISTORY_SCHEMA,
+        "chunk": h.chunk,
+        "steps": list(h._steps),
+        "updated": list(h._updated),
+        "info": h.info,
+        "bn_info": bn_info,
+        "quantile_levels": list(h.quantile_levels),
+        "notes": list(h.notes),
+        "segments": segs,
+    }
+
+
+def _from_payload(p: dict[str, Any]) -> History:
+    h = History(chunk=int(p["chunk"]))
+    h.info = {k: dict(v) for k, v in p["info"].items()}
+    h.bn_info = {k: {kk: (vv.numpy() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
+                 for k, v in p["bn_info"].items()}
+    h.quantile_levels = tuple(p["quantile_levels"])
+    h.notes = list(p["notes"])
+    i = 0
+    for s in p["segments"]:
+        desc = _Desc(int(s["width"]), tuple((n, _Cols(*c)) for n, c in s["slots"]), tuple(tuple(b) for b in s["bns"]))
+        values, ints, flags = s["values"].numpy(), s["ints"].numpy(), s["flags"].numpy()
+        for r in range(len(values)):
+            v, n, f = h._append(desc, int(p["steps"][i]), bool(p["updated"][i]))
+            v[:], n[:], f[:] = values[r], ints[r], flags[r]
+            i += 1
+    return h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recorder
+
+
+class _Slot:
+    """One recorded module: what it measures and what the current step has collected."""
+
+    __slots__ = (
+        "acc",
+        "calls",
+        "cd",
+        "eager",
+        "index",
+        "module",
+        "n",
+        "name",
+        "note",
+        "quant",
+        "stash",
+        "stash_ver",
+        "units",
+        "where",
+    )
+
+    def __init__(self, name: str, module: nn.Module, where: str, units: tuple[int, ...]):
+        self.name, self.module, self.where, self.units = name, module, where, units
+        self.cd: Any = "auto"  # channel dim: "auto" until the first call, then an int or None (whole tensor)
+        self.calls = 0
+        self.n = 0
+        self.stash: torch.Tensor | None = None  # (A, C, B) detached view of this step's tensor
+        self.stash_ver = 0
+        self.acc: ChannelStats | None = None  # already reduced statistics (merged calls, in-place inputs)
+        self.quant: torch.Tensor | None = None
+        self.eager = False  # its tensor is changed in place where no hook sees it: reduce at hook time
+        self.note = ""
+        self.index = -1
+
+
+def default_layers(model: nn.Module) -> dict[str, str]:
+    """The modules ``record`` hooks by default and what it measures on each: ``input`` for normalization
+    layers, ``output`` for Linear/Conv layers and activations."""
+    out: dict[str, str] = {}
+    skip: list[str] = []
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip):
+            continue
+        if is_norm(m):
+            out[name] = "input"
+            skip.append(name + ".")
+        elif is_weight_layer(m) or is_activation(m):
+            out[name] = "output"
+    return out
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+    compiled = getattr(model, "_compiled_call_impl", None) is not None
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module):
+        return orig, True
+    return model, compiled
+
+
+def _key(x: torch.Tensor) -> tuple:
+    # Identity of a tensor's values: while a stash holds the storage alive no other tensor can reuse its
+    # memory, so equal pointer/shape/stride means the same data (the conv output a BatchNorm reads next).
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype)
+
+
+class Recorder:
+    """Collects statistics while the user's code runs; made by ``record``. Call ``step()`` at the end of
+    each training step and read ``history`` (during or after the block)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Iterable[str] | Mapping[str, str] | None = None,
+        per_channel: bool = True,
+        every: int = 1,
+        units: Mapping[str, int | Sequence[int]] | None = None,
+        quantiles: Sequence[float] = (0.15, 0.5, 0.85),
+        chunk: int = 256,
+    ):
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"record() needs an nn.Module, got {type(model).__name__}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise UsageError(f"every must be a positive integer, got {every!r}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise UsageError(f"chunk must be a positive integer, got {chunk!r}")
+        qs = tuple(float(q) for q in quantiles)
+        if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
+            raise UsageError(f"quantiles must be numbers in [0, 1], got {list(quantiles)}")
+        self.model, self.compiled = _unwrap(model)
+        self.per_channel, self.every = per_channel, every
+        self.history = History(chunk=chunk)
+        self._q = qs
+        self._select = self._resolve_layers(layers)
+        self._units = self._resolve_units(units or {})
+        self.history.quantile_levels = qs if self._units else ()
+        self._slots: list[_Slot] = []
+        self._handles: list[Any] = []
+        self._bns = [(n, m) for n, m in self.model.named_modules() if n and is_batchnorm(m)]
+        self._params = list(self.model.parameters())
+        self._step = 0
+        self._active = True
+        self._fired_total = 0
+        self._fired_step = 0
+        self._last_cd: int | None = 1
+        self._stashed: dict[tuple, list[_Slot]] = {}
+        self._last: tuple[Any, ChannelStats] | None = None
+        self._descs: dict[tuple, tuple[_Desc, list[_Slot], int]] = {}
+        self._cache: dict[Any, torch.Tensor] = {}  # small constant tensors (zeros) by size and device
+        self._versions = 0
+        self._nbt = 0
+        self._open = False
+
+    # -- selection --
+    def _resolve_layers(self, layers: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
+        defaults = default_layers(self.model)
+        if layers is None:
+            return defaults
+        named = dict(self.model.named_modules())
+        wanted: dict[str, str] = {}
+        if isinstance(layers, Mapping):
+            items = list(layers.items())
+        else:
+            items = [(p, None) for p in ([layers] if isinstance(layers, str) else layers)]
+        for pattern, where in items:
+            if where not in (None, "input", "output"):
+                raise UsageError(f"layer {pattern!r}: measure 'input' or 'output', not {where!r}")
+            hits = [n for n in named if n and (n == pattern or fnmatch.fnmatchcase(n, pattern))]
+            if not hits:
+                raise RecordingError(f"layers: {pattern!r} names no module of {type(self.model).__name__}; "
+                                     f"names look like {', '.join(list(defaults)[:4]) or '0, 1'}")
+            for n in hits:
+                wanted[n] = where or defaults.get(n) or ("input" if is_norm(named[n]) else "output")
+        return wanted
+
+    def _resolve_units(self, units: Mapping[str, int | Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for name, idx in units.items():
+            if name not in self._select:
+                raise RecordingError(f"units: {name!r} is not a recorded layer; add it to layers= or pick one of "
+                                     f"{', '.join(list(self._select)[:4])}")
+            idx = (idx,) if isinstance(idx, int) else tuple(int(i) for i in idx)
+            if not idx or any(i < 0 for i in idx):
+                raise UsageError(f"units[{name!r}] must be channel indices >= 0, got {list(idx)}")
+            if not self.per_channel:
+                raise UsageError("units need per-channel recording; drop per_channel=False")
+            out[name] = idx
+        return out
+
+    # -- context manager --
+    def __enter__(self) -> Recorder:
+        if self._open:
+            raise UsageError("this Recorder is already recording; make a new one with bnaudit.record()")
+        self._open = True
+        named = dict(self.model.named_modules())
+        try:
+            for name, where in self._select.items():
+                slot = _Slot(name, named[name], where, self._units.get(name, ()))
+                self._slots.append(slot)
+                if where == "input":
+                    self._handles.append(named[name].register_forward_pre_hook(self._pre_hook(slot)))
+                else:
+                    self._handles.append(named[name].register_forward_hook(self._post_hook(slot)))
+            # A module that overwrites its input (ReLU(inplace=True)) would change a held tensor before
+            # step() reduces it: reduce that tensor just before such a module runs.
+            for m in self.model.modules():
+                if getattr(m, "inplace", False) is True:
+                    self._handles.append(m.register_forward_pre_hook(self._inplace_hook))
+        except BaseException:
+            self._remove()
+            self._open = False
+            raise
+        for name, m in self._bns:
+            rm = getattr(m, "running_mean", None)
+            c = int(rm.numel()) if isinstance(rm, torch.Tensor) else 0
+            nbt = getattr(m, "num_batches_tracked", None)
+            self.history.bn_info[name] = {
+                "type": type(m).__name__,
+                "channels": c,
+                "momentum": m.momentum,
+                "eps": float(m.eps),
+                "initial_mean": rm.detach().cpu().double().numpy().copy() if c else None,
+                "initial_var": m.running_var.detach().cpu().double().numpy().copy() if c else None,
+                "initial_num_batches_tracked": int(nbt) if isinstance(nbt, torch.Tensor) else -1,
+                "buffers_recorded": bool(c) and self.per_channel,
+            }
+        self._versions = self._param_versions()
+        self._nbt = self._bn_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._active:
+                self._check_fired()
+            if self._pending():
+                if exc_type is None:
+                    self._flush()
+                else:
+                    try:  # keep what was measured, but never mask the user's exception
+                        self._flush()
+                    except Exception:  # noqa: BLE001
+                        pass
+        finally:
+            self._remove()
+            self._stashed = {}
+            self._cache = {}
+            self._last = None
+            for s in self._slots:
+                s.stash = s.acc = s.quant = None
+            self._open = False
+
+    def _remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    # -- hooks --
+    def _pre_hook(self, slot: _Slot):
+        def hook(module: nn.Module, args: Any) -> None:
+            if self._active and args:
+                self._observe(slot, args[0])
+        return hook
+
+    def _post_hook(self, slot: _Slot):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._active:
+                self._observe(slot, output[0] if isinstance(output, (tuple, list)) and output else output)
+        return hook
+
+    def _inplace_hook(self, module: nn.Module, args: Any) -> None:
+        if self._stashed and args and isinstance(args[0], torch.Tensor):
+            slots = self._stashed.pop(_key(args[0]), None)
+            if slots:
+                self._reduce_stash(slots)
+
+    def _channel_dim(self, slot: _Slot, x: torch.Tensor) -> int | None:
+        m = slot.module
+        if not self.per_channel:
+            cd = None
+        elif isinstance(m, _CHANNEL_LAST):
+            cd = -1
+        elif is_conv(m) or is_norm(m) or x.dim() <= 2:
+            cd = 1
+        else:
+            # Activations and other shape-preserving modules take the layout of whatever ran before.
+            cd = self._last_cd
+        slot.cd = cd
+        return cd
+
+    def _observe(self, slot: _Slot, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return
+        self._fired_step += 1
+        cd = slot.cd
+        if cd == "auto":
+            cd = self._channel_dim(slot, x)
+        if cd is not None:
+            self._last_cd = cd
+            if x.dim() < 2:
+                cd = None
+        xd = as_3d(x.detach(), cd)
+        slot.calls += 1
+        first = slot.stash is None and slot.acc is None
+        if first:
+            slot.n = xd.shape[0] * xd.shape[2]
+            if slot.units:
+                slot.quant = self._quantiles(slot, xd)
+            if xd.numel() <= _GROUP_MAX and not slot.eager:
+                slot.stash, slot.stash_ver = xd, x._version
+                key = _key(x)
+                held = self._stashed.get(key)
+                if held is None:
+                    self._stashed[key] = [slot]
+                else:
+                    held.append(slot)
+                return
+        elif slot.stash is not None:
+            # A second call in the same step: reduce what is held, then merge this call in.
+            self._reduce_stash([slot])
+        new = self._reduce_now(x, xd)
+        acc = slot.acc
+        if acc is not None and acc.channels != new.channels:
+            self._make_whole(slot)
+            acc, new = slot.acc, new.whole()
+        slot.acc = new if acc is None else acc.merge(new)
+        slot.n = slot.acc.n
+
+    def _reduce_now(self, x: torch.Tensor, xd: torch.Tensor) -> ChannelStats:
+        """Reduce a tensor in the hook, reusing the result when the same unchanged tensor comes again
+        (a Conv/Linear output that a BatchNorm reads next)."""
+        key = (_key(x), x._version, xd.shape)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        on_cpu = xd.device.type == "cpu"
+        st = channel_stats(xd, count_nonfinite_values=not on_cpu)
+        if on_cpu and not (math.isfinite(st.min.item()) and math.isfinite(st.max.item())):
+            # On CPU reading two scalars is a memory read, not a transfer: count NaN/Inf only when present.
+            st.nonfinite = count_nonfinite(xd)
+        self._last = (key, st)
+        return st
+
+    def _reduce_stash(self, slots: list[_Slot]) -> None:
+        """Reduce the tensor held by ``slots`` now (it is about to change, or a second call came)."""
+        x = slots[0].stash
+        if x is None:
+            return
+        stats = channel_stats(x, count_nonfinite_values=True)
+        for s in self._slots:
+            if s.stash is x:
+                s.acc = stats if s.acc is None else s.acc.merge(stats)
+                s.stash = None
+        for key in [k for k, held in self._stashed.items() if all(s.stash is None for s in held)]:
+            del self._stashed[key]
+
+    def _make_whole(self, slot: _Slot) -> None:
+        # A module called at several widths in one step (a shared activation): whole-tensor summaries.
+        if slot.acc is not None:
+            slot.acc = slot.acc.whole()
+        slot.cd, slot.units, slot.quant = None, (), None
+        if not slot.note:
+            slot.note = "called at several widths; recorded as whole-tensor summaries"
+            self.history.notes.append(f"{slot.name}: {slot.note}")
+
+    def _quantiles(self, slot: _Slot, x3: torch.Tensor) -> torch.Tensor:
+        c = x3.shape[1]
+        idx = [u for u in slot.units if u < c]
+        if len(idx) < len(slot.units) and not slot.note:
+            slot.note = f"units {[u for u in slot.units if u >= c]} beyond its {c} channels"
+            self.history.notes.append(f"{slot.name}: {slot.note}")
+        vals = x3[:, idx, :].transpose(1, 2).reshape(-1, len(idx)).float()
+        limit = 16_000_000 // max(1, len(idx))  # torch.quantile's input limit
+        if vals.shape[0] > limit:
+            vals = vals[:: math.ceil(vals.shape[0] / limit)]
+        q = torch.quantile(vals, torch.tensor(self._q, device=vals.device), dim=0)  # (Q, U')
+        if len(idx) < len(slot.units):
+            full = torch.full((len(self._q), len(slot.units)), float("nan"), device=vals.device)
+            full[:, [slot.units.index(u) for u in idx]] = q
+            q = full
+        return q.reshape(-1)
+
+    # -- steps --
+    def _pending(self) -> bool:
+        return any(s.calls for s in self._slots)
+
+    def _param_versions(self) -> int:
+        return sum(p._version for p in self._params)
+
+    def _bn_counter(self) -> int:
+        total = 0
+        for _, m in self._bns:
+            nbt = getattr(m, "num_batches_tracked", None)
+            if isinstance(nbt, torch.Tensor):
+                total += nbt._version
+        return total
+
+    def step(self) -> None:
+        """Mark the end of one training step: write the step's row (when this step is recorded) and arm
+        the hooks for the next one.
+
+        Raises:
+            RecordingError: the step ran the model (parameters or BatchNorm counters moved) but not one
+                hook has fired since recording began, which is what a torch.compile'd model does to hooks
+                added after its first call.
+            UsageError: called outside the ``with`` block.
+        """
+        if not self._open:
+            raise UsageError("rec.step() called outside `with bnaudit.record(model) as rec:`")
+        if self._active:
+            self._check_fired()
+            self._flush()
+        else:
+            self._versions, self._nbt = self._param_versions(), self._bn_counter()
+        self._step += 1
+        self._active = self._step % self.every == 0
+        self._fired_step = 0
+
+    def _check_fired(self) -> None:
+        self._fired_total += self._fired_step
+        if self._fired_total or not self._slots:
+            return
+        if self._param_versions() != self._versions or self._bn_counter() != self._nbt:
+            hint = " (it is compiled)" if self.compiled else ""
+            raise RecordingError(
+                f"the model{hint} trained during step {self._step} but no recording hook fired: hooks added after a "
+                "torch.compile'd model's first call never run. Enter bnaudit.record() before the first call of the "
+                "compiled model, or record the uncompiled module"
+            )
+
+    def _flush(self) -> None:
+        versions = self._param_versions()
+        updated = versions != self._versions
+        self._versions, self._nbt = versions, self._bn_counter()
+        hist = self.history
+        # Distinct held tensors (a Conv output and the BatchNorm reading it share one), grouped by shape.
+        held: dict[int, int] = {}
+        owners: list[list[_Slot]] = []
+        groups: dict[tuple, list[int]] = {}
+        accs: list[_Slot] = []
+        quant: list[_Slot] = []
+        for s in self._slots:
+            if not s.calls:
+                continue
+            x = s.stash
+            if x is not None and x._version != s.stash_ver:
+                # Changed in place where no hook could see it (a functional in-place op): this step's values
+                # are gone; skip it for this layer and reduce it at hook time from now on.
+                s.stash, s.eager, s.calls, s.quant, x = None, True, 0, None, None
+                hist.notes.append(f"step {self._step}: {s.name}'s tensor was changed in place before step(); "
+                                  "that step is not recorded for it, later ones are")
+                if s.acc is None:
+                    continue
+            if s.index < 0:
+                s.index = len(hist.info)
+                hist.info[s.name] = {"type": type(s.module).__name__, "where": s.where,
+                                     "channel_dim": s.cd if isinstance(s.cd, int) else None, "units": list(s.units)}
+            if x is not None:
+                k = held.get(id(x))
+                if k is None:
+                    held[id(x)] = len(owners)
+                    owners.append([s])
+                    gk = (x.shape[0], x.shape[1], x.shape[2], x.dtype, x.device)
+                    g = groups.get(gk)
+                    if g is None:
+                        groups[gk] = [len(owners) - 1]
+                    else:
+                        g.append(len(owners) - 1)
+                else:
+                    owners[k].append(s)
+            else:
+                accs.append(s)
+            if s.quant is not None:
+                quant.append(s)
+        work = [[owners[k] for k in g] for g in groups.values()]
+        sig = (
+            tuple(tuple((tuple(s.index for s in ms), ms[0].stash.shape[1]) for ms in g) for g in work),
+            tuple((s.index, s.acc.channels) for s in accs),
+            tuple(s.index for s in quant),
+        )
+        got = self._descs.get(sig)
+        if got is None:
+            got = self._descs[sig] = self._describe(work, accs, quant)
+        desc, order, nf_zero = got
+        # One row: every part concatenated; on CPU straight into the history chunk, else one transfer.
+        parts: list[torch.Tensor] = []
+        device = None
+        for g in work:
+            x = g[0][0].stash if len(g) == 1 else torch.cat([ms[0].stash for ms in g], dim=1)
+            device = x.device
+            mean, m2, mn, mx, nz = group_stats(x)
+            k = len(g)
+            parts += [mean, m2, mn.view(k, -1).amin(1), mx.view(k, -1).amax(1), nz.view(k, -1).sum(1)]
+        for s in accs:
+            a = s.acc
+            device = a.mean.device
+            nf = a.nonfinite
+            parts += [a.mean, a.m2, a.min.reshape(1), a.max.reshape(1), a.nonzero.reshape(1),
+                      nf.reshape(1) if nf is not None else self._zeros(1, device)]
+        if nf_zero:
+            parts.append(self._zeros(nf_zero, device))
+        for s in quant:
+            parts.append(s.quant)
+        for name, m in self._bns:
+            if hist.bn_info[name]["channels"]:
+                rm = m.running_mean
+                device = device or rm.device
+                if self.per_channel:
+                    parts += [rm.reshape(-1), m.running_var.reshape(-1)]
+                parts.append(m.num_batches_tracked.reshape(1))
+        values, ints, flags = hist._append(desc, self._step, updated)
+        if parts:
+            with torch.no_grad():
+                if device.type == "cpu":
+                    torch.cat(parts, out=torch.from_numpy(values))
+                else:
+                    torch.from_numpy(values).copy_(torch.cat(parts))  # the one device -> host transfer
+        if order:
+            ints[:] = [(s.calls, s.n) for s in order]
+        for k, (_, m) in enumerate(self._bns):
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            flags[k, 0] = m.training
+            flags[k, 1] = (isinstance(w, torch.Tensor) and w.requires_grad) or (isinstance(b, torch.Tensor) and b.requires_grad)
+        if not np.isfinite(values).all():
+            self._count_nonfinite(desc, values)
+        for s in self._slots:
+            if s.calls:
+                s.stash = s.acc = s.quant = None
+                s.calls = s.n = 0
+        self._stashed = {}
+        self._last = None
+
+    def _describe(self, work, accs: list[_Slot], quant: list[_Slot]) -> tuple[_Desc, list[_Slot], int]:
+        """Lay out one row structure: where each value of each present layer lands. Row order: per group
+        (tensors of one shape) ``means | m2s | mins | maxes | nonzeros``, per layer reduced in its hook ``mean | m2 | min |
+        max | nonzero | nonfinite``, zeros standing for the grouped layers' NaN/Inf counts, quantiles,
+        BatchNorm buffers."""
+        cols: dict[int, tuple[str, _Cols]] = {}
+        pos = 0
+        grouped = []
+        for g in work:
+            c, k = g[0][0].stash.shape[1], len(g)
+            total = c * k
+            for j, ms in enumerate(g):
+                for s in ms:
+                    cols[s.index] = (s.name, _Cols(c, pos + j * c, pos + total + j * c, pos + 2 * total + j,
+                                                   pos + 2 * total + k + j, pos + 2 * total + 2 * k + j, -1))
+                    grouped.append(s.index)
+            pos += 2 * total + 3 * k
+        for s in accs:
+            c = s.acc.channels
+            cols[s.index] = (s.name, _Cols(c, pos, pos + c, pos + 2 * c, pos + 2 * c + 1, pos + 2 * c + 2, pos + 2 * c + 3))
+            pos += 2 * c + 4
+        for i in grouped:
+            name, c = cols[i]
+            cols[i] = (name, replace(c, nonfinite=pos))
+            pos += 1
+        nf_zero = len(grouped)
+        for s in quant:
+            name, c = cols[s.index]
+            qu = int(s.quant.numel())
+            cols[s.index] = (name, replace(c, q=pos, qu=qu))
+            pos += qu
+        bns = []
+        for name, _ in self._bns:
+            ch = self.history.bn_info[name]["channels"]
+            if ch and self.per_channel:
+                bns.append((name, ch, pos, pos + ch, pos + 2 * ch))
+                pos += 2 * ch + 1
+            elif ch:  # whole-tensor summaries only: keep the counter, not the per-channel buffers
+                bns.append((name, 0, -1, -1, pos))
+                pos += 1
+            else:
+                bns.append((name, 0, -1, -1, -1))
+        ordered = sorted(cols)
+        by_index = {s.index: s for s in self._slots}
+        return _Desc(pos, tuple(cols[i] for i in ordered), tuple(bns)), [by_index[i] for i in ordered], nf_zero
+
+    def _zeros(self, n: int, device: torch.device | None) -> torch.Tensor:
+        key = (n, device)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._cache[key] = torch.zeros(n, device=device)
+        return t
+
+    def _count_nonfinite(self, desc: _Desc, values: np.ndarray) -> None:
+        # A NaN/Inf shows in its channel's mean: count them exactly, now, for the layers still held.
+        held = {s.name: s for s in self._slots}
+        for name, c in desc.slots:
+            if np.isfinite(values[c.mean: c.mean + c.channels]).all():
+                continue
+            s = held.get(name)
+            if s is not None and s.stash is not None:
+                values[c.nonfinite] = float(count_nonfinite(s.stash))
+
+
+def record(
+    model: nn.Module,
+    *,
+    layers: Iterable[str] | Mapping[str, str] | None = None,
+    per_channel: bool = True,
+    every: int = 1,
+    units: Mapping[str, int | Sequence[int]] | None = None,
+    quantiles: Sequence[float] = (0.15, 0.5, 0.85),
+    chunk: int = 256,
+) -> Recorder:
+    """Record per-layer (and per-channel) activation statistics while your own training loop runs.
+
+    Use as ``with bnaudit.record(model) as rec: ... rec.step()``; the module docstring says what is recorded,
+    what it costs and how torch.compile is handled.
+
+    Args:
+        model: the module to watch (a ``torch.compile`` wrapper is unwrapped). It is only read.
+        layers: module names or glob patterns (``"features.*"``), or a mapping name -> ``"input"`` /
+            ``"output"``. Default: normalization layers (input), Linear/Conv layers and activations (output).
+        per_channel: keep per-channel mean/variance (``channel_mean``, ``channel_var``); False keeps
+            whole-tensor summaries only (fewer bytes per step).
+        every: record one step in ``every`` (the other steps cost one Python check per hook).
+        units: layer -> channel index or indices whose value quantiles to keep per step (e.g. the
+            15/50/85th percentiles of a sigmoid's input, Ioffe & Szegedy 2015 Fig. 1).
+        quantiles: the quantile levels for ``units``.
+        chunk: the most history rows preallocated at a time.
+
+    Returns:
+        A Recorder (a context manager); its ``history`` is a History.
+
+    Raises:
+        RecordingError: ``layers`` or ``units`` name no module; hooks that never fire (torch.compile).
+        UsageError: invalid ``every``, ``chunk`` or ``quantiles``.
+    """
+    return Recorder(model, layers=layers, per_channel=per_channel, every=every, units=units, quantiles=quantiles,
+                    chunk=chunk)
+
+
+def iter_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """BatchNorm layers of a model by qualified name (shared with the probes)."""
+    for name, m in model.named_modules():
+        if name and is_batchnorm(m):
+            yield name, m

@@ -1,0 +1,130 @@
+"""The data rules (BN201-BN209): the numbers behind each finding, the thresholds they cross, and that the
+probe leaves the audited model bit-identical. The generic must/must-not cases run in test_examples.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnaudit
+from bnaudit.rules import data as D
+
+
+def _run(code, model, data=None, **kw):
+    report = bnaudit.inspect(model, data, select=[code], **kw)
+    assert code not in report.rules_skipped, report.rules_skipped
+    return [f for f in report.findings if f.code == code]
+
+
+def test_bn201_reports_scale_ratio_and_off_centre_features():
+    (f,) = _run("BN201", D._mlp(2), D._age_income())
+    ev = f.evidence
+    assert ev["scale_ratio"] > 1000  # 25000 / 12
+    assert ev["worst_mean_to_std"] > 3 and ev["off_centre_features"] == [0]  # age: 40 / 12; income: 60k / 25k = 2.4
+    assert ev["max_scale_ratio"] == 100.0
+    # a looser threshold silences the scale part only
+    (g,) = _run("BN201", D._mlp(2), D._age_income(), rule_config={"BN201": {"options": {"max_scale_ratio": 1e5}}})
+    assert "scale_ratio" not in g.evidence
+
+
+def test_bn202_last_batch_of_one_is_an_error_small_batches_a_warning():
+    (f,) = _run("BN202", D._mlp_bn(), D._odd_dataset())
+    assert f.severity == "error" and f.layer == "1"
+    assert f.evidence["values_per_channel"] == 1 and f.evidence["dataset_len"] == 65 and f.evidence["batch_size"] == 32
+    assert "Expected more than 1 value per channel" in f.message
+    (g,) = _run("BN202", D._mlp_bn(), D._tiny_batches())
+    assert g.severity == "warning" and g.evidence["values_per_channel"] == 4
+    # NCHW: values per channel count the spatial positions too (8 samples x 4 x 4 = 128)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    assert not _run("BN202", conv, [torch.randn(8, 3, 4, 4) for _ in range(3)])
+
+
+def test_bn203_noise_close_to_one_over_sqrt_n():
+    (f,) = _run("BN203", D._mlp_bn(), D._tiny_batches())
+    # batch means of 4 iid values fluctuate by about 1/sqrt(4) = 0.5 population stds
+    assert 0.3 < f.evidence["mean_noise_median"] < 0.75
+    assert f.evidence["values_per_channel"] == 4 and f.evidence["batches"] == 8
+
+
+def test_bn204_sorted_and_grouped_labels():
+    (f,) = _run("BN204", D._mlp(), D._sorted_loader())
+    assert f.evidence["shuffled"] is False and f.evidence["classes"] == 10
+
+    # grouped batches from an iterable (no loader to ask): purity against reshuffled labels
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 4, generator=g), torch.full((16,), i % 4)) for i in range(8)]
+    (h,) = _run("BN204", D._mlp(), batches)
+    assert h.evidence["batch_purity"] == 1.0 and h.evidence["shuffled_purity"] < 0.6
+
+
+def test_bn205_padding_fraction():
+    (f,) = _run("BN205", D._PaddedSeq(), D._padded_tokens())
+    # 2-4 real tokens of 12: about 75% of positions are padding
+    assert 0.6 < f.evidence["zero_positions"] < 0.9 and f.layer == "bn"
+
+
+def test_bn206_reads_the_recorded_history():
+    ctx = D._history(lr=5.0)
+    (first, *rest) = _run("BN206", D._digits_mlp(), **ctx)
+    assert first.evidence["shift"] > 1.0 and first.evidence["first_window"][0] == 0
+    assert all(f.evidence["shift"] <= first.evidence["shift"] for f in rest)
+    report = bnaudit.inspect(D._digits_mlp(), select=["BN206"])
+    assert "BN206" in report.rules_skipped  # no history: skipped, with the reason
+
+
+def test_bn207_vanishing_and_exploding_evidence():
+    (v,) = _run("BN207", D._deep(nn.Tanh, 0.3), D._wide_x())
+    assert v.evidence["ratio"] < 1e-3 and v.evidence["per_layer_factor"] < 0.5
+    (e,) = _run("BN207", D._deep(nn.Identity, 3.0), D._wide_x())
+    assert e.evidence["ratio"] > 1e3 and e.evidence["per_layer_factor"] > 2
+
+
+def test_bn208_dead_and_saturated_evidence():
+    (d,) = _run("BN208", D._dead_relu(), D._standardized())
+    assert d.evidence["dead_units"] == 16 and d.evidence["units"] == 16
+    (s,) = _run("BN208", D._saturated_sigmoid(), D._standardized())
+    assert s.evidence["saturated_fraction"] > 0.5 and s.evidence["threshold"] == 5.0
+
+
+def test_bn209_buffers_and_activations():
+    found = _run("BN209", D._nan_buffer(), D._standardized())
+    assert any(f.layer == "1" and f.evidence.get("buffer") == "running_var" and f.evidence["nonfinite"] == 1 for f in found)
+    (act,) = _run("BN209", D._inf_weight(), D._standardized())
+    assert act.layer == "0" and act.evidence["nonfinite_fraction"] > 0
+
+
+def test_data_probe_leaves_the_model_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    model.train()
+    model[1].eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    report = bnaudit.inspect(model, D._standardized(), select=["BN2"])
+    assert {"BN201", "BN202", "BN203", "BN205", "BN207", "BN208", "BN209"} <= set(report.rules_run)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert flags == [m.training for m in model.modules()]
+    assert torch.equal(rng, torch.get_rng_state())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+@pytest.mark.parametrize("code", ["BN201", "BN203", "BN205", "BN207", "BN208", "BN209"])
+def test_clean_standardized_bn_mlp_raises_nothing(code):
+    torch.manual_seed(0)
+    assert not _run(code, D._mlp_bn(), D._standardized(512))
+
+
+def test_every_data_rule_documents_its_options():
+    from bnaudit.rules import all_rules
+
+    for rule in all_rules():
+        if rule.family != "data":
+            continue
+        doc = rule.doc()
+        for option in rule.defaults:
+            assert f"{option}:" in doc, (rule.code, option)
+        assert "Bad:" in doc and "Good:" in doc

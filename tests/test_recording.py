@@ -1,0 +1,369 @@
+"""bnaudit.record: recorded statistics equal a direct computation on stored activations (NC, NCL, NCHW, both
+the grouped path for small tensors and the in-hook path for large ones), hooks are gone and the model is
+bit-identical afterwards (exceptions included), BatchNorm mode series, exports, and torch.compile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnaudit
+from bnaudit.errors import OutputError, UsageError
+from bnaudit.recording import History, RecordingError, record
+
+
+def _capture(model: nn.Module) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Store every leaf module's output (and BN inputs) at the moment it is produced."""
+    acts: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if not name or list(m.children()):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, n=name: acts.setdefault(n, []).append(args[0].detach().clone())))
+        else:
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, n=name: acts.setdefault(n, []).append(out.detach().clone())))
+    return acts, handles
+
+
+def _train(model: nn.Module, batches, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with record(model, **kw) as rec:
+        for x in batches:
+            out = model(x)
+            out.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+    return rec.history
+
+
+def _snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: m.training for n, m in model.named_modules()})
+
+
+def _assert_same(model: nn.Module, snap) -> None:
+    state, flags = snap
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    for k in state:
+        assert torch.equal(state[k], now[k]) or (state[k].isnan() == now[k].isnan()).all(), k
+    assert flags == {n: m.training for n, m in model.named_modules()}
+
+
+def _no_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, type(m).__name__
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3)
+        self.bn = nn.BatchNorm1d(6)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x))).mean(2))
+
+
+MODELS = {
+    "NC": (lambda: nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3), nn.Tanh()), (16, 5)),
+    "NCL": (Conv1dNet, (8, 3, 10)),
+    "NCHW": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2)),
+             (4, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("layout", list(MODELS))
+@pytest.mark.parametrize("scale", [1, 64], ids=["grouped", "in-hook"])
+def test_recorded_stats_equal_direct_computation(layout, scale):
+    factory, shape = MODELS[layout]
+    torch.manual_seed(0)
+    model = factory()
+    shape = (shape[0] * scale, *shape[1:])
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(*shape, generator=g) * 2 + 1 for _ in range(3)]
+    acts, handles = _capture(model)
+    h = _train(model, batches)
+    for hd in handles:
+        hd.remove()
+    assert len(h) == 3 and list(h.steps) == [0, 1, 2]
+    for name in h.layers:
+        ref = acts[name]
+        x0 = ref[0]
+        cd = -1 if isinstance(dict(model.named_modules())[name], nn.Linear) and x0.dim() > 2 else 1
+        dims = tuple(d for d in range(x0.dim()) if d != cd % x0.dim())
+        cm = np.stack([r.double().mean(dims).numpy() for r in ref])
+        cv = np.stack([r.double().var(dims, unbiased=False).numpy() for r in ref])
+        np.testing.assert_allclose(h.series(name, "channel_mean"), cm, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(h.series(name, "channel_var"), cv, rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(h.series(name, "mean"), [r.double().mean() for r in ref], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "var"), [r.double().var(unbiased=False) for r in ref], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "min"), [r.min() for r in ref], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "max"), [r.max() for r in ref], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-7)
+        assert (h.series(name, "nonfinite_frac") == 0).all()
+        assert (h.series(name, "count") == x0.numel() // x0.shape[cd]).all()
+    _no_hooks(model)
+
+
+def test_model_unchanged_and_hooks_removed_after_exception():
+    torch.manual_seed(0)
+    model = MODELS["NCHW"][0]()
+    model.train()
+    model[1].eval()  # a mixed mode to preserve
+    snap = _snapshot(model)
+    with pytest.raises(ZeroDivisionError), torch.no_grad(), record(model, units={"0": [0]}) as rec:
+        model(torch.randn(4, 3, 8, 8))
+        # a tensor held for step() is released, hooks removed, even here
+        raise ZeroDivisionError
+    _no_hooks(model)
+    # the forward above ran BN in eval mode: nothing moved; recording itself only read
+    _assert_same(model, snap)
+    assert all(s.stash is None and s.acc is None for s in rec._slots)
+
+
+def test_record_only_reads_the_model():
+    torch.manual_seed(0)
+    model = MODELS["NC"][0]()
+    twin = __import__("copy").deepcopy(model)
+    x = torch.randn(16, 5)
+    with torch.no_grad():
+        with record(model) as rec:
+            out = model(x)
+            rec.step()
+        ref = twin(x)
+    assert torch.equal(out, ref)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+    _no_hooks(model)
+
+
+def test_step_never_called_merges_the_block_into_one_row():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    xs = [torch.randn(10, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad(), record(model) as rec:
+        outs = [model(x) for x in xs]
+    h = rec.history
+    assert len(h) == 1
+    assert h.series("0", "calls")[0] == 3 and h.series("0", "count")[0] == 30
+    full = torch.cat(outs).double()
+    np.testing.assert_allclose(h.series("1", "channel_mean")[0], full.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.series("1", "channel_var")[0], full.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(h.series("1", "zero_frac")[0], (full == 0).double().mean(), atol=1e-7)
+
+
+def test_every_and_scalar_mode():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    xs = [torch.randn(10, 4) for _ in range(6)]
+    h = _train(model, xs, every=2, per_channel=False)
+    assert list(h.steps) == [0, 2, 4]
+    assert h.series("0", "channel_mean").shape == (3, 1)
+    assert h.bytes_per_step < 200
+
+
+def test_inplace_ops_are_measured_before_they_overwrite():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return F.relu_(self.fc(x))  # functional in-place: no hook sees it
+
+    m1 = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True))
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)) - 0.5
+    with torch.no_grad():
+        pre = m1[0](x).double()
+        with record(m1) as rec:
+            m1(x)
+            rec.step()
+    np.testing.assert_allclose(rec.history.series("0", "mean")[0], pre.mean(), rtol=1e-5)
+    assert rec.history.series("0", "min")[0] < 0  # the pre-ReLU values, not the overwritten ones
+
+    m2 = Functional()
+    with torch.no_grad(), record(m2) as rec2:
+        for _ in range(2):
+            m2(x)
+            rec2.step()
+    h = rec2.history
+    assert np.isnan(h.series("fc", "mean")[0]) and h.series("fc", "calls")[0] == 0
+    np.testing.assert_allclose(h.series("fc", "min")[1], float(m2.fc(x).detach().min()), rtol=1e-6)
+    assert any("changed in place" in n for n in h.notes)
+
+
+def test_bn_mode_series_for_bn307():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with record(model) as rec:
+        for step in range(6):
+            if step == 2:
+                model[1].eval()  # the mistake BN307 catches: trainable BN in eval mode while training
+            if step == 4:
+                model[1].train()
+                model[1].weight.requires_grad_(False)
+                model[1].bias.requires_grad_(False)
+            model(torch.randn(16, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+    modes = rec.history.bn_modes("1")
+    assert rec.history.bn_layers == ["1"]
+    assert modes.training.tolist() == [True, True, False, False, True, True]
+    assert modes.num_batches_tracked.tolist() == [1, 2, 2, 2, 3, 4]
+    assert modes.requires_grad.tolist() == [True, True, True, True, False, False]
+    assert modes.updated.all()
+    np.testing.assert_allclose(rec.history.series("1", "running_mean")[-1], model[1].running_mean.numpy(), rtol=1e-6)
+    with pytest.raises(UsageError):
+        rec.history.bn_modes("0")
+
+
+def test_shared_module_called_twice_per_step_is_merged():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    m = Twice()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        a = m.fc(x)
+        b = m.fc(a)
+        with record(m) as rec:
+            m(x)
+            rec.step()
+    both = torch.cat([a, b]).double()
+    h = rec.history
+    assert h.series("fc", "calls")[0] == 2
+    np.testing.assert_allclose(h.series("fc", "channel_mean")[0], both.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.series("fc", "channel_var")[0], both.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+def test_units_quantiles_and_nonfinite():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid())
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), record(model, units={"0": [1, 4]}, quantiles=(0.15, 0.5, 0.85)) as rec:
+        ref = model[0](x)
+        model(x)
+        rec.step()
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        model(bad)
+        rec.step()
+    h = rec.history
+    q = h.series("0", "quantiles")
+    assert q.shape == (2, 3, 2)
+    expect = torch.quantile(ref[:, [1, 4]], torch.tensor([0.15, 0.5, 0.85]), dim=0).numpy()
+    np.testing.assert_allclose(q[0], expect, rtol=1e-5)
+    nf = h.series("0", "nonfinite_frac")
+    assert nf[0] == 0 and nf[1] == pytest.approx(5 / (64 * 5))  # one NaN input poisons one row of 5 outputs
+
+
+def test_exports_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MODELS["NC"][0]()
+    h = _train(model, [torch.randn(16, 5) for _ in range(3)], units={"3": 0})
+    h.save(tmp_path / "h.pt")
+    back = History.load(tmp_path / "h.pt")
+    assert back.layers == h.layers and back.bn_layers == h.bn_layers
+    for name in h.layers:
+        for stat in ("channel_mean", "var", "zero_frac", "calls"):
+            np.testing.assert_array_equal(back.series(name, stat), h.series(name, stat))
+    np.testing.assert_array_equal(back.series("3", "quantiles"), h.series("3", "quantiles"))
+    assert back.bn_modes("1").num_batches_tracked.tolist() == [1, 2, 3]
+    h.to_json(tmp_path / "h.json")
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert data["schema"] == "bnaudit.history/1" and data["steps"] == [0, 1, 2]
+    assert len(data["layers"]["0"]["channel_mean"]) == 3 and data["batchnorm"]["1"]["training"] == [True] * 3
+    h.to_csv(tmp_path / "h.csv")
+    lines = (tmp_path / "h.csv").read_text().splitlines()
+    assert lines[0].startswith("step,layer,calls,count,mean,var")
+    assert len(lines) == 1 + 3 * len(h.layers) + 3
+    with pytest.raises(OutputError):
+        h.to_csv(tmp_path / "h.csv")
+    h.to_csv(tmp_path / "h.csv", force=True)
+    with pytest.raises(UsageError):
+        History.load(tmp_path / "h.csv")
+
+
+def test_memory_grows_by_documented_bytes():
+    model = nn.Sequential(nn.Linear(4, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+    with torch.no_grad(), record(model, chunk=64) as rec:
+        for _ in range(100):
+            model(torch.randn(8, 4))
+            rec.step()
+    h = rec.history
+    # 3 layers (Linear 32, BN input 32, ReLU 32, Linear 2) -> 4 x (2C + 4) each, BN buffers 4 x (2C + 1)
+    width = (2 * 32 + 4) * 3 + (2 * 2 + 4) + (2 * 32 + 1)
+    assert h.bytes_per_step == 4 * width + 16 * 4 + 2 * 1 + 9
+    assert h.nbytes <= 100 * h.bytes_per_step + 64 * h.bytes_per_step  # at most one chunk ahead
+
+
+def test_bad_arguments():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(RecordingError, match="names no module"):
+        record(model, layers=["nope"])
+    with pytest.raises(UsageError):
+        record(model, every=0)
+    with pytest.raises(RecordingError):
+        record(model, units={"missing": 0})
+    rec = record(model)
+    with pytest.raises(UsageError):
+        rec.step()
+    assert bnaudit.record is record
+
+
+def test_torch_compile_never_silently_records_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 4)
+    compiled(x).sum().backward()  # first compiled call: hooks added after it may never fire
+    opt.step()
+    opt.zero_grad()
+    try:
+        with record(model) as rec:
+            for _ in range(2):
+                compiled(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                rec.step()
+    except RecordingError as exc:
+        assert "torch.compile" in str(exc)
+    else:  # dynamo recompiled with the hooks: then the numbers must be real
+        assert len(rec.history) == 2 and rec.history.series("0", "calls").min() >= 1
+    _no_hooks(model)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_recorded_when_entered_before_the_first_call():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        ref = model[0](x).double()
+        with record(compiled) as rec:  # the wrapper is unwrapped: names are the model's own
+            for _ in range(2):
+                compiled(x)
+                rec.step()
+    h = rec.history
+    assert h.layers[:1] == ["0"] and h.series("0", "calls").tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(h.series("0", "mean"), [ref.mean()] * 2, rtol=1e-5)
+    _no_hooks(model)
+    torch._dynamo.reset()
