@@ -1,0 +1,170 @@
+"""``bnaudit recalibrate``: re-estimate MODEL's BatchNorm running statistics from DATA and save the result.
+
+The repair BN302/BN303/BN304 point to. The command loads MODEL and DATA, calls
+``bnaudit.transforms.recalibrate.recalibrate`` (PreciseBN / ``torch.optim.swa_utils.update_bn`` semantics),
+prints the per-layer before/after table of z and r, and writes the new model atomically with ``-o OUT``
+(never over an existing file without --force) in bnaudit's model file format (``bnaudit.transforms.saving``),
+or as a plain state_dict (for ``--weights``) when MODEL is a pickled module or has lazy modules. torch is imported inside the command."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bnaudit.cli.app import command
+from bnaudit.cli.options import (
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    ForceOpt,
+    InputKeyOpt,
+    ModelArg,
+    TrustPickleOpt,
+    WeightsOpt,
+)
+from bnaudit.errors import UsageError
+
+
+def _is_bnaudit_file(spec: str) -> bool:
+    import torch
+
+    try:
+        obj = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled module or anything else: not ours
+        return False
+    return isinstance(obj, dict) and "bnaudit_format" in obj
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _table(table: Any) -> Any:
+    from rich.table import Table
+
+    out = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("layer", "channels", "z before", "r before", "z after", "r after", "batches tracked"):
+        out.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    for row in table:
+        out.add_row(
+            row.layer,
+            str(row.channels),
+            _fmt(row.z_before),
+            _fmt(row.r_before),
+            _fmt(row.z_after),
+            _fmt(row.r_after),
+            f"{row.num_batches_tracked_before} -> {row.num_batches_tracked_after}",
+        )
+    return out
+
+
+@command("recalibrate")
+def recalibrate_cmd(
+    model: ModelArg,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output", "-o", help="Where to write the recalibrated model (.pt; loads back in bnaudit and torch)."
+        ),
+    ] = None,
+    data: DataOpt = None,
+    batches: Annotated[
+        Optional[int],
+        typer.Option("--batches", "-n", min=1, help="Use at most this many batches (default: one full pass)."),
+    ] = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    input_key: InputKeyOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+) -> None:
+    """Re-estimate MODEL's BatchNorm running statistics on DATA (PreciseBN) and save the new model.
+
+    Every BatchNorm layer's running mean and variance are reset and re-estimated as the average over one
+    pass of DATA (torch.optim.swa_utils.update_bn semantics; dropout stays off). Use the data the model is
+    trained on or will serve. Prints, per layer, how well the old and new statistics fit the data: z (mean
+    shift in running standard deviations, 0 is perfect) and r (variance ratio, 1 is perfect).
+
+    [bold]Example[/]: bnaudit recalibrate model.py --weights swa.pt --data model.py:build_data -o model_recal.pt
+    """
+    if output is None:
+        raise UsageError("give -o OUT.pt for the recalibrated model")
+    from bnaudit.io import check_writable
+
+    check_writable(output, force=force)  # fail before the (slow) load and data pass
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from bnaudit.audit import resolve_device
+    from bnaudit.loading import load_data, load_model
+    from bnaudit.loading.models import MODEL_FILE_SUFFIXES
+    from bnaudit.transforms.recalibrate import has_uninitialized, recalibrate
+
+    dev = resolve_device(device)
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
+    if source is None:
+        raise UsageError("recalibrate needs --data: the batches the model is trained on or will serve")
+    module = loaded.module
+    lazy = has_uninitialized(module)
+    if lazy:
+        # Lazy modules learn their shapes from a first call; this is bnaudit's own freshly loaded object,
+        # and an eval-mode pass leaves BatchNorm buffers alone.
+        import torch
+
+        flags = {m: m.training for m in module.modules()}
+        try:
+            module.eval()
+            with torch.no_grad():
+                module.to(dev)(source.first(device=dev).inputs)
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+    new, table = recalibrate(module, source, batches=batches, device=dev)
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(Text(f"recalibrate: {model}", style="bold"))
+    console.print(
+        Text(f"data: {source.spec} ({table.batches} batches, {table.samples} samples"
+             + (f", {table.dropped_batches} single-sample batches left out" if table.dropped_batches else "") + ")",
+             style="dim")
+    )
+    console.print(_table(table))
+    for layer, why in table.skipped.items():
+        console.print(Text(f"skip {layer}: {why}", style="yellow"))
+
+    data_arg = f" --data {shlex.quote(source.spec)}"
+    pickled = model.endswith(MODEL_FILE_SUFFIXES) and not _is_bnaudit_file(model)
+    if pickled or lazy:
+        # A pickled module cannot be rebuilt from a spec, and a model with lazy modules cannot be copied
+        # before its first call (which bnaudit's model files need): store the weights for `--weights`.
+        import torch
+
+        from bnaudit.io import atomic_write
+
+        state = {k: v.detach().cpu().clone() for k, v in new.state_dict().items()}
+        path = atomic_write(output, lambda tmp: torch.save(state, tmp), force=force)
+        console.print(Text(f"wrote {path} (a plain state_dict: load it with --weights or model.load_state_dict)"))
+        console.print(Text("next:", style="bold"))
+        weights_arg = f"--weights {shlex.quote(str(path))}"
+        trust = " --trust-pickle" if pickled else ""
+        console.print(Text(f"  bnaudit inspect {shlex.quote(model)}{trust} {weights_arg}{data_arg}"))
+        return
+
+    from bnaudit.transforms import TransformResult, save_model
+
+    result = TransformResult(
+        name="recalibrate",
+        model=new,
+        options={"data": source.spec, "batches": batches, "batches_used": table.batches, "samples": table.samples},
+    )
+    path = save_model(result, output, source=model, force=force)
+    console.print(Text(f"wrote {path}"))
+    console.print(Text("next:", style="bold"))
+    console.print(Text(f"  bnaudit inspect {shlex.quote(str(path))}{data_arg}"))
+    console.print(Text(f"  python -c \"import bnaudit.transforms as t; m = t.load({str(path)!r})\"", style="dim"))
