@@ -22,6 +22,7 @@ _API = {
     "record": "bnaudit.recording",
     "train_compare": "bnaudit.training",
     "run_checks": "bnaudit.checking",
+    "inspect_distributed": "bnaudit.distributed",
     "Report": "bnaudit.findings",
     "Finding": "bnaudit.findings",
     "BnauditError": "bnaudit.errors",

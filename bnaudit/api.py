@@ -62,6 +62,19 @@ def inspect(
     """
     from bnaudit.audit import run_audit
 
+    if type(model).__name__ == "DistributedDataParallel":
+        # Audit the wrapped module (a deep copy of a live DDP wrapper can fail or forget what it saw when it
+        # wrapped), keeping the wrapper's facts visible to the distributed rules.
+        from bnaudit.distributed import ddp_context, ddp_facts, unwrap_ddp
+
+        with ddp_context(ddp_facts(model)):
+            return inspect(
+                unwrap_ddp(model), data, predict=predict, weights=weights, trust_pickle=trust_pickle,
+                select=select, ignore=ignore, rule_config=rule_config, input_shape=input_shape,
+                input_key=input_key, batch_size=batch_size, steps=steps, device=device, history=history,
+                graph=graph, name=name or f"DistributedDataParallel({type(model.module).__name__})",
+            )
+
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
     predict_fn = load_predict(predict, loaded.namespace)

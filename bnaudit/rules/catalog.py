@@ -3,3 +3,4 @@
 from bnaudit.rules import architecture  # noqa: F401
 from bnaudit.rules import data  # noqa: F401
 from bnaudit.rules import modes  # noqa: F401
+from bnaudit.rules import distributed  # noqa: F401
