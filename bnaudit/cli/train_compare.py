@@ -1,5 +1,6 @@
 """``bnaudit train-compare``: train MODEL with and without normalization on identical init and batch order,
-show a live progress display, then the summary table and the verdict; optionally plots, HTML and JSON.
+show a live progress display, then the summary table and the verdict; optionally plots, HTML and JSON. With
+``--nproc N`` every run trains under torch.distributed with N DDP processes (``--batch-size`` per device).
 torch, rich's live display and matplotlib are imported inside the command only."""
 
 from __future__ import annotations
@@ -65,14 +66,24 @@ def train_compare_cmd(
     ] = None,
     variants: Annotated[
         list[str] | None,
-        typer.Option("--variants", "-V", help="Comma list of baseline, bn, groupnorm, layernorm, user."),
+        typer.Option(
+            "--variants",
+            "-V",
+            help="Comma list of baseline, bn, syncbn (bn with SyncBatchNorm, for --nproc), groupnorm, layernorm, user.",
+        ),
     ] = None,
     lr: Annotated[
         list[str] | None,
         typer.Option("--lr", help="Learning rates, comma list (default sgd 0.01,0.1,1; adam 0.001,0.01,0.1)."),
     ] = None,
     batch_size: Annotated[
-        list[str] | None, typer.Option("--batch-size", "-b", help="Batch sizes, comma list (default 64).")
+        list[str] | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Batch sizes, comma list (default 64). With --nproc N they are per device (per process): "
+            "each step trains on a global batch of N × batch size.",
+        ),
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per cell (0..N-1): init and batch order.")] = 3,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps per run (default 300).")] = None,
@@ -137,6 +148,15 @@ def train_compare_cmd(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Parallel processes for independent runs (CPU only).")
     ] = 1,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train every run with N DDP processes under torch.distributed (gloo on cpu; NCCL with N GPUs "
+            "on cuda); --batch-size is then per device. SyncBatchNorm (syncbn) needs cuda.",
+        ),
+    ] = 1,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write PNG plots into this folder (needs bnaudit[plot]).")
     ] = None,
@@ -157,6 +177,10 @@ def train_compare_cmd(
     Every variant starts from the same weights within a seed and sees the same batches in the same order.
     Prints a summary (mean ± std across seeds per variant × learning rate × batch size, best cells
     highlighted) and a verdict in words.
+
+    With [bold]--nproc N[/] every run is trained by N processes with DistributedDataParallel; --batch-size
+    is per device and the loss shown is the global-batch loss. Compare BatchNorm, SyncBatchNorm and GroupNorm
+    at a small per-device batch with --variants bn,syncbn,groupnorm.
 
     [bold]Example[/]: bnaudit train-compare examples/deep_sigmoid_digits.py --lr 0.1,1,4 --plot plots/
     """
@@ -215,6 +239,7 @@ def train_compare_cmd(
             device=device,
             threads=threads,
             workers=workers,
+            nproc=nproc,
             progress=callback,
         )
     result.settings["model"] = loaded.spec
@@ -317,7 +342,8 @@ def _render_table(result: Any, *, color: bool) -> str:
     s = result.settings
     table = Table(
         title=f"train-compare: {s.get('optimizer')}, loss {s.get('loss')}, target loss {s.get('target_loss')}, "
-        f"{len(s.get('seeds', []))} seeds (mean ± std)",
+        f"{len(s.get('seeds', []))} seeds (mean ± std)"
+        + (f", {s.get('nproc')} processes: batch per device" if int(s.get("nproc") or 1) > 1 else ""),
         title_justify="left",
     )
     for h in HEADERS:
@@ -329,9 +355,29 @@ def _render_table(result: Any, *, color: bool) -> str:
     console.print()
     for line in result.verdict:
         console.print(f"- {line}", highlight=False)
+    for variant, why in getattr(result, "unavailable", {}).items():
+        console.print(f"- {variant}: unavailable here, not run ({why})", highlight=False)
+    nproc = int(s.get("nproc") or 1)
+    if nproc > 1:
+        dist = s.get("distributed") or {}
+        where = f"{nproc} processes ({dist.get('backend')}, DistributedDataParallel)"
+        console.print(
+            f"\n{where}: batch = per-device batch; global batch = {nproc} × batch "
+            f"({', '.join(str(b) for b in s.get('global_batch_sizes', []))}); losses are global-batch losses",
+            highlight=False,
+        )
+        workers = f"{s.get('threads')} thread(s) per process"
+        shown: set[str] = set()
+        for run in result.runs:  # BN402's evidence: one line per variant (its first run)
+            for note in run.notes:
+                if "across the" in note and run.variant not in shown:
+                    shown.add(run.variant)
+                    console.print(f"- {run.variant} (lr {run.lr:g}, seed {run.seed}): {note}", highlight=False)
+    else:
+        workers = f"{s.get('threads')} thread(s), {s.get('workers')} worker(s)"
     console.print(
         f"\n{len(result.runs)} runs in {s.get('seconds_total', 0):.1f} s ({s.get('seconds_per_run', 0):.2f} s per run, "
-        f"{s.get('threads')} thread(s), {s.get('workers')} worker(s))",
+        f"{workers})",
         style="dim",
         highlight=False,
     )

@@ -51,6 +51,14 @@ class ActivationRecording:
         self.unit = unit
         units = {unit_layer: [unit]} if unit_layer is not None else None
         self._rec = record(model, layers=self.layers, per_channel=True, every=every, units=units)
+        self._reduced: Any = None
+
+    def reduce_across_ranks(self, group: Any = None) -> None:
+        """Replace this rank's history by the global-batch history of every rank (a collective: every rank
+        calls it once, after its recording ended). Quantiles (the Fig. 1 percentiles) stay rank 0's."""
+        from bnaudit.distributed import reduce_history
+
+        self._reduced = reduce_history(self._rec.history, group)
 
     def __enter__(self) -> ActivationRecording:
         self._rec.__enter__()
@@ -64,7 +72,7 @@ class ActivationRecording:
 
     def results(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """``(drift, percentiles)`` from the recorded history (None when nothing was recorded)."""
-        h = self._rec.history
+        h = self._reduced if self._reduced is not None else self._rec.history
         steps = [int(s) + 1 for s in np.asarray(h.steps).tolist()]  # recorder: 0-based count; runs: 1-based
         if not steps:
             return None, None

@@ -218,6 +218,8 @@ class CompareResult:
         cells: per-cell summaries across seeds.
         verdict: sentences in plain words, each grounded in the numbers.
         notes: warnings and facts about the setup (e.g. what insert_bn changed, layers not re-initialised).
+        unavailable: variants that could not train here, each with the reason (e.g. SyncBatchNorm on CPU
+            with ``nproc > 1``); they have no runs.
     """
 
     settings: dict[str, Any]
@@ -225,6 +227,7 @@ class CompareResult:
     cells: list[CellSummary]
     verdict: list[str]
     notes: list[str] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def best(self) -> dict[str, tuple[str, float, int] | None]:
@@ -256,6 +259,7 @@ class CompareResult:
             "best": {k: (list(v) if v else None) for k, v in self.best.items()},
             "verdict": list(self.verdict),
             "notes": list(self.notes),
+            "unavailable": dict(self.unavailable),
             "runs": [r.to_dict() for r in self.runs],
         }
 

@@ -9,6 +9,9 @@ A run that produces a NaN/Inf loss, or a loss above ``explode`` times its first 
 reported as diverged; it never raises. Progress goes to an optional callback (the CLI draws it); nothing
 here prints.
 
+Distributed: with ``nproc > 1`` every run is trained by that many DDP ranks (see ``ddp``); batch sizes are
+then per device, the batch order is drawn for the global batch, and the logged loss is the global-batch loss.
+
 Threads: small models train fastest with one intra-op thread (thread start-up and synchronisation cost more
 than the arithmetic; measured on the digits MLPs, where two threads were no faster and were ten times slower
 while a live progress display shared the cores), so runs use ``threads`` (default: 1 below 1M parameters,
@@ -170,11 +173,19 @@ def _by_index(names: list[str], base_names: list[str], wanted: str | None) -> st
     return None
 
 
-def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: int) -> RunResult:
-    """Train one variant for one cell and seed; divergence is recorded, never raised."""
+def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: int, rank_ctx: Any = None) -> RunResult:
+    """Train one variant for one cell and seed; divergence is recorded, never raised.
+
+    With ``rank_ctx`` (a ``ddp.RankContext``) this process is one rank of a DDP group: it trains on its shard
+    of each global batch through the DDP wrapper, the logged loss is the all-reduced global-batch loss, and
+    only rank 0 validates and measures (its result is the one kept).
+    """
     model = copy.deepcopy(setup.inits[(plan.seed, plan.variant)]).to(setup.device)
     shadow = copy.deepcopy(model)  # hook-free twin for evaluation and ICS, made before any hook is added
     model.train()
+    main = rank_ctx is None or rank_ctx.is_main
+    world = 1 if rank_ctx is None else rank_ctx.world
+    trained = model if rank_ctx is None else rank_ctx.wrap(model)  # DDP shares the parameters with ``model``
     result = RunResult(plan.variant, plan.lr, plan.batch_size, plan.seed)
     steps = plan.steps
     eval_every = setup.eval_every or max(1, steps // 10)
@@ -189,6 +200,15 @@ def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: in
         ics_name = _by_index([n for n, _ in weight_layers(model)], base_wl, setup.ics_layer)
         if ics_name is not None:
             ics = ICS(ics_name)
+    if ics is not None and rank_ctx is not None:
+        if not main:
+            ics = None  # rank 0 measures it on its own shard
+        elif any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            # Its extra training-mode passes would run SyncBatchNorm collectives on rank 0 alone.
+            ics = None
+            result.notes.append("ICS not measured: the shadow passes cannot run SyncBatchNorm on one rank")
+        else:
+            result.notes.append(f"ICS measured on rank 0's shard ({plan.batch_size} examples per step)")
     recorder: Any = None
     if setup.record:
         from bnaudit.training.recorder import ActivationRecording
@@ -217,6 +237,8 @@ def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: in
             )
 
     def validate(step: int) -> tuple[float | None, float | None]:
+        if not main:
+            return 0.0, None  # only rank 0's result is kept; the others skip the evaluation
         vl, va = _evaluate(model, shadow, setup.val, setup)
         result.val_steps.append(step)
         result.val_losses.append(vl)
@@ -228,15 +250,20 @@ def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: in
     tick = max(1, steps // 100)
     step = 0
     with torch.random.fork_rng(devices=[]), recorder if recorder is not None else contextlib.nullcontext():
-        torch.manual_seed(plan.seed)  # dropout masks: the same stream for every variant of this seed
-        for step, idx in enumerate(batch_order(len(setup.train), plan.batch_size, steps, plan.seed), start=1):
+        # Dropout masks: the same stream for every variant of this seed (and a different one on every rank, so
+        # the shards do not share masks; rank 0's is the one-process stream).
+        torch.manual_seed(plan.seed + 7919 * (rank_ctx.rank if rank_ctx is not None else 0))
+        order = batch_order(len(setup.train), plan.batch_size * world, steps, plan.seed)
+        for step, idx in enumerate(order, start=1):
+            if rank_ctx is not None:
+                idx = rank_ctx.shard(idx)  # the global batch is drawn as one process would; this rank's slice
             x = setup.train.inputs[idx].to(setup.device)
             y = setup.train.targets[idx].to(setup.device)
             log_now = step % log_every == 0 or step == 1
             rng = torch.get_rng_state() if ics is not None and log_now else None
             opt.zero_grad(set_to_none=True)
-            loss = setup.loss_fn(model(x), y)
-            value = float(loss.detach())
+            loss = setup.loss_fn(trained(x), y)
+            value = float(loss.detach()) if rank_ctx is None else rank_ctx.global_loss(loss)
             if not math.isfinite(value):
                 result.losses.append(None)
                 result.diverged, result.diverged_at = True, step
@@ -258,7 +285,7 @@ def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: in
                 if len(tail) == min(setup.window, steps) and sum(tail) / len(tail) <= setup.target:
                     result.steps_to_target = step
             loss.backward()
-            if log_now:
+            if log_now and main:
                 grads.log(step)
                 if ics is not None and rng is not None:
                     ics.measure(step, model, shadow, opt, lambda m, x=x, y=y: setup.loss_fn(m(x), y), rng)
@@ -270,6 +297,8 @@ def _run(plan: _Plan, setup: _Setup, progress: ProgressFn | None, total_runs: in
             if step % tick == 0:
                 emit("step", step, value)
     result.steps_run = step
+    if rank_ctx is not None:
+        result.notes.extend(rank_ctx.finish(model, recorder, result.diverged))
     if not result.diverged:
         vl, va = validate(step)
         if vl is None:  # finite training loss but non-finite validation: the weights blew up on the last step
@@ -366,6 +395,7 @@ def train_compare(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     workers: int = 1,
+    nproc: int = 1,
     progress: ProgressFn | None = None,
 ) -> CompareResult:
     """Train the model with and without normalization under identical conditions and compare.
@@ -375,10 +405,12 @@ def train_compare(
             factory (called under each seed).
         data: training data: an ``(inputs, targets)`` pair, a Dataset, a DataLoader/iterable of batches, or a
             bnaudit DataSource. Held in memory.
-        variants: any of ``baseline`` (the model as given), ``bn`` (``bnaudit.insert_bn``), ``groupnorm`` /
-            ``layernorm`` (``bnaudit.swap_norm``), ``user`` (``user_model``).
+        variants: any of ``baseline`` (the model as given), ``bn`` (``bnaudit.insert_bn``), ``syncbn`` (``bn``
+            with SyncBatchNorm, for ``nproc > 1``), ``groupnorm`` / ``layernorm`` (``bnaudit.swap_norm``),
+            ``user`` (``user_model``).
         lrs: learning rates (default sgd: 0.01, 0.1, 1.0; adam: 0.001, 0.01, 0.1).
-        batch_sizes: batch sizes to sweep.
+        batch_sizes: batch sizes to sweep; with ``nproc > 1`` they are per device (per process): each step
+            trains on a global batch of ``nproc`` × batch size.
         seeds: how many seeds (0..n-1) or the seeds themselves.
         steps: optimizer steps per run (default 300); ``epochs`` instead sets steps per batch size.
         optimizer: ``sgd`` (with ``momentum``) or ``adam``; ``weight_decay`` for both.
@@ -403,6 +435,11 @@ def train_compare(
         threads: intra-op threads during the runs (default: 1 for models under 1M parameters, else
             min(4, current)); restored afterwards.
         workers: parallel worker processes for independent runs (CPU, fork platforms only).
+        nproc: train every run under torch.distributed with this many processes (DDP; gloo on the CPU, NCCL
+            with one GPU per process on CUDA), launched by ``torch.multiprocessing.start_processes``. Each rank
+            trains on its slice of every global batch; the logged loss is the global-batch loss (all-reduced).
+            A variant torch cannot train here (SyncBatchNorm on the CPU) is listed in ``unavailable`` with
+            the reason. 1 (default): one process, no process group.
         progress: callback receiving :class:`Progress` events.
 
     Returns:
@@ -433,6 +470,13 @@ def train_compare(
     dev = torch.device(device)
     if workers > 1 and (dev.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods()):
         raise UsageError("workers > 1 needs the CPU device on a platform with fork; use workers=1")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise UsageError(f"nproc must be a whole number of processes, at least 1; got {nproc!r}")
+    launch = None
+    if nproc > 1:
+        from bnaudit.training.ddp import plan_launch
+
+        launch = plan_launch(nproc, dev, workers)
 
     train = as_tensor_data(data)
     if val_data is not None:
@@ -451,12 +495,15 @@ def train_compare(
     else:
         target = float(target_loss)
     small = min(bs_list)
-    if small > len(train):
-        raise DataError(f"batch size {small} is larger than the {len(train)} training examples; use a smaller one")
+    if small * nproc > len(train):
+        per = f" ({nproc} processes × per-device batch {small})" if nproc > 1 else ""
+        raise DataError(
+            f"batch size {small * nproc}{per} is larger than the {len(train)} training examples; use a smaller one"
+        )
 
     def steps_for(bs: int) -> int:
         if epochs is not None:
-            return max(1, int(round(epochs * (len(train) // bs))))
+            return max(1, round(epochs * (len(train) // (bs * nproc))))
         return steps if steps is not None else DEFAULT_STEPS
 
     notes = [split_note]
@@ -524,22 +571,44 @@ def train_compare(
                 for lr in lr_list:
                     for v in variant_list:
                         plans.append(_Plan(len(plans), seed, v, lr, bs, steps_for(bs)))
-        if progress is not None:
-            progress(Progress("start", 0, len(plans), total_steps=sum(p.steps for p in plans)))
         started = time.perf_counter()
-        runs = list(_run_all(plans, setup, progress, workers))
+        unavailable: dict[str, str] = {}
+        if launch is not None:
+            from bnaudit.training.ddp import run_distributed
+
+            runs, unavailable = run_distributed(plans, setup, launch, threads=used_threads, progress=progress)
+        else:
+            if progress is not None:
+                progress(Progress("start", 0, len(plans), total_steps=sum(p.steps for p in plans)))
+            runs = list(_run_all(plans, setup, progress, workers))
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(old_threads)
+    for v, why in unavailable.items():
+        notes.append(
+            f"{v}: unavailable with {nproc} processes on {dev.type}, not run: torch {torch.__version__} refused it "
+            f"({why})" + ("; SyncBatchNorm needs --device cuda with one GPU per process" if v == "syncbn" else "")
+        )
+    if launch is None and "syncbn" in variant_list:
+        notes.append(
+            "syncbn: with one process SyncBatchNorm has no other rank to synchronise with and normalizes "
+            "exactly like BatchNorm; compare it with nproc > 1"
+        )
+    ran = [v for v in variant_list if v not in unavailable]
+    if not ran:
+        raise UsageError(
+            "no variant could train: "
+            + "; ".join(f"{v}: {why}" for v, why in unavailable.items())
+            + ". Add bn or groupnorm to the variants"
+        )
     # Present runs grouped by cell (variant-major within each lr/bs) regardless of execution order.
     order = {
-        (v, lr, bs): i
-        for i, (bs, lr, v) in enumerate((bs, lr, v) for bs in bs_list for lr in lr_list for v in variant_list)
+        (v, lr, bs): i for i, (bs, lr, v) in enumerate((bs, lr, v) for bs in bs_list for lr in lr_list for v in ran)
     }
     runs.sort(key=lambda r: (order[(r.variant, r.lr, r.batch_size)], seed_list.index(r.seed)))
     cells = summarize(runs)
     settings = {
-        "variants": list(variant_list),
+        "variants": ran,
         "lrs": lr_list,
         "batch_sizes": bs_list,
         "seeds": seed_list,
@@ -559,6 +628,20 @@ def train_compare(
         "device": str(dev),
         "threads": used_threads,
         "workers": workers,
+        "nproc": nproc,
+        "batch_size_per": "device" if nproc > 1 else "step",
+        "global_batch_sizes": [bs * nproc for bs in bs_list],
+        "distributed": (
+            {
+                "backend": launch.backend,
+                "start_method": launch.start_method,
+                "wrapper": "DistributedDataParallel",
+                "loss": "all-reduced mean over the ranks (the global-batch loss)",
+                "validation": "rank 0, full validation set",
+            }
+            if launch is not None
+            else None
+        ),
         "record": record,
         "ics_layer": ics_layer,
         "seconds_total": elapsed,
@@ -567,7 +650,7 @@ def train_compare(
         "python": sys.version.split()[0],
     }
     text = verdict(cells, target=target, steps={bs: steps_for(bs) for bs in bs_list})
-    return CompareResult(settings=settings, runs=runs, cells=cells, verdict=text, notes=notes)
+    return CompareResult(settings=settings, runs=runs, cells=cells, verdict=text, notes=notes, unavailable=unavailable)
 
 
 def _check_model(

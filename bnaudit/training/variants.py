@@ -2,7 +2,8 @@
 
 Fairness is the point of the comparison, so within a seed every variant starts from the same base weights:
 the base is initialised once from the seed, deep-copied, and the copy transformed ("bn" inserts BatchNorm
-with ``bnaudit.insert_bn``; "groupnorm"/"layernorm" swap the normalization with ``bnaudit.swap_norm``). The
+with ``bnaudit.insert_bn``; "groupnorm"/"layernorm" swap the normalization with ``bnaudit.swap_norm``;
+"syncbn" is the "bn" model with its BatchNorm layers swapped for SyncBatchNorm, for ``nproc > 1``). The
 Linear/Conv layers the variants share therefore hold identical initial weights; only the layers a transform
 adds are new. "user" is a second model the user already changed; its weight layers that match the base's in
 order and shape are copied from the base, so it too starts from the same weights where it can."""
@@ -19,7 +20,7 @@ from torch import nn
 from bnaudit.errors import SpecError, TransformError, UsageError
 from bnaudit.layers import is_batchnorm, is_weight_layer
 
-VARIANTS = ("baseline", "bn", "groupnorm", "layernorm", "user")
+VARIANTS = ("baseline", "bn", "syncbn", "groupnorm", "layernorm", "user")
 
 ModelArg = nn.Module | Callable[[], nn.Module]
 
@@ -146,6 +147,24 @@ def swap_norm_variant(base: nn.Module, to: str, example: torch.Tensor, notes: li
     return _unwrap(swap_norm(with_bn, to, example=example), f"swap_norm({to})", notes)
 
 
+def syncbn_variant(base: nn.Module, example: torch.Tensor, notes: list[str] | None = None) -> nn.Module:
+    """The "syncbn" variant: the "bn" model (the base itself when it already has BatchNorm) with every
+    BatchNorm swapped for ``nn.SyncBatchNorm`` by ``bnaudit.swap_norm(to="sync")``. Its new BatchNorm layers
+    start like the "bn" variant's (weight 1, bias 0), so "bn" and "syncbn" start from identical weights.
+
+    Raises:
+        TransformError: insert_bn/swap_norm is unavailable or cannot transform this model.
+    """
+    try:
+        from bnaudit.transforms import swap_norm
+    except ImportError as exc:
+        raise TransformError(
+            f"the 'syncbn' variant needs bnaudit.swap_norm, which cannot be imported ({exc}); use --variants bn"
+        ) from None
+    with_bn = base if any(is_batchnorm(m) for m in base.modules()) else insert_bn_variant(base, example, notes)
+    return _unwrap(swap_norm(with_bn, "sync", example=example), "swap_norm(sync)", notes)
+
+
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Linear/Conv layers in module order: the layers that variants share."""
     return [(n, m) for n, m in model.named_modules() if is_weight_layer(m)]
@@ -192,6 +211,8 @@ def build_variant(
         return copy.deepcopy(base), notes
     if name == "bn":
         return insert_bn_variant(base, example, notes), notes
+    if name == "syncbn":
+        return syncbn_variant(base, example, notes), notes
     if name in ("groupnorm", "layernorm"):
         return swap_norm_variant(base, name[: -len("norm")], example, notes), notes
     if name == "user":
