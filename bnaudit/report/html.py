@@ -94,6 +94,13 @@ def render(
                 f'<figure id="{esc(name)}"><img alt="{esc(name)}" src="data:image/png;base64,{b64}">'
                 f"<figcaption>{esc(CAPTIONS.get(name, name))}</figcaption></figure>"
             )
+    unavailable = getattr(result, "unavailable", None) or {}
+    if unavailable:
+        parts.append(
+            "<h2>Variants not run</h2><ul>"
+            + "".join(f"<li>{esc(name)}: {esc(why)}</li>" for name, why in sorted(unavailable.items()))
+            + "</ul>"
+        )
     if result.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
     parts.append("</body></html>")

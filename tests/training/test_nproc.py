@@ -102,6 +102,10 @@ def test_syncbn_is_reported_unavailable_on_cpu_with_torchs_reason(two_proc):
     assert "SyncBatchNorm" in reason and "GPU" in reason  # torch 2.13: "...only work with GPU modules"
     assert json.loads(two_proc.to_json())["unavailable"] == {"syncbn": reason}
     assert any(n.startswith("syncbn: unavailable with 2 processes on cpu") for n in two_proc.notes)
+    from bnaudit.report.html import render
+
+    page = render(two_proc, plots=False)
+    assert "Variants not run" in page and "syncbn" in page.split("Variants not run", 1)[1]
     assert not two_proc.runs_of(variant="syncbn")
 
 
