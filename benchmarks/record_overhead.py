@@ -18,7 +18,13 @@ growth of the process's resident set (sampled after every step, peak minus start
 bytes of history the recorder reports keeping.
 
 Run: ``python benchmarks/record_overhead.py`` (about 10 minutes on a 2-core CPU) or ``--quick`` (a minute).
-``--models a,b`` picks models; ``--device cuda`` runs on a GPU."""
+``--models a,b`` picks models; ``--device cuda`` runs on a GPU. ``--threads 1`` fixes torch to one thread: on a
+machine shared with other work, a 2-thread step waits on whichever core is busy (medians then swing by 10x
+between runs), while one thread gives every variant the same single core.
+
+Reading the fastai-style ratio on a CPU: there ``.cpu()`` is a no-op and ``.item()`` a memory read, so the
+baseline pays only for its reductions; on an accelerator each ``.item()`` is a host synchronisation and each
+``.cpu()`` a device-to-host copy of the whole activation, which the recorder never does."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Public API (stable; other modules and helpers build on these exact names)::
 
     with bnaudit.record(model, *, layers=None, per_channel=True, every=1, units=None,
-                        quantiles=(0.15, 0.5, 0.85), chunk=256) as rec:
+                        quantiles=(0.15, 0.5, 0.85), chunk=256, reduce=False, group=None) as rec:
         for x, y in loader:              # the user's loop, unchanged
             loss = loss_fn(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
             rec.step()                   # marks the end of one training step
@@ -29,17 +29,20 @@ parameters ``requires_grad``: ``bn_modes(layer)`` returns those mode series (rul
 ``measures.batch_stats_from_buffers`` recovers each step's batch mean/variance from the running buffers alone.
 
 Cost model. Reductions run on the tensor's device, under no autograd, in a fixed handful of kernels per
-tensor (two-pass per-channel mean and M2, min/max, nonzero count). A tensor of more than 16384 values is
-reduced in its hook, while it is still hot in cache (six kernels; a Conv output that feeds a BatchNorm is
-reduced once for both). A smaller one is only held (a detached view, no copy) until ``step()``, which
-concatenates the held tensors of one shape along their channels and reduces each group at once: for small
-tensors the per-kernel launch cost, not the arithmetic, is what counts. ``step()`` then concatenates every
-result into one row, written straight into the preallocated history on CPU or moved to the host in one
-transfer from an accelerator: no ``.item()`` per module. NaN/Inf show up in the channel means and are
-counted exactly only when they are there (on CPU, where reading a value costs no transfer, the hook reads the
-min and max of large tensors to decide). A held tensor that a hooked ``inplace=True`` module is about to
-overwrite is reduced just before it runs; one changed in place where no hook sees it (a functional in-place
-op) is detected by its version counter, skipped for that step, and reduced in its hook from then on.
+tensor (two-pass per-channel mean and M2, min/max, nonzero count). A tensor of more than 65536 values is
+reduced in its hook, while it is still hot in cache (about eight kernels; a Conv output that feeds a BatchNorm
+is reduced once for both). A smaller one is only held (a detached view, no copy) until ``step()``, which
+concatenates the held tensors of one batch and trailing size (any widths) along their channels and reduces
+each such group at once: for small tensors the per-kernel launch cost, not the arithmetic, is what counts. At
+most 4M values are held per step; past that, tensors are reduced in their hook. Temporaries go to scratch
+buffers that the recorder keeps until it exits (about two copies of the largest reduced tensor or group): a
+fresh large temporary costs page faults that outweigh the arithmetic. ``step()`` then concatenates every
+result into one row, written into the preallocated history on CPU or moved to the host in one transfer from an
+accelerator: no ``.item()`` per module. NaN/Inf show up in the channel means and are counted exactly only
+when they are there (on CPU, where reading a value costs no transfer, the hook reads the range of large
+tensors to decide). A held tensor that a hooked ``inplace=True`` module is about to overwrite is reduced just
+before it runs; one changed in place where no hook sees it (a functional in-place op) is detected by its
+version counter, skipped for that step, and reduced in its hook from then on.
 ``benchmarks/record_overhead.py`` measures what this costs against an unhooked step.
 
 Memory. History lives in host buffers preallocated in chunks of up to ``chunk`` rows (16, 32, ... then
@@ -61,6 +64,11 @@ or a BatchNorm's ``num_batches_tracked`` moved, yet not one hook has fired since
 ``RecordingError`` naming the fix (enter ``record`` before the first compiled call, or record the uncompiled
 module). It never silently records nothing. A ``torch.compile(model)`` wrapper is unwrapped (``_orig_mod``),
 so layer names are the uncompiled model's.
+
+Distributed. Inside a torch.distributed process group, ``reduce=True`` merges every rank's statistics once
+per recorded step (means and variances by Chan's update, extremes and counts over all ranks), so every rank
+keeps the statistics of the global batch; every rank must call ``step()`` together (one collective per
+recorded step). Outside a process group it does nothing.
 
 On exit, normal or by exception, every hook handle is removed and every held tensor released; the model's
 parameters, buffers, flags and hook dictionaries are as they were (the recorder only reads)."""
@@ -96,7 +104,10 @@ STATS = (*SCALAR_STATS, *CHANNEL_STATS, *BN_STATS, "quantiles")
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.Bilinear)
 # Tensors up to this many values are held until step() and reduced together (per-kernel launch cost
 # dominates for them); larger ones are reduced in the hook, while they are still hot in cache.
-_GROUP_MAX = 1 << 14
+_GROUP_MAX = 1 << 16
+# At most this many values are held per step (a bound on what holding can keep alive); past it, tensors are
+# reduced in their hook.
+_HOLD_MAX = 1 << 22
 
 
 class RecordingError(BnauditError):
@@ -676,6 +687,8 @@ class Recorder:
         units: Mapping[str, int | Sequence[int]] | None = None,
         quantiles: Sequence[float] = (0.15, 0.5, 0.85),
         chunk: int = 256,
+        reduce: bool = False,
+        group: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise UsageError(f"record() needs an nn.Module, got {type(model).__name__}")
@@ -708,7 +721,15 @@ class Recorder:
         self._cache: dict[Any, torch.Tensor] = {}  # small constant tensors (zeros) by size and device
         self._versions = 0
         self._nbt = 0
+        self._held = 0  # values held (not yet reduced) this step
+        self._inplace = False  # the model has modules that overwrite their input (hooked before they run)
         self._open = False
+        self._reduce_group = group
+        self._reduce = False
+        if reduce:
+            from bnaudit.distributed import is_active
+
+            self._reduce = is_active(group)
 
     # -- selection --
     def _resolve_layers(self, layers: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
@@ -765,6 +786,7 @@ class Recorder:
             for m in self.model.modules():
                 if getattr(m, "inplace", False) is True:
                     self._handles.append(m.register_forward_pre_hook(self._inplace_hook))
+                    self._inplace = True
         except BaseException:
             self._remove()
             self._open = False
@@ -857,21 +879,24 @@ class Recorder:
             self._last_cd = cd
             if x.dim() < 2:
                 cd = None
-        xd = as_3d(x.detach(), cd)
+        # (N, C) with channels at 1 or -1 is the common case: one view instead of as_3d's shape arithmetic.
+        xd = x.detach().unsqueeze(2) if cd is not None and x.dim() == 2 else as_3d(x.detach(), cd)
         slot.calls += 1
         first = slot.stash is None and slot.acc is None
         if first:
             slot.n = xd.shape[0] * xd.shape[2]
             if slot.units:
                 slot.quant = self._quantiles(slot, xd)
-            if xd.numel() <= _GROUP_MAX and not slot.eager:
+            if xd.numel() <= _GROUP_MAX and not slot.eager and self._held + xd.numel() <= _HOLD_MAX:
+                self._held += xd.numel()
                 slot.stash, slot.stash_ver = xd, x._version
-                key = _key(x)
-                held = self._stashed.get(key)
-                if held is None:
-                    self._stashed[key] = [slot]
-                else:
-                    held.append(slot)
+                if self._inplace:  # only an in-place module's pre-hook looks tensors up by their key
+                    key = _key(x)
+                    held = self._stashed.get(key)
+                    if held is None:
+                        self._stashed[key] = [slot]
+                    else:
+                        held.append(slot)
                 return
         elif slot.stash is not None:
             # A second call in the same step: reduce what is held, then merge this call in.
@@ -892,9 +917,10 @@ class Recorder:
         if last is not None and last[0] == key:
             return last[1]
         on_cpu = xd.device.type == "cpu"
-        st = channel_stats(xd, count_nonfinite_values=not on_cpu)
-        if on_cpu and not (math.isfinite(st.min.item()) and math.isfinite(st.max.item())):
-            # On CPU reading two scalars is a memory read, not a transfer: count NaN/Inf only when present.
+        st = channel_stats(xd, count_nonfinite_values=not on_cpu, work=self._buf("work", xd))
+        if on_cpu and not math.isfinite((st.max - st.min).item()):
+            # On CPU reading a scalar is a memory read, not a transfer: count NaN/Inf only when present (the
+            # range is finite exactly when both extremes are, unless it overflows, which merely counts).
             st.nonfinite = count_nonfinite(xd)
         self._last = (key, st)
         return st
@@ -904,11 +930,17 @@ class Recorder:
         x = slots[0].stash
         if x is None:
             return
-        stats = channel_stats(x, count_nonfinite_values=True)
-        for s in self._slots:
-            if s.stash is x:
-                s.acc = stats if s.acc is None else s.acc.merge(stats)
-                s.stash = None
+        # Every slot holding these values (``slots`` come from one tensor's key), whichever view it holds.
+        done: dict[tuple, ChannelStats] = {}
+        for s in slots:
+            y = s.stash
+            if y is None:
+                continue
+            stats = done.get(y.shape)
+            if stats is None:
+                stats = done[y.shape] = channel_stats(y, count_nonfinite_values=True, work=self._buf("work", y))
+            s.acc = stats if s.acc is None else s.acc.merge(stats)
+            s.stash = None
         for key in [k for k, held in self._stashed.items() if all(s.stash is None for s in held)]:
             del self._stashed[key]
 
@@ -991,12 +1023,9 @@ class Recorder:
         updated = versions != self._versions
         self._versions, self._nbt = versions, self._bn_counter()
         hist = self.history
-        # Distinct held tensors (a Conv output and the BatchNorm reading it share one), grouped by shape.
-        held: dict[int, int] = {}
-        owners: list[list[_Slot]] = []
-        groups: dict[tuple, list[int]] = {}
-        accs: list[_Slot] = []
-        quant: list[_Slot] = []
+        # The row structure depends only on which layers ran and the shape each holds: a cheap key finds the
+        # structure (and the grouping of held tensors) computed on an earlier step.
+        sig = []
         for s in self._slots:
             if not s.calls:
                 continue
@@ -1014,41 +1043,46 @@ class Recorder:
                 hist.info[s.name] = {"type": type(s.module).__name__, "where": s.where,
                                      "channel_dim": s.cd if isinstance(s.cd, int) else None, "units": list(s.units)}
             if x is not None:
-                k = held.get(id(x))
-                if k is None:
-                    held[id(x)] = len(owners)
-                    owners.append([s])
-                    gk = (x.shape[0], x.shape[1], x.shape[2], x.dtype, x.device)
-                    g = groups.get(gk)
-                    if g is None:
-                        groups[gk] = [len(owners) - 1]
-                    else:
-                        g.append(len(owners) - 1)
-                else:
-                    owners[k].append(s)
+                sig.append((s, x.shape, x.dtype, x.device, s.quant is not None))
             else:
-                accs.append(s)
-            if s.quant is not None:
-                quant.append(s)
-        work = [[owners[k] for k in g] for g in groups.values()]
-        sig = (
-            tuple(tuple((tuple(s.index for s in ms), ms[0].stash.shape[1]) for ms in g) for g in work),
-            tuple((s.index, s.acc.channels) for s in accs),
-            tuple(s.index for s in quant),
-        )
+                sig.append((s, s.acc.channels, s.quant is not None))
+        sig = tuple(sig)
         got = self._descs.get(sig)
         if got is None:
-            got = self._descs[sig] = self._describe(work, accs, quant)
-        desc, order, nf_zero = got
-        # One row: every part concatenated; on CPU straight into the history chunk, else one transfer.
+            # Held tensors grouped by batch and trailing size, dtype and device (widths may differ).
+            groups: dict[tuple, list[list[_Slot]]] = {}
+            accs: list[_Slot] = []
+            quant: list[_Slot] = []
+            for entry in sig:
+                s = entry[0]
+                x = s.stash
+                if x is not None:
+                    groups.setdefault((x.shape[0], x.shape[2], x.dtype, x.device), []).append([s])
+                else:
+                    accs.append(s)
+                if s.quant is not None:
+                    quant.append(s)
+            work = list(groups.values())
+            got = self._descs[sig] = (*self._describe(work, accs, quant), work, accs, quant)
+        desc, order, nf_zero, plan, work, accs, quant = got
+        # One row: every part concatenated; on CPU straight into the history chunk (or, with groups, into a
+        # scratch row whose per-channel extremes and counts are reduced per layer on the host), else one transfer.
         parts: list[torch.Tensor] = []
         device = None
         for g in work:
-            x = g[0][0].stash if len(g) == 1 else torch.cat([ms[0].stash for ms in g], dim=1)
+            if len(g) == 1:
+                x = g[0][0].stash
+            else:
+                first = g[0][0].stash
+                if first.dtype in (torch.float16, torch.bfloat16):
+                    x = torch.cat([ms[0].stash for ms in g], dim=1)
+                else:
+                    a, b = first.shape[0], first.shape[2]
+                    c = sum(ms[0].stash.shape[1] for ms in g)
+                    x = torch.cat([ms[0].stash for ms in g], dim=1,
+                                  out=self._buf("cat", first, a * c * b).view(a, c, b))
             device = x.device
-            mean, m2, mn, mx, nz = group_stats(x)
-            k = len(g)
-            parts += [mean, m2, mn.view(k, -1).amin(1), mx.view(k, -1).amax(1), nz.view(k, -1).sum(1)]
+            parts += group_stats(x, work=self._buf("work", x))
         for s in accs:
             a = s.acc
             device = a.mean.device
@@ -1068,43 +1102,73 @@ class Recorder:
                 parts.append(m.num_batches_tracked.reshape(1))
         values, ints, flags = hist._append(desc, self._step, updated)
         if parts:
-            with torch.no_grad():
-                if device.type == "cpu":
-                    torch.cat(parts, out=torch.from_numpy(values))
-                else:
-                    torch.from_numpy(values).copy_(torch.cat(parts))  # the one device -> host transfer
+            groups, row_tail, raw_tail, raw, r = plan
+            dst = raw if groups else torch.from_numpy(values)
+            # (every part is computed from detached tensors or buffers: no autograd to switch off)
+            if device.type == "cpu":
+                torch.cat(parts, out=dst)
+            else:
+                dst.copy_(torch.cat(parts))  # the one device -> host transfer
+            if groups:
+                for pos, spos, total, offs, k in groups:
+                    # means and M2s as they are; per-channel extremes and counts reduced to one per layer
+                    values[pos: pos + 2 * total] = r[spos: spos + 2 * total]
+                    seg = spos + 2 * total
+                    values[pos + 2 * total: pos + 2 * total + k] = np.minimum.reduceat(r[seg: seg + total], offs)
+                    seg += total
+                    values[pos + 2 * total + k: pos + 2 * total + 2 * k] = np.maximum.reduceat(r[seg: seg + total], offs)
+                    seg += total
+                    values[pos + 2 * total + 2 * k: pos + 2 * total + 3 * k] = np.add.reduceat(r[seg: seg + total], offs)
+                values[row_tail:] = r[raw_tail:]
         if order:
             ints[:] = [(s.calls, s.n) for s in order]
         for k, (_, m) in enumerate(self._bns):
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
             flags[k, 0] = m.training
             flags[k, 1] = (isinstance(w, torch.Tensor) and w.requires_grad) or (isinstance(b, torch.Tensor) and b.requires_grad)
-        if not np.isfinite(values).all():
+        if not math.isfinite(float(values.sum())):  # a NaN/Inf anywhere makes the sum non-finite
             self._count_nonfinite(desc, values)
+        if self._reduce:
+            # Every rank's row merged into this one (every rank must call step() together).
+            from bnaudit.distributed import reduce_row
+
+            reduce_row(values, ints, desc, group=self._reduce_group)
         for s in self._slots:
             if s.calls:
                 s.stash = s.acc = s.quant = None
                 s.calls = s.n = 0
         self._stashed = {}
         self._last = None
+        self._held = 0
 
-    def _describe(self, work, accs: list[_Slot], quant: list[_Slot]) -> tuple[_Desc, list[_Slot], int]:
+    def _describe(self, work, accs: list[_Slot], quant: list[_Slot]) -> tuple[_Desc, list[_Slot], int, tuple]:
         """Lay out one row structure: where each value of each present layer lands. Row order: per group
-        (tensors of one shape) ``means | m2s | mins | maxes | nonzeros``, per layer reduced in its hook ``mean | m2 | min |
-        max | nonzero | nonfinite``, zeros standing for the grouped layers' NaN/Inf counts, quantiles,
-        BatchNorm buffers."""
+        (held tensors of one batch and trailing shape, any widths) ``means | m2s | mins | maxes | nonzeros``, per
+        layer reduced in its hook ``mean | m2 | min | max | nonzero | nonfinite``, zeros standing for the grouped
+        layers' NaN/Inf counts, quantiles, BatchNorm buffers.
+
+        Also returns the plan that turns the computed parts into that row: a group's statistics arrive per
+        channel (``means | m2s | channel mins | channel maxes | channel nonzeros``, 5 x its total width) and
+        are reduced to one min/max/count per layer on the host; everything after the groups is copied as is."""
         cols: dict[int, tuple[str, _Cols]] = {}
-        pos = 0
+        pos = spos = 0
         grouped = []
+        plan_groups = []
         for g in work:
-            c, k = g[0][0].stash.shape[1], len(g)
-            total = c * k
+            widths = [ms[0].stash.shape[1] for ms in g]
+            k, total = len(g), sum(widths)
+            off = 0
             for j, ms in enumerate(g):
+                c = widths[j]
                 for s in ms:
-                    cols[s.index] = (s.name, _Cols(c, pos + j * c, pos + total + j * c, pos + 2 * total + j,
+                    cols[s.index] = (s.name, _Cols(c, pos + off, pos + total + off, pos + 2 * total + j,
                                                    pos + 2 * total + k + j, pos + 2 * total + 2 * k + j, -1))
                     grouped.append(s.index)
+                off += c
+            plan_groups.append((pos, spos, total, np.cumsum([0, *widths[:-1]]), k))
             pos += 2 * total + 3 * k
+            spos += 5 * total
+        row_tail, raw_tail = pos, spos
         for s in accs:
             c = s.acc.channels
             cols[s.index] = (s.name, _Cols(c, pos, pos + c, pos + 2 * c, pos + 2 * c + 1, pos + 2 * c + 2, pos + 2 * c + 3))
@@ -1132,7 +1196,31 @@ class Recorder:
                 bns.append((name, 0, -1, -1, -1))
         ordered = sorted(cols)
         by_index = {s.index: s for s in self._slots}
-        return _Desc(pos, tuple(cols[i] for i in ordered), tuple(bns)), [by_index[i] for i in ordered], nf_zero
+        raw = torch.empty(raw_tail + pos - row_tail, dtype=torch.float32) if plan_groups else None  # host scratch row
+        plan = (tuple(plan_groups), row_tail, raw_tail, raw, None if raw is None else raw.numpy())
+        return (_Desc(pos, tuple(cols[i] for i in ordered), tuple(bns)), [by_index[i] for i in ordered], nf_zero,
+                plan)
+
+    def _buf(self, which: str, like: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """A reusable flat scratch buffer of at least ``n`` (default ``like.numel()``) values of ``like``'s
+        dtype (float32 for half precision, which is reduced in float32) and device. It grows to the largest
+        tensor reduced and is kept until the recorder exits: a fresh large temporary per reduction costs page
+        faults that outweigh the arithmetic."""
+        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        shaped = n is None
+        n = like.numel() if n is None else n
+        if shaped:  # the buffer already viewed in like's shape, cached: one lookup instead of two views a call
+            got = self._cache.get((which, dtype, like.device, like.shape))
+            if got is not None and got._base is self._cache.get((which, dtype, like.device)):
+                return got
+        key = (which, dtype, like.device)
+        t = self._cache.get(key)
+        if t is None or t.numel() < n:
+            t = self._cache[key] = torch.empty(n, dtype=dtype, device=like.device)
+        if shaped:
+            view = self._cache[(which, dtype, like.device, like.shape)] = t[:n].view(like.shape)
+            return view
+        return t[:n]
 
     def _zeros(self, n: int, device: torch.device | None) -> torch.Tensor:
         key = (n, device)
@@ -1161,6 +1249,8 @@ def record(
     units: Mapping[str, int | Sequence[int]] | None = None,
     quantiles: Sequence[float] = (0.15, 0.5, 0.85),
     chunk: int = 256,
+    reduce: bool = False,
+    group: Any = None,
 ) -> Recorder:
     """Record per-layer (and per-channel) activation statistics while your own training loop runs.
 
@@ -1178,6 +1268,10 @@ def record(
             15/50/85th percentiles of a sigmoid's input, Ioffe & Szegedy 2015 Fig. 1).
         quantiles: the quantile levels for ``units``.
         chunk: the most history rows preallocated at a time.
+        reduce: inside a torch.distributed process group, merge every rank's statistics once per recorded
+            step (means/variances by Chan's update, extremes and counts over all ranks), so each rank's history
+            describes the global batch; every rank must call ``step()`` together. Ignored outside one.
+        group: the process group for ``reduce`` (default: the world).
 
     Returns:
         A Recorder (a context manager); its ``history`` is a History.
@@ -1187,7 +1281,7 @@ def record(
         UsageError: invalid ``every``, ``chunk`` or ``quantiles``.
     """
     return Recorder(model, layers=layers, per_channel=per_channel, every=every, units=units, quantiles=quantiles,
-                    chunk=chunk)
+                    chunk=chunk, reduce=reduce, group=group)
 
 
 def iter_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

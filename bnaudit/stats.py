@@ -6,7 +6,10 @@ channels, they return per-channel mean and M2 (sum of squared deviations) plus m
 device tensors, in a fixed handful of kernels and without any host synchronisation. It uses the two-pass
 mean/M2, which keeps the variance exact to float32 rounding even when the mean is thousands of standard
 deviations from zero (the textbook ``E[x^2] - E[x]^2`` loses every digit there); ``torch.var_mean`` would be
-the obvious call but is 5-20x slower on CPU. ``ChannelStats.merge`` combines two samples with Chan et al.'s
+the obvious call but is 5-20x slower on CPU (measured again on torch 2.13: 300 us against 18 us for a
+64 x 610 block, 11.5 ms against 0.7 ms for a 32 x 64 x 32 x 32 activation). Callers may pass a scratch
+buffer for the temporaries, and per-channel sums, minima and maxima run as two reductions ordered by the
+tensor's shape: both measured several times faster than the obvious one-call forms on CPU. ``ChannelStats.merge`` combines two samples with Chan et al.'s
 parallel update. ``Moments`` is the general streaming accumulator (count / mean / M2, min, max, zero and
 non-finite counts, float64) that probes and tests use: ``update`` batch after batch, ``merge`` across
 batches, workers or processes, and the result equals the statistics of the concatenated data to rounding.
@@ -105,21 +108,58 @@ def _weights(a: int, value: float, like: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _moments(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _into(work: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``work`` viewed as a contiguous tensor of ``like``'s shape, or None (allocate)."""
+    if work is None or work.shape == like.shape:
+        return work
+    return work.reshape(-1)[: like.numel()].view(like.shape)
+
+
+def _moments(x3: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and M2 of an (A, C, B) tensor by the two-pass method. For B == 1 (the (N, C) case)
     the sums are matrix-vector products: one BLAS gemv each, several times faster on CPU than a reduction
-    over dim 0 and free of its thread wake-ups."""
+    over dim 0 and free of its thread wake-ups. ``work`` (a flat buffer of at least ``x3.numel()`` values of
+    its dtype and device) takes the deviations instead of a fresh allocation: a fresh large buffer costs page
+    faults on every call, often more than the arithmetic."""
     a, _, b = x3.shape
     if b == 1 and a > 1:
-        x2 = x3.reshape(a, -1)
+        x2 = x3.view(a, -1) if x3.is_contiguous() else x3.reshape(a, -1)
         mean = torch.mv(x2.t(), _weights(a, 1.0 / a, x2))
-        d = (x2 - mean).square_()
-        return mean, torch.mv(d.t(), _weights(a, 1.0, x2))
-    mean = x3.mean((0, 2))
-    return mean, (x3 - mean[:, None]).square_().sum((0, 2))
+        d = torch.sub(x3, mean[:, None], out=_into(work, x3)) if work is not None else x2 - mean
+        return mean, torch.mv(d.view(a, -1).square_().t(), _weights(a, 1.0, x2))
+    mean = _csum(x3).div_(a * b)
+    d = torch.sub(x3, mean[:, None], out=_into(work, x3)) if work is not None else x3 - mean[:, None]
+    return mean, _csum(d.square_())
 
 
-def channel_stats(x3: torch.Tensor, *, count_nonfinite_values: bool = False) -> ChannelStats:
+def _csum(x3: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum of an (A, C, B) tensor in two reductions ordered by B (measured on CPU: a joint (0, 2)
+    reduction or the wrong order is up to 8x slower): long rows first over B; short rows first over A,
+    which streams through whole rows."""
+    return x3.sum(2).sum(0) if x3.shape[2] > 64 else x3.sum(0).sum(1)
+
+
+def _cext(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max of an (A, C, B) tensor, reduced in the order ``_csum`` uses."""
+    b = x3.shape[2]
+    if b == 1:
+        return x3.amin((0, 2)), x3.amax((0, 2))
+    if b > 64:
+        return x3.amin(2).amin(0), x3.amax(2).amax(0)
+    return x3.amin(0).amin(1), x3.amax(0).amax(1)
+
+
+def _signs(x3: torch.Tensor, work: torch.Tensor | None) -> torch.Tensor:
+    """1.0 where a value is nonzero (NaN included), 0.0 where it is exactly zero. Into a scratch buffer it is
+    one pass (a comparison written as floats); otherwise |sign(x)| (a bool temporary would need a slow
+    integer sum)."""
+    if work is not None:
+        return torch.ne(x3, 0, out=_into(work, x3))
+    return x3.sign().abs_()
+
+
+def channel_stats(x3: torch.Tensor, *, count_nonfinite_values: bool = False,
+                  work: torch.Tensor | None = None) -> ChannelStats:
     """Per-channel mean and M2, and whole-tensor min, max and nonzero count, of an ``(A, C, B)`` tensor (see
     ``as_3d``) in a handful of kernels on its device: the two-pass mean/M2 (exact to rounding, unlike
     ``E[x^2] - E[x]^2``; ``torch.var_mean`` is 5-20x slower on CPU), ``aminmax`` and a nonzero count
@@ -128,28 +168,37 @@ def channel_stats(x3: torch.Tensor, *, count_nonfinite_values: bool = False) -> 
     Args:
         x3: the tensor, already detached; half precision is promoted to float32.
         count_nonfinite_values: also count NaN/Inf (one more pass).
+        work: an optional flat scratch buffer (at least ``x3.numel()`` values, float32 or ``x3``'s dtype,
+            on its device) reused for the temporaries instead of allocating them.
     """
     if x3.dtype in (torch.float16, torch.bfloat16):
         x3 = x3.float()
-    mean, m2 = _moments(x3)
+    if work is not None and (work.dtype != x3.dtype or work.numel() < x3.numel()):
+        work = None
+    mean, m2 = _moments(x3, work)
     mn, mx = torch.aminmax(x3)
     nf = count_nonfinite(x3) if count_nonfinite_values else None
-    return ChannelStats(int(x3.shape[0] * x3.shape[2]), mean, m2, mn, mx, x3.sign().abs_().sum(), nf)
+    return ChannelStats(int(x3.shape[0] * x3.shape[2]), mean, m2, mn, mx, _signs(x3, work).sum(), nf)
 
 
-def group_stats(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_stats(x3: torch.Tensor, *, work: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean, M2, min, max and nonzero count of an ``(A, C, B)`` tensor that concatenates several
-    small tensors of one shape along the channels; the caller reduces min/max/count per member."""
+    small tensors (equal A and B, any widths) along the channels; the caller reduces min/max/count per
+    member. ``work`` is as for ``channel_stats``."""
     if x3.dtype in (torch.float16, torch.bfloat16):
         x3 = x3.float()
-    mean, m2 = _moments(x3)
-    nz = x3.sign().abs_()
+    if work is not None and (work.dtype != x3.dtype or work.numel() < x3.numel()):
+        work = None
+    mean, m2 = _moments(x3, work)
+    nz = _signs(x3, work)
     a, _, b = x3.shape
     if b == 1 and a > 1:
-        nz = torch.mv(nz.reshape(a, -1).t(), _weights(a, 1.0, x3))
+        nz = torch.mv(nz.view(a, -1).t(), _weights(a, 1.0, x3))
     else:
-        nz = nz.sum((0, 2))
-    return mean, m2, x3.amin((0, 2)), x3.amax((0, 2)), nz
+        nz = _csum(nz)
+    mn, mx = _cext(x3)
+    return mean, m2, mn, mx, nz
 
 
 def count_nonfinite(x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("layout", list(MODELS))
-@pytest.mark.parametrize("scale", [1, 64], ids=["grouped", "in-hook"])
+@pytest.mark.parametrize("scale", [1, 1024], ids=["grouped", "in-hook"])
 def test_recorded_stats_equal_direct_computation(layout, scale):
     factory, shape = MODELS[layout]
     torch.manual_seed(0)
@@ -367,3 +367,44 @@ def test_torch_compile_recorded_when_entered_before_the_first_call():
     np.testing.assert_allclose(h.series("0", "mean"), [ref.mean()] * 2, rtol=1e-5)
     _no_hooks(model)
     torch._dynamo.reset()
+
+
+def test_hold_budget_and_mixed_widths_keep_exact_stats(monkeypatch):
+    # Widths 7, 7, 13, 13, 3 share one held group until the per-step budget runs out; the rest are reduced in
+    # their hooks. Either way each layer's row equals a direct computation.
+    import bnaudit.recording as recording
+
+    monkeypatch.setattr(recording, "_HOLD_MAX", 16 * 7 + 16 * 7 + 16 * 13)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 13), nn.Sigmoid(), nn.Linear(13, 3))
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(16, 5, generator=g) for _ in range(3)]
+    acts, handles = _capture(model)
+    h = _train(model, batches)
+    for hd in handles:
+        hd.remove()
+    for name in h.layers:
+        ref = acts[name]
+        np.testing.assert_allclose(h.series(name, "channel_mean"), np.stack([r.double().mean(0) for r in ref]),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(h.series(name, "channel_var"),
+                                   np.stack([r.double().var(0, unbiased=False) for r in ref]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "min"), [r.min() for r in ref], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "max"), [r.max() for r in ref], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-7)
+
+
+def test_reduce_outside_a_process_group_changes_nothing():
+    torch.manual_seed(0)
+    model = MODELS["NC"][0]()
+    xs = [torch.randn(16, 5, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    hs = []
+    for reduce in (False, True):
+        with torch.no_grad(), record(model, reduce=reduce) as rec:
+            for x in xs:
+                model(x)
+                rec.step()
+        assert rec._reduce is False
+        hs.append(rec.history)
+    for name in hs[0].layers:
+        np.testing.assert_array_equal(hs[0].series(name, "channel_var"), hs[1].series(name, "channel_var"))

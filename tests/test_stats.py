@@ -49,6 +49,36 @@ def test_group_stats_per_channel(shape):
     torch.testing.assert_close(nz, (x != 0).sum(dims).float())
 
 
+@pytest.mark.parametrize("shape", [(16, 5), (6, 5, 7), (3, 5, 9, 10)], ids=["B=1", "B=7", "B=90"])
+@pytest.mark.parametrize("with_work", [False, True], ids=["alloc", "scratch"])
+def test_stats_with_scratch_and_both_reduction_orders(shape, with_work):
+    # B <= 64 and B > 64 take different reduction orders; a scratch buffer (dirty, larger than needed) must
+    # not change a single result
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    x[x.abs() < 0.3] = 0.0
+    x3 = as_3d(x, 1)
+    work = torch.full((x.numel() + 11,), float("nan")) if with_work else None
+    mean, m2, mn, mx, nz = group_stats(x3, work=work)
+    ref_mean, ref_var = _ref(x)
+    dims = reduce_dims(x, 1)
+    n = x.numel() // shape[1]
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((m2 / n).double(), ref_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mn, x.amin(dims))
+    torch.testing.assert_close(mx, x.amax(dims))
+    torch.testing.assert_close(nz, (x != 0).sum(dims).float())
+    st_ = channel_stats(x3, count_nonfinite_values=True, work=work)
+    torch.testing.assert_close(st_.mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((st_.m2 / st_.n).double(), ref_var, rtol=1e-5, atol=1e-6)
+    assert int(st_.nonzero) == int((x != 0).sum()) and int(st_.nonfinite) == 0
+    assert float(st_.min) == float(x.min()) and float(st_.max) == float(x.max())
+    # a buffer too small or of another dtype is ignored, not overrun
+    small = channel_stats(x3, work=torch.zeros(3))
+    other = channel_stats(x3, work=torch.zeros(x.numel(), dtype=torch.float64))
+    torch.testing.assert_close(small.m2, st_.m2)
+    torch.testing.assert_close(other.m2, st_.m2)
+
+
 def test_channel_last_layout():
     x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(2))  # (N, L, F)
     st_ = channel_stats(as_3d(x, -1))

@@ -105,6 +105,32 @@ def recording(rank: int) -> dict:
     return out
 
 
+def record_reduce(rank: int) -> dict:
+    """``record(reduce=True)``: each rank's history, merged step by step, equals one process's history of
+    the global batch."""
+    import bnaudit
+
+    x = torch.from_numpy(_cancer())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 2)).eval()
+    reference = copy.deepcopy(model)
+    batches = [x[GLOBAL * t : GLOBAL * (t + 1)] for t in range(3)]
+    with torch.no_grad(), bnaudit.record(model, reduce=True) as rec:
+        for b in batches:
+            model(b[:SPLIT] if rank == 0 else b[SPLIT:])
+            rec.step()
+    with torch.no_grad(), bnaudit.record(reference) as ref:
+        for b in batches:
+            reference(b)
+            ref.step()
+    out = {"layers": rec.history.layers, "ref_layers": ref.history.layers}
+    for layer in ref.history.layers:
+        for stat in ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac", "count"):
+            out[(layer, stat)] = rec.history.series(layer, stat)
+            out[(layer, stat, "ref")] = ref.history.series(layer, stat)
+    return out
+
+
 def small_batch(rank: int) -> dict:
     from bnaudit.distributed import inspect_distributed
 
@@ -211,7 +237,7 @@ def full_audit(rank: int) -> dict:
     return {"report": report.to_dict()}
 
 
-SCENARIOS = (moments, recording, small_batch, divergent, syncbn, merging, failures, full_audit)
+SCENARIOS = (moments, recording, record_reduce, small_batch, divergent, syncbn, merging, failures, full_audit)
 
 
 def run(rank: int, world: int, init: str, out_dir: str) -> None:

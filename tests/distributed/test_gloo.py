@@ -105,6 +105,19 @@ def test_per_step_reduce_row_matches_history_reduction(ranks):
     assert (got["row_ints"][:, 1] == _worker.GLOBAL).all()
 
 
+def test_record_reduce_merges_every_step_across_ranks(ranks):
+    # record(reduce=True) on 24 + 40 samples per step equals recording the 64-sample global batch, on each rank
+    for rank in range(WORLD):
+        got = _scenario(ranks, "record_reduce", rank)
+        assert got["layers"] == got["ref_layers"] and len(got["layers"]) >= 3
+        for layer in got["ref_layers"]:
+            for stat in ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac"):
+                np.testing.assert_allclose(got[(layer, stat)], got[(layer, stat, "ref")], rtol=2e-5, atol=1e-5,
+                                           err_msg=f"rank {rank} {layer} {stat}")
+            np.testing.assert_array_equal(got[(layer, "count")], got[(layer, "count", "ref")])
+            assert (got[(layer, "count")] == _worker.GLOBAL).all()
+
+
 # -- BN401 ----------------------------------------------------------------------------------------------------
 
 
