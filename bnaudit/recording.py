@@ -1126,7 +1126,9 @@ class Recorder:
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
             flags[k, 0] = m.training
             flags[k, 1] = (isinstance(w, torch.Tensor) and w.requires_grad) or (isinstance(b, torch.Tensor) and b.requires_grad)
-        if not math.isfinite(float(values.sum())):  # a NaN/Inf anywhere makes the sum non-finite
+        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is the signal here, not a problem
+            row_sum = float(values.sum())
+        if not math.isfinite(row_sum):  # a NaN/Inf anywhere makes the sum non-finite
             self._count_nonfinite(desc, values)
         if self._reduce:
             # Every rank's row merged into this one (every rank must call step() together).
