@@ -12,6 +12,13 @@ import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
+# The keys every run in `--format json` must carry: the documented contract (README, issue 6), spelled out
+# here rather than read from the library so that a renamed key fails the tests.
+RUN_KEYS = frozenset({
+    "variant", "lr", "batch_size", "seed", "losses", "final_loss", "val_loss", "val_accuracy", "steps_to_target",
+    "diverged",
+})
+
 
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:

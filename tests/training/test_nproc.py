@@ -22,25 +22,13 @@ from typer.testing import CliRunner
 
 from bnaudit.errors import DataError, UsageError
 from bnaudit.training import train_compare
-from tests.training.conftest import EXAMPLES
+from tests.training.conftest import EXAMPLES, RUN_KEYS
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this torch build",
 )
 
-RUN_KEYS = {
-    "variant",
-    "lr",
-    "batch_size",
-    "seed",
-    "losses",
-    "final_loss",
-    "val_loss",
-    "val_accuracy",
-    "steps_to_target",
-    "diverged",
-}
 
 
 def _mlp() -> nn.Module:

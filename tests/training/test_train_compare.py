@@ -15,7 +15,7 @@ from bnaudit.training import train_compare
 from bnaudit.training.data import as_tensor_data, batch_order, split_validation
 from bnaudit.training.losses import default_target, resolve_loss
 from bnaudit.training.variants import base_model, build_variant, weight_layers
-from tests.training.conftest import load_example
+from tests.training.conftest import RUN_KEYS, load_example
 
 
 def mlp_dropout() -> nn.Module:
@@ -145,19 +145,7 @@ def test_json_has_the_documented_keys(small_digits):
     for key in ("variants", "lrs", "batch_sizes", "seeds", "steps", "optimizer", "loss", "target_loss"):
         assert key in data["settings"]
     run = data["runs"][0]
-    for key in (
-        "variant",
-        "lr",
-        "batch_size",
-        "seed",
-        "losses",
-        "final_loss",
-        "val_loss",
-        "val_accuracy",
-        "steps_to_target",
-        "diverged",
-    ):
-        assert key in run
+    assert set(run) >= RUN_KEYS
     assert len(run["losses"]) == 25
     assert 0.0 <= run["val_accuracy"] <= 1.0
     assert data["summary"][0]["steps_to_target"].keys() == {"mean", "std", "n"}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from bnaudit.cli import app
-from tests.training.conftest import EXAMPLES
+from tests.training.conftest import EXAMPLES, RUN_KEYS
 
 runner = CliRunner()
 EXAMPLE = str(EXAMPLES / "deep_sigmoid_digits.py")
@@ -41,18 +41,7 @@ def test_json_output_and_plots_and_html(tmp_path: Path):
     assert data["settings"]["model"].endswith("deep_sigmoid_digits.py")
     assert len(data["runs"]) == 4
     for run in data["runs"]:
-        assert set(run) >= {
-            "variant",
-            "lr",
-            "batch_size",
-            "seed",
-            "losses",
-            "final_loss",
-            "val_loss",
-            "val_accuracy",
-            "steps_to_target",
-            "diverged",
-        }
+        assert set(run) >= RUN_KEYS
         assert len(run["losses"]) == 20
     names = sorted(p.name for p in plots.iterdir())
     assert {"loss.png", "accuracy.png", "grad_norms.png", "percentiles.png", "drift.png"} <= set(names)
