@@ -27,6 +27,20 @@ ARRAY_SUFFIXES = (".pt", ".pth", ".npz", ".csv")
 _CACHE_LIMIT = 256  # batches kept from a one-shot iterator
 
 
+def move_to(value: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor in ``value`` (nested tuples, lists and dicts too) to ``device`` when given, casting
+    floating tensors to ``dtype`` when given; anything else passes through."""
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        return value.to(device) if device is not None else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_to(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: move_to(v, device, dtype) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class Batch:
     """One batch: the model's input and, when present, the targets."""
@@ -35,20 +49,8 @@ class Batch:
     targets: Any = None
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
-        """Move tensors to ``device``; cast floating inputs to ``dtype`` (the model's) when given."""
-
-        def move(x: Any, cast: bool) -> Any:
-            if isinstance(x, torch.Tensor):
-                if cast and dtype is not None and x.is_floating_point() and x.dtype != dtype:
-                    x = x.to(dtype)
-                return x.to(device) if device is not None else x
-            if isinstance(x, (list, tuple)):
-                return type(x)(move(v, cast) for v in x)
-            if isinstance(x, dict):
-                return {k: move(v, cast) for k, v in x.items()}
-            return x
-
-        return Batch(move(self.inputs, True), move(self.targets, False))
+        """Move tensors to ``device``; cast floating inputs (not targets) to ``dtype`` (the model's) when given."""
+        return Batch(move_to(self.inputs, device, dtype), move_to(self.targets, device, None))
 
     @property
     def size(self) -> int | None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from bnaudit.graph import default_run as forward  # model(inputs), as the audit's graph pass calls it
 from bnaudit.layers import is_batchnorm, is_dropout
 
 Predict = Callable[[nn.Module, Any], Any]
@@ -85,12 +86,6 @@ def concat(parts: Sequence[Any]) -> Any:
         else:
             leaves.append(leaf)
     return tree_unflatten(leaves, spec)
-
-
-def forward(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on one batch's inputs the way the audit's graph pass does: ``model(inputs)``, whatever
-    ``inputs`` is (the loader already picked the input out of tuple and dict batches)."""
-    return model(inputs)
 
 
 def sample_output(output: Any, n: int, position: int) -> torch.Tensor:

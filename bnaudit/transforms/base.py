@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from bnaudit.errors import DataError, TransformError
+from bnaudit.graph import default_run
+from bnaudit.loading.data import move_to as to_device
 from bnaudit.transforms.modules import NormalizedLayer, build_module
 
 RunFn = Callable[[nn.Module, Any], Any]
@@ -190,10 +192,8 @@ def pristine_copy(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-
-
-def default_run(model: nn.Module, inputs: Any) -> Any:
-    return model(inputs)
+# default_run (bnaudit.graph) and to_device (bnaudit.loading.data.move_to) are imported above: one way to
+# call a model and one way to move a batch, shared with the audit.
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -202,19 +202,6 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | No
     device = tensors[0].device if tensors else torch.device("cpu")
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
     return device, dtype
-
-
-def to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Move tensors in ``value`` to ``device``; cast floating ones to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device, dtype) for k, v in value.items()}
-    return value
 
 
 def iter_inputs(data: Any, limit: int | None = None) -> Iterator[Any]:
