@@ -29,20 +29,22 @@ parameters ``requires_grad``: ``bn_modes(layer)`` returns those mode series (rul
 ``measures.batch_stats_from_buffers`` recovers each step's batch mean/variance from the running buffers alone.
 
 Cost model. Reductions run on the tensor's device, under no autograd, in a fixed handful of kernels per
-tensor (two-pass per-channel mean and M2, min/max, nonzero count). A tensor of more than 65536 values is
-reduced in its hook, while it is still hot in cache (about eight kernels; a Conv output that feeds a BatchNorm
-is reduced once for both). A smaller one is only held (a detached view, no copy) until ``step()``, which
-concatenates the held tensors of one batch and trailing size (any widths) along their channels and reduces
-each such group at once: for small tensors the per-kernel launch cost, not the arithmetic, is what counts. At
-most 4M values are held per step; past that, tensors are reduced in their hook. Temporaries go to scratch
-buffers that the recorder keeps until it exits (about two copies of the largest reduced tensor or group): a
-fresh large temporary costs page faults that outweigh the arithmetic. ``step()`` then concatenates every
-result into one row, written into the preallocated history on CPU or moved to the host in one transfer from an
-accelerator: no ``.item()`` per module. NaN/Inf show up in the channel means and are counted exactly only
-when they are there (on CPU, where reading a value costs no transfer, the hook reads the range of large
-tensors to decide). A held tensor that a hooked ``inplace=True`` module is about to overwrite is reduced just
-before it runs; one changed in place where no hook sees it (a functional in-place op) is detected by its
-version counter, skipped for that step, and reduced in its hook from then on.
+tensor (two-pass per-channel mean and M2, min/max, nonzero count; for a tensor whose channels come last,
+(N, C) or (N, L, F), the mean and M2 come from torch's own per-channel moments kernel, the one BatchNorm uses,
+in one call). A tensor of more than 65536 values is reduced in its hook, while it is still hot in cache,
+straight into a statistics buffer the layer keeps (a Conv output that feeds a BatchNorm is reduced once for
+both). A smaller one is only held (a detached view, no copy) until ``step()``, which concatenates held tensors
+of one batch and trailing size (any widths) along their channels, in runs of up to 65536 values, and reduces
+each run at once: for small tensors the per-call cost, not the arithmetic, is what counts. At most 4M values
+are held per step; past that, tensors are reduced in their hook. Temporaries go to scratch buffers that the
+recorder keeps until it exits (about two copies of the largest tensor reduced in a hook, and of one run): a
+fresh large temporary costs page faults that outweigh the arithmetic. ``step()`` then writes every result into
+one row of the preallocated history, on CPU directly or from an accelerator in one transfer: no ``.item()``
+per module. NaN/Inf show up in the channel means and are counted exactly only when they are there (on CPU,
+where reading a value costs no transfer, the hook reads the range of large tensors to decide). A held tensor
+that a hooked ``inplace=True`` module is about to overwrite is reduced just before it runs; one changed in
+place where no hook sees it (a functional in-place op) is detected by its version counter, skipped for that
+step, and reduced in its hook from then on.
 ``benchmarks/record_overhead.py`` measures what this costs against an unhooked step.
 
 Memory. History lives in host buffers preallocated in chunks of up to ``chunk`` rows (16, 32, ... then
@@ -91,7 +93,7 @@ from torch import nn
 from bnaudit.errors import BnauditError, UsageError
 from bnaudit.io import atomic_write, atomic_write_text
 from bnaudit.layers import is_activation, is_batchnorm, is_conv, is_norm, is_weight_layer
-from bnaudit.stats import ChannelStats, as_3d, channel_stats, count_nonfinite, group_stats
+from bnaudit.stats import ChannelStats, StatsBuffer, channel_stats, count_nonfinite, group_stats
 
 __all__ = ["STATS", "BNModes", "History", "Recorder", "RecordingError", "default_layers", "record"]
 
@@ -614,6 +616,7 @@ class _Slot:
 
     __slots__ = (
         "acc",
+        "buf",
         "calls",
         "cd",
         "eager",
@@ -637,10 +640,77 @@ class _Slot:
         self.stash: torch.Tensor | None = None  # (A, C, B) detached view of this step's tensor
         self.stash_ver = 0
         self.acc: ChannelStats | None = None  # already reduced statistics (merged calls, in-place inputs)
+        self.buf: StatsBuffer | None = None  # where its first reduction of a step is written
         self.quant: torch.Tensor | None = None
         self.eager = False  # its tensor is changed in place where no hook sees it: reduce at hook time
         self.note = ""
         self.index = -1
+
+
+class _Group:
+    """Held tensors reduced together at step(): one batch and trailing size, layout, dtype and device."""
+
+    __slots__ = ("numel", "shape", "slots", "views")
+
+    def __init__(self, slots: list[_Slot], shape: tuple[int, ...], views: tuple[torch.Tensor, ...]):
+        self.slots, self.shape, self.views = slots, shape, views  # views: the 5 result slices of the raw row
+        self.numel = math.prod(shape)
+
+
+class _Plan:
+    """How a step with one row structure is computed and written (made once, reused every such step)."""
+
+    __slots__ = ("accs", "bns", "desc", "device", "groups", "host", "nf_zero", "order", "quant", "r", "raw",
+                 "raw_tail", "row_tail", "spans", "tail")
+
+    def __init__(self, desc: _Desc, order: list[_Slot], accs: list[_Slot], quant: list[_Slot],
+                 bns: list[tuple[str, nn.Module]], nf_zero: int, device: torch.device | None):
+        self.desc, self.order, self.accs, self.quant, self.bns = desc, order, accs, quant, bns
+        self.nf_zero, self.device = nf_zero, device
+        self.groups: list[_Group] = []
+        self.raw: torch.Tensor | None = None  # the step's results on the tensors' device
+        self.host: torch.Tensor | None = None  # its host copy (accelerators only)
+        self.r: np.ndarray | None = None  # the host copy as numpy
+        self.tail: torch.Tensor | None = None  # the raw row after the groups, when a step writes it
+        self.spans: tuple = ()
+        self.row_tail = self.raw_tail = 0
+
+
+def _view(x: torch.Tensor, cd: int | None) -> torch.Tensor:
+    """``x`` viewed as ``(A, C)`` when its channels come last (B = 1: (N, C), (N, L, F) token layouts), else
+    as ``(A, C, B)`` (see ``stats.as_3d``); ``(1, 1, numel)`` for whole-tensor statistics."""
+    nd = x.dim()
+    if cd is None or nd < 2:
+        return x.reshape(1, 1, -1)
+    if nd == 2:
+        return x
+    c = cd % nd
+    a = math.prod(x.shape[:c])
+    if c == nd - 1:
+        return x.reshape(a, x.shape[c])
+    return x.reshape(a, x.shape[c], -1)
+
+
+def _split(groups: Iterable[list[_Slot]]) -> Iterator[list[_Slot]]:
+    """Each group's members in runs of at most ``_GROUP_MAX`` values (one member may exceed it): a run's
+    concatenation then stays in cache for the passes that follow it, which is worth more than the calls a
+    larger run would save."""
+    for members in groups:
+        run: list[_Slot] = []
+        size = 0
+        for m in members:
+            n = m.stash.numel()
+            if run and size + n > _GROUP_MAX:
+                yield run
+                run, size = [], 0
+            run.append(m)
+            size += n
+        if run:
+            yield run
+
+
+def _ab(x: torch.Tensor) -> tuple[int, int]:
+    return (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0], 1)
 
 
 def default_layers(model: nn.Module) -> dict[str, str]:
@@ -717,7 +787,7 @@ class Recorder:
         self._last_cd: int | None = 1
         self._stashed: dict[tuple, list[_Slot]] = {}
         self._last: tuple[Any, ChannelStats] | None = None
-        self._descs: dict[tuple, tuple[_Desc, list[_Slot], int]] = {}
+        self._descs: dict[tuple, _Plan] = {}
         self._cache: dict[Any, torch.Tensor] = {}  # small constant tensors (zeros) by size and device
         self._versions = 0
         self._nbt = 0
@@ -879,12 +949,11 @@ class Recorder:
             self._last_cd = cd
             if x.dim() < 2:
                 cd = None
-        # (N, C) with channels at 1 or -1 is the common case: one view instead of as_3d's shape arithmetic.
-        xd = x.detach().unsqueeze(2) if cd is not None and x.dim() == 2 else as_3d(x.detach(), cd)
+        xd = _view(x.detach(), cd)
         slot.calls += 1
         first = slot.stash is None and slot.acc is None
         if first:
-            slot.n = xd.shape[0] * xd.shape[2]
+            slot.n = xd.numel() // xd.shape[1]
             if slot.units:
                 slot.quant = self._quantiles(slot, xd)
             if xd.numel() <= _GROUP_MAX and not slot.eager and self._held + xd.numel() <= _HOLD_MAX:
@@ -901,29 +970,45 @@ class Recorder:
         elif slot.stash is not None:
             # A second call in the same step: reduce what is held, then merge this call in.
             self._reduce_stash([slot])
-        new = self._reduce_now(x, xd)
         acc = slot.acc
+        new = self._reduce_now(x, xd, self._out(slot, xd) if acc is None else None)
         if acc is not None and acc.channels != new.channels:
             self._make_whole(slot)
             acc, new = slot.acc, new.whole()
         slot.acc = new if acc is None else acc.merge(new)
         slot.n = slot.acc.n
 
-    def _reduce_now(self, x: torch.Tensor, xd: torch.Tensor) -> ChannelStats:
-        """Reduce a tensor in the hook, reusing the result when the same unchanged tensor comes again
-        (a Conv/Linear output that a BatchNorm reads next)."""
+    def _reduce_now(self, x: torch.Tensor, xd: torch.Tensor, out: StatsBuffer | None) -> ChannelStats:
+        """Reduce a tensor in the hook, into ``out`` (the slot's own buffer, on its first call of the step)
+        when given, reusing the result when the same unchanged tensor comes again (a Conv/Linear output that
+        a BatchNorm reads next)."""
         key = (_key(x), x._version, xd.shape)
         last = self._last
         if last is not None and last[0] == key:
             return last[1]
         on_cpu = xd.device.type == "cpu"
-        st = channel_stats(xd, count_nonfinite_values=not on_cpu, work=self._buf("work", xd))
-        if on_cpu and not math.isfinite((st.max - st.min).item()):
+        st = channel_stats(xd, count_nonfinite_values=not on_cpu, work=self._buf("work", xd), out=out)
+        if on_cpu:
             # On CPU reading a scalar is a memory read, not a transfer: count NaN/Inf only when present (the
             # range is finite exactly when both extremes are, unless it overflows, which merely counts).
-            st.nonfinite = count_nonfinite(xd)
+            if st.flat is not None:
+                h, c = out.host, 2 * out.channels
+                if math.isfinite(h[c + 1] - h[c]):
+                    h[c + 3] = 0.0
+                else:
+                    h[c + 3] = float(count_nonfinite(xd))
+                st.nonfinite = out.views[5]
+            elif not math.isfinite((st.max - st.min).item()):
+                st.nonfinite = count_nonfinite(xd)
         self._last = (key, st)
         return st
+
+    def _out(self, slot: _Slot, xd: torch.Tensor) -> StatsBuffer:
+        """The slot's own statistics buffer, (re)made for ``xd``'s channels and device."""
+        buf = slot.buf
+        if buf is None or buf.channels != xd.shape[1] or buf.flat.device != xd.device:
+            buf = slot.buf = StatsBuffer(xd.shape[1], xd.device)
+        return buf
 
     def _reduce_stash(self, slots: list[_Slot]) -> None:
         """Reduce the tensor held by ``slots`` now (it is about to change, or a second call came)."""
@@ -938,7 +1023,8 @@ class Recorder:
                 continue
             stats = done.get(y.shape)
             if stats is None:
-                stats = done[y.shape] = channel_stats(y, count_nonfinite_values=True, work=self._buf("work", y))
+                out = self._out(s, y) if s.acc is None else None
+                stats = done[y.shape] = channel_stats(y, count_nonfinite_values=True, work=self._buf("work", y), out=out)
             s.acc = stats if s.acc is None else s.acc.merge(stats)
             s.stash = None
         for key in [k for k, held in self._stashed.items() if all(s.stash is None for s in held)]:
@@ -954,6 +1040,8 @@ class Recorder:
             self.history.notes.append(f"{slot.name}: {slot.note}")
 
     def _quantiles(self, slot: _Slot, x3: torch.Tensor) -> torch.Tensor:
+        if x3.dim() == 2:
+            x3 = x3.unsqueeze(2)
         c = x3.shape[1]
         idx = [u for u in slot.units if u < c]
         if len(idx) < len(slot.units) and not slot.note:
@@ -1024,7 +1112,7 @@ class Recorder:
         self._versions, self._nbt = versions, self._bn_counter()
         hist = self.history
         # The row structure depends only on which layers ran and the shape each holds: a cheap key finds the
-        # structure (and the grouping of held tensors) computed on an earlier step.
+        # plan (structure, grouping of held tensors, where each result lands) made on an earlier step.
         sig = []
         for s in self._slots:
             if not s.calls:
@@ -1047,88 +1135,58 @@ class Recorder:
             else:
                 sig.append((s, s.acc.channels, s.quant is not None))
         sig = tuple(sig)
-        got = self._descs.get(sig)
-        if got is None:
-            # Held tensors grouped by batch and trailing size, dtype and device (widths may differ).
-            groups: dict[tuple, list[list[_Slot]]] = {}
-            accs: list[_Slot] = []
-            quant: list[_Slot] = []
-            for entry in sig:
-                s = entry[0]
-                x = s.stash
-                if x is not None:
-                    groups.setdefault((x.shape[0], x.shape[2], x.dtype, x.device), []).append([s])
-                else:
-                    accs.append(s)
-                if s.quant is not None:
-                    quant.append(s)
-            work = list(groups.values())
-            got = self._descs[sig] = (*self._describe(work, accs, quant), work, accs, quant)
-        desc, order, nf_zero, plan, work, accs, quant = got
-        # One row: every part concatenated; on CPU straight into the history chunk (or, with groups, into a
-        # scratch row whose per-channel extremes and counts are reduced per layer on the host), else one transfer.
-        parts: list[torch.Tensor] = []
-        device = None
-        for g in work:
-            if len(g) == 1:
-                x = g[0][0].stash
-            else:
-                first = g[0][0].stash
-                if first.dtype in (torch.float16, torch.bfloat16):
-                    x = torch.cat([ms[0].stash for ms in g], dim=1)
-                else:
-                    a, b = first.shape[0], first.shape[2]
-                    c = sum(ms[0].stash.shape[1] for ms in g)
-                    x = torch.cat([ms[0].stash for ms in g], dim=1,
-                                  out=self._buf("cat", first, a * c * b).view(a, c, b))
-            device = x.device
-            parts += group_stats(x, work=self._buf("work", x))
-        for s in accs:
-            a = s.acc
-            device = a.mean.device
-            nf = a.nonfinite
-            parts += [a.mean, a.m2, a.min.reshape(1), a.max.reshape(1), a.nonzero.reshape(1),
-                      nf.reshape(1) if nf is not None else self._zeros(1, device)]
-        if nf_zero:
-            parts.append(self._zeros(nf_zero, device))
-        for s in quant:
-            parts.append(s.quant)
-        for name, m in self._bns:
-            if hist.bn_info[name]["channels"]:
-                rm = m.running_mean
-                device = device or rm.device
+        plan = self._descs.get(sig)
+        if plan is None:
+            plan = self._descs[sig] = self._plan(sig)
+        desc = plan.desc
+        # Groups of held tensors: each reduced at once into its slice of the plan's raw row (on the tensors'
+        # device); everything else (layers reduced in their hooks, quantiles, BatchNorm buffers) is
+        # concatenated into the raw row's tail in one call.
+        for g in plan.groups:
+            self._reduce_held(g, [m.stash for m in g.slots])
+        if plan.tail is not None:
+            parts: list[torch.Tensor] = []
+            for s in plan.accs:
+                a = s.acc
+                if a.flat is not None:  # reduced straight into a statistics buffer, laid out as the row wants
+                    parts.append(a.flat)
+                    continue
+                nf = a.nonfinite
+                parts += [a.mean, a.m2, a.min.reshape(1), a.max.reshape(1), a.nonzero.reshape(1),
+                          nf.reshape(1) if nf is not None else self._zeros(1, plan.device)]
+            if plan.nf_zero:
+                parts.append(self._zeros(plan.nf_zero, plan.device))
+            for s in plan.quant:
+                parts.append(s.quant)
+            for name, m in plan.bns:
                 if self.per_channel:
-                    parts += [rm.reshape(-1), m.running_var.reshape(-1)]
+                    parts += [m.running_mean.reshape(-1), m.running_var.reshape(-1)]
                 parts.append(m.num_batches_tracked.reshape(1))
-        values, ints, flags = hist._append(desc, self._step, updated)
-        if parts:
-            groups, row_tail, raw_tail, raw, r = plan
-            dst = raw if groups else torch.from_numpy(values)
             # (every part is computed from detached tensors or buffers: no autograd to switch off)
-            if device.type == "cpu":
-                torch.cat(parts, out=dst)
-            else:
-                dst.copy_(torch.cat(parts))  # the one device -> host transfer
-            if groups:
-                for pos, spos, total, offs, k in groups:
-                    # means and M2s as they are; per-channel extremes and counts reduced to one per layer
-                    values[pos: pos + 2 * total] = r[spos: spos + 2 * total]
-                    seg = spos + 2 * total
-                    values[pos + 2 * total: pos + 2 * total + k] = np.minimum.reduceat(r[seg: seg + total], offs)
-                    seg += total
-                    values[pos + 2 * total + k: pos + 2 * total + 2 * k] = np.maximum.reduceat(r[seg: seg + total], offs)
-                    seg += total
-                    values[pos + 2 * total + 2 * k: pos + 2 * total + 3 * k] = np.add.reduceat(r[seg: seg + total], offs)
-                values[row_tail:] = r[raw_tail:]
+            torch.cat(parts, out=plan.tail)
+        values, ints, flags = hist._append(desc, self._step, updated)
+        r = plan.r
+        if r is not None:
+            if plan.host is not None:
+                plan.host.copy_(plan.raw)  # the one device -> host transfer
+            for pos, spos, total, offs, k in plan.spans:
+                # means and M2s as they are; per-channel extremes and counts reduced to one per layer
+                values[pos: pos + 2 * total] = r[spos: spos + 2 * total]
+                seg = spos + 2 * total
+                values[pos + 2 * total: pos + 2 * total + k] = np.minimum.reduceat(r[seg: seg + total], offs)
+                seg += total
+                values[pos + 2 * total + k: pos + 2 * total + 2 * k] = np.maximum.reduceat(r[seg: seg + total], offs)
+                seg += total
+                values[pos + 2 * total + 2 * k: pos + 2 * total + 3 * k] = np.add.reduceat(r[seg: seg + total], offs)
+            values[plan.row_tail:] = r[plan.raw_tail:]
+        order = plan.order
         if order:
             ints[:] = [(s.calls, s.n) for s in order]
         for k, (_, m) in enumerate(self._bns):
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
             flags[k, 0] = m.training
             flags[k, 1] = (isinstance(w, torch.Tensor) and w.requires_grad) or (isinstance(b, torch.Tensor) and b.requires_grad)
-        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is the signal here, not a problem
-            row_sum = float(values.sum())
-        if not math.isfinite(row_sum):  # a NaN/Inf anywhere makes the sum non-finite
+        if not np.isfinite(values).all():
             self._count_nonfinite(desc, values)
         if self._reduce:
             # Every rank's row merged into this one (every rank must call step() together).
@@ -1143,31 +1201,57 @@ class Recorder:
         self._last = None
         self._held = 0
 
-    def _describe(self, work, accs: list[_Slot], quant: list[_Slot]) -> tuple[_Desc, list[_Slot], int, tuple]:
-        """Lay out one row structure: where each value of each present layer lands. Row order: per group
-        (held tensors of one batch and trailing shape, any widths) ``means | m2s | mins | maxes | nonzeros``, per
-        layer reduced in its hook ``mean | m2 | min | max | nonzero | nonfinite``, zeros standing for the grouped
-        layers' NaN/Inf counts, quantiles, BatchNorm buffers.
+    def _reduce_held(self, g: _Group, xs: list[torch.Tensor]) -> None:
+        """Reduce a group's tensors at once into its slices of the raw row."""
+        if len(xs) == 1:
+            x = xs[0]
+        elif xs[0].dtype in (torch.float16, torch.bfloat16):
+            x = torch.cat(xs, dim=1)
+        else:
+            x = torch.cat(xs, dim=1, out=self._buf("cat", xs[0], g.numel).view(g.shape))
+        group_stats(x, work=self._buf("work", x), out=g.views)
 
-        Also returns the plan that turns the computed parts into that row: a group's statistics arrive per
-        channel (``means | m2s | channel mins | channel maxes | channel nonzeros``, 5 x its total width) and
-        are reduced to one min/max/count per layer on the host; everything after the groups is copied as is."""
+    def _plan(self, sig: tuple) -> _Plan:
+        """Lay out one row structure and how a step fills it. Row order: per group (held tensors of one batch
+        and trailing shape, any widths) ``means | m2s | mins | maxes | nonzeros``, per layer reduced in its
+        hook ``mean | m2 | min | max | nonzero | nonfinite``, zeros standing for the grouped layers' NaN/Inf
+        counts, quantiles, BatchNorm buffers.
+
+        The step computes into a raw row on the tensors' device: a group's statistics arrive per channel
+        (``means | m2s | channel mins | channel maxes | channel nonzeros``, 5 x its total width, reduced to one
+        min/max/count per layer on the host), everything after the groups is laid out as in the row."""
+        groups: dict[tuple, list[_Slot]] = {}
+        accs: list[_Slot] = []
+        quant: list[_Slot] = []
+        device = None
+        for entry in sig:
+            s = entry[0]
+            x = s.stash
+            if x is not None:
+                groups.setdefault((*_ab(x), x.dim(), x.dtype, x.device), []).append(s)
+                device = device or x.device
+            else:
+                accs.append(s)
+                device = device or s.acc.mean.device
+            if s.quant is not None:
+                quant.append(s)
         cols: dict[int, tuple[str, _Cols]] = {}
         pos = spos = 0
         grouped = []
-        plan_groups = []
-        for g in work:
-            widths = [ms[0].stash.shape[1] for ms in g]
-            k, total = len(g), sum(widths)
+        spans = []
+        members_of = []
+        for members in _split(groups.values()):
+            widths = [m.stash.shape[1] for m in members]
+            k, total = len(members), sum(widths)
             off = 0
-            for j, ms in enumerate(g):
+            for j, m in enumerate(members):
                 c = widths[j]
-                for s in ms:
-                    cols[s.index] = (s.name, _Cols(c, pos + off, pos + total + off, pos + 2 * total + j,
-                                                   pos + 2 * total + k + j, pos + 2 * total + 2 * k + j, -1))
-                    grouped.append(s.index)
+                cols[m.index] = (m.name, _Cols(c, pos + off, pos + total + off, pos + 2 * total + j,
+                                               pos + 2 * total + k + j, pos + 2 * total + 2 * k + j, -1))
+                grouped.append(m.index)
                 off += c
-            plan_groups.append((pos, spos, total, np.cumsum([0, *widths[:-1]]), k))
+            spans.append((pos, spos, total, np.cumsum([0, *widths[:-1]]), k))
+            members_of.append((members, spos, total))
             pos += 2 * total + 3 * k
             spos += 5 * total
         row_tail, raw_tail = pos, spos
@@ -1185,8 +1269,8 @@ class Recorder:
             qu = int(s.quant.numel())
             cols[s.index] = (name, replace(c, q=pos, qu=qu))
             pos += qu
-        bns = []
-        for name, _ in self._bns:
+        bns, bn_mods = [], []
+        for name, m in self._bns:
             ch = self.history.bn_info[name]["channels"]
             if ch and self.per_channel:
                 bns.append((name, ch, pos, pos + ch, pos + 2 * ch))
@@ -1196,12 +1280,27 @@ class Recorder:
                 pos += 1
             else:
                 bns.append((name, 0, -1, -1, -1))
+                continue
+            bn_mods.append((name, m))
+            device = device or m.running_mean.device
         ordered = sorted(cols)
         by_index = {s.index: s for s in self._slots}
-        raw = torch.empty(raw_tail + pos - row_tail, dtype=torch.float32) if plan_groups else None  # host scratch row
-        plan = (tuple(plan_groups), row_tail, raw_tail, raw, None if raw is None else raw.numpy())
-        return (_Desc(pos, tuple(cols[i] for i in ordered), tuple(bns)), [by_index[i] for i in ordered], nf_zero,
-                plan)
+        desc = _Desc(pos, tuple(cols[i] for i in ordered), tuple(bns))
+        plan = _Plan(desc, [by_index[i] for i in ordered], accs, quant, bn_mods, nf_zero, device)
+        size = raw_tail + pos - row_tail
+        if size:
+            plan.raw = torch.zeros(size, dtype=torch.float32, device=device)
+            plan.host = None if device.type == "cpu" else torch.zeros(size, dtype=torch.float32)
+            plan.r = (plan.raw if plan.host is None else plan.host).numpy()
+            plan.spans, plan.row_tail, plan.raw_tail = tuple(spans), row_tail, raw_tail
+            for members, at, total in members_of:
+                x = members[0].stash
+                views = tuple(plan.raw[at + j * total: at + (j + 1) * total] for j in range(5))
+                plan.groups.append(_Group(members, (x.shape[0], total, *x.shape[2:]), views))
+            if accs or quant or bn_mods:
+                plan.tail = plan.raw[raw_tail:]
+            # else the tail is the grouped layers' NaN/Inf counts alone: zeros, written once by torch.zeros
+        return plan
 
     def _buf(self, which: str, like: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """A reusable flat scratch buffer of at least ``n`` (default ``like.numel()``) values of ``like``'s

@@ -369,6 +369,19 @@ def test_torch_compile_recorded_when_entered_before_the_first_call():
     torch._dynamo.reset()
 
 
+def _assert_nc_rows_match(h, acts: dict[str, list[torch.Tensor]]) -> None:
+    """Every recorded (N, C) layer's rows equal a direct float64 computation on its captured outputs."""
+    for name in h.layers:
+        ref = acts[name]
+        np.testing.assert_allclose(h.series(name, "channel_mean"), np.stack([r.double().mean(0) for r in ref]),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(h.series(name, "channel_var"),
+                                   np.stack([r.double().var(0, unbiased=False) for r in ref]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "min"), [r.min() for r in ref], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "max"), [r.max() for r in ref], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-7)
+
+
 def test_hold_budget_and_mixed_widths_keep_exact_stats(monkeypatch):
     # Widths 7, 7, 13, 13, 3 share one held group until the per-step budget runs out; the rest are reduced in
     # their hooks. Either way each layer's row equals a direct computation.
@@ -383,15 +396,25 @@ def test_hold_budget_and_mixed_widths_keep_exact_stats(monkeypatch):
     h = _train(model, batches)
     for hd in handles:
         hd.remove()
-    for name in h.layers:
-        ref = acts[name]
-        np.testing.assert_allclose(h.series(name, "channel_mean"), np.stack([r.double().mean(0) for r in ref]),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(h.series(name, "channel_var"),
-                                   np.stack([r.double().var(0, unbiased=False) for r in ref]), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(h.series(name, "min"), [r.min() for r in ref], rtol=1e-6)
-        np.testing.assert_allclose(h.series(name, "max"), [r.max() for r in ref], rtol=1e-6)
-        np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-7)
+    _assert_nc_rows_match(h, acts)
+
+
+def test_held_groups_split_into_runs_keep_exact_stats(monkeypatch):
+    # With a small run size the held tensors (16 x 7, 16 x 7, 16 x 13, 16 x 13, 16 x 3) are reduced in several
+    # runs of one structure, step after step; every layer's row still equals a direct computation.
+    from bnaudit import recording
+
+    monkeypatch.setattr(recording, "_GROUP_MAX", 16 * 16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 13), nn.Sigmoid(), nn.Linear(13, 3))
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(16, 5, generator=g) for _ in range(4)]
+    acts, handles = _capture(model)
+    h = _train(model, batches)
+    for hd in handles:
+        hd.remove()
+    assert len(h) == 4
+    _assert_nc_rows_match(h, acts)
 
 
 def test_reduce_outside_a_process_group_changes_nothing():
