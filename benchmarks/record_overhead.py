@@ -5,8 +5,13 @@ Three models, one training step each (forward, cross-entropy, backward, SGD):
   (a) a 3 x 100 sigmoid MLP on sklearn's digits, batch 64;
   (b) a 10-layer 256-wide ReLU MLP, batch 128;
   (c) a ResNet-18-like CNN (7x7/2 stem, max-pool, 4 stages of 2 BasicBlocks) on 3 x 64 x 64, batch 32.
-Variants, each on its own copy of the model with its own optimizer, timed interleaved in one process (round
-robin in a shuffled order each round, so drift in machine load hits all alike):
+Variants, each on its own copy of the model with its own optimizer, timed interleaved in one process: each
+round runs a block of consecutive steps of every variant, in a shuffled order, so drift in machine load hits
+all alike while each variant still runs as a training loop does, step after step (the recorder may reduce a
+step on its own thread during the next one: its last step in a block includes waiting for that, and the
+first step of a block is not timed). The ratio printed is paired: each round's block time over the unhooked
+block time of the same round, median over rounds, so that a slow stretch of a shared machine cancels instead
+of landing on whichever variant ran then; the median step time is printed beside it:
   none        no hooks;
   scalar      bnaudit.record(per_channel=False);
   channel     bnaudit.record() (per-channel mean/variance, BatchNorm buffers and modes);
@@ -156,6 +161,11 @@ class Runner:
         if self.rec is not None:
             self.rec.step()
 
+    def settle(self) -> None:
+        """Wait until the recorder has written every step taken (it may reduce one on its own thread)."""
+        if self.rec is not None:
+            self.rec._settle()
+
     def close(self) -> None:
         if self.rec is not None:
             self.rec.__exit__(None, None, None)
@@ -173,27 +183,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(key: str, rounds: int, mem_steps: int, device: torch.device) -> dict:
+def bench(key: str, rounds: int, block: int, mem_steps: int, device: torch.device) -> dict:
     title, factory, data = MODELS[key]
     torch.manual_seed(0)
     base = factory()
     batches = [(x.to(device), y.to(device)) for x, y in data(32)]
     runners = {v: Runner(v, base, device) for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}  # each round's block time
     rnd = random.Random(0)
-    warm = 3
-    for r in range(rounds + warm):
+    for r in range(rounds + 1):  # round 0 warms up
         order = list(VARIANTS)
         rnd.shuffle(order)
-        x, y = batches[r % len(batches)]
         for v in order:
-            sync(device)
-            t0 = time.perf_counter()
-            runners[v].step(x, y)
-            sync(device)
-            if r >= warm:
-                times[v].append(time.perf_counter() - t0)
+            run = runners[v]
+            start = len(times[v])
+            for i in range(block):
+                x, y = batches[(r * block + i) % len(batches)]
+                sync(device)
+                t0 = time.perf_counter()
+                run.step(x, y)
+                if i == block - 1:
+                    run.settle()
+                sync(device)
+                if r and i:
+                    times[v].append(time.perf_counter() - t0)
+            if r:
+                per_round[v].append(sum(times[v][start:]))
     med = {v: statistics.median(times[v]) for v in VARIANTS}
+    # Ratios are paired: each round's block time against the unhooked block of the same round, then the median
+    # over rounds, so that a slow stretch of the machine (a busy neighbour) cancels instead of landing on
+    # whichever variant ran then.
+    ratio = {v: statistics.median(a / b for a, b in zip(per_round[v], per_round["none"])) for v in VARIANTS}
     mem: dict[str, tuple[int, int]] = {}
     for v in VARIANTS:
         run = runners[v]
@@ -209,14 +230,14 @@ def bench(key: str, rounds: int, mem_steps: int, device: torch.device) -> dict:
         mem[v] = (peak - start, kept, per_step)
     for run in runners.values():
         run.close()
-    return {"title": title, "median": med, "mem": mem, "rounds": rounds}
+    return {"title": title, "median": med, "ratio": ratio, "mem": mem, "rounds": rounds, "block": block}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and memory steps (about a minute)")
     ap.add_argument("--models", default="a,b,c", help="which models: a, b, c (comma-separated)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds per model")
+    ap.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (a block of steps per variant)")
     ap.add_argument("--steps", type=int, default=None, help="steps per variant for the memory measurement")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -228,21 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bnaudit {bnaudit.__version__}, torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     for key in keys:
         heavy = key == "c" and device.type == "cpu"
-        rounds = args.rounds or ((8 if heavy else 40) if args.quick else (40 if heavy else 300))
+        rounds = args.rounds or ((4 if heavy else 8) if args.quick else (20 if heavy else 30))
+        block = 3 if heavy else (20 if key == "a" else 10)
         steps = args.steps or ((20 if heavy else 100) if args.quick else 500)
-        res = bench(key, rounds, steps, device)
-        med = res["median"]
+        res = bench(key, rounds, block, steps, device)
+        med, ratio = res["median"], res["ratio"]
         base = med["none"]
-        print(f"\n({key}) {res['title']}: median step {base * 1e3:.2f} ms unhooked, {rounds} interleaved rounds")
+        print(f"\n({key}) {res['title']}: median step {base * 1e3:.2f} ms unhooked, {rounds} interleaved rounds "
+              f"of {block} steps")
         print(f"  {'variant':<9} {'median ms':>10} {'ratio':>7} {'overhead':>9}   memory growth over {steps} steps")
         for v in VARIANTS:
             grow, kept, per_step = res["mem"][v]
             extra = f"; history keeps {kept / 1e6:.2f} MB ({per_step} B/recorded step)" if v != "none" and v != "fastai" else ""
-            print(f"  {v:<9} {med[v] * 1e3:>10.3f} {med[v] / base:>7.3f} {100 * (med[v] / base - 1):>8.1f}%"
+            print(f"  {v:<9} {med[v] * 1e3:>10.3f} {ratio[v]:>7.3f} {100 * (ratio[v] - 1):>8.1f}%"
                   f"   {grow / 1e6:+.2f} MB RSS{extra}")
-        over_fa = med["fastai"] / base - 1
+        over_fa = ratio["fastai"] - 1
         for v in ("channel", "scalar", "every10"):
-            over = med[v] / base - 1
+            over = ratio[v] - 1
             factor = over_fa / over if over > 0 else float("inf")
             print(f"  fastai-style overhead / bnaudit {v} overhead = {factor:.1f}x")
     return 0

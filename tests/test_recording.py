@@ -5,6 +5,7 @@ bit-identical afterwards (exceptions included), BatchNorm mode series, exports, 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -431,3 +432,119 @@ def test_reduce_outside_a_process_group_changes_nothing():
         hs.append(rec.history)
     for name in hs[0].layers:
         np.testing.assert_array_equal(hs[0].series(name, "channel_var"), hs[1].series(name, "channel_var"))
+
+
+def _async(monkeypatch, on: bool) -> None:
+    # Whether held tensors go to the recorder's thread: forced, whatever this machine's cores and threads.
+    from bnaudit import recording
+
+    monkeypatch.setattr(recording, "_spare_core", lambda: on)
+    monkeypatch.setattr(recording, "_ASYNC_MIN", 0)
+
+
+def _mlp_run(steps: int = 5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Tanh(),
+                          nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(6)
+    return model, [torch.randn(24, 20, generator=g) * 3 + 1 for _ in range(steps)]
+
+
+def test_recorders_thread_writes_what_inline_reduction_writes(monkeypatch):
+    # The same training recorded with the held tensors reduced on the recorder's thread and inline: every
+    # statistic of every step agrees, and every row equals a direct computation.
+    _async(monkeypatch, True)
+    model, batches = _mlp_run()
+    acts, handles = _capture(model)
+    seen = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with record(model) as rec:
+        for x in batches:
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+            seen.append(rec._worker is not None)
+            # readable mid-recording: the rows of every step so far are there
+            assert len(rec.history.series("0", "mean")) == len(seen)
+    threaded = rec.history
+    for hd in handles:
+        hd.remove()
+    assert all(seen)
+    assert not [t for t in threading.enumerate() if t.name == "bnaudit-record"]
+    _async(monkeypatch, False)
+    model, batches = _mlp_run()
+    inline = _train(model, batches)
+    assert threaded.layers == inline.layers
+    for name in inline.layers:
+        for stat in ("channel_mean", "channel_var", "min", "max", "zero_frac", "nonfinite_frac", "count", "calls"):
+            np.testing.assert_allclose(threaded.series(name, stat), inline.series(name, stat), rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{name} {stat}")
+    np.testing.assert_array_equal(threaded.series("3", "running_mean"), inline.series("3", "running_mean"))
+    for name in ("0", "1", "5"):
+        np.testing.assert_allclose(threaded.series(name, "channel_mean"),
+                                   np.stack([r.double().mean(0) for r in acts[name]]), rtol=1e-5, atol=1e-6)
+
+
+def test_error_on_the_recorders_thread_reaches_the_caller(monkeypatch):
+    from bnaudit import recording
+
+    _async(monkeypatch, True)
+    calls = []
+    real = recording.group_stats
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("reduction failed on purpose")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recording, "group_stats", failing)
+    model, batches = _mlp_run(4)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        _train(model, batches)
+    _no_hooks(model)
+    assert not [t for t in threading.enumerate() if t.name == "bnaudit-record"]
+
+
+def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_changes(monkeypatch):
+    # Small steps wait to be reduced together; reads, a change of structure and the end of the block reduce what
+    # waits. A held tensor changed in place after its step() (here: the model's output) is dropped for that step.
+    from bnaudit import recording
+
+    monkeypatch.setattr(recording, "_spare_core", lambda: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(8)
+    batches = [torch.randn(16, 6, generator=g) for _ in range(5)] + [torch.randn(10, 6, generator=g)]
+    acts, handles = _capture(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with record(model) as rec:
+        for i, x in enumerate(batches):
+            out = model(x)
+            out.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+            if i == 1:
+                out.detach().add_(1.0)  # after step(), before its batch is reduced
+            if i == 3:
+                assert len(rec._batch) == 4
+                assert len(rec.history.series("0", "mean")) == 4 and not rec._batch  # a read reduces what waits
+            elif i < 3:
+                assert len(rec._batch) == i + 1  # waiting, not yet reduced
+    for hd in handles:
+        hd.remove()
+    h = rec.history
+    assert h.series("2", "calls").tolist() == [1, 0, 1, 1, 1, 1]
+    assert any("step 1: 2's tensor was changed in place" in n for n in h.notes)
+    for name in h.layers:
+        ref = acts[name]
+        keep = [i for i in range(6) if not (name == "2" and i == 1)]
+        got = h.series(name, "channel_mean")[keep]
+        np.testing.assert_allclose(got, np.stack([ref[i].double().mean(0) for i in keep]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "channel_var")[keep],
+                                   np.stack([ref[i].double().var(0, unbiased=False) for i in keep]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "max")[keep], [ref[i].max() for i in keep], rtol=1e-6)
+        np.testing.assert_allclose(h.series(name, "zero_frac")[keep], [(ref[i] == 0).double().mean() for i in keep],
+                                   atol=1e-7)
