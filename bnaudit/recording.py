@@ -1034,8 +1034,8 @@ class Recorder:
             if self._batch:  # only after an exception: keep what was measured, never mask it
                 try:
                     self._drain()
-                except Exception:  # noqa: BLE001
-                    self._batch, self._batch_plan, self._batch_values = [], None, 0
+                except Exception:  # noqa: BLE001, S110 - the user's exception is the one to see
+                    pass
             worker, self._worker = self._worker, None
             if worker is not None:
                 try:
@@ -1383,7 +1383,14 @@ class Recorder:
         if self._batch:
             plan, jobs = self._batch_plan, self._batch
             self._batch, self._batch_plan, self._batch_values = [], None, 0
-            self._finish(plan, jobs, "")
+            try:
+                self._finish(plan, jobs, "")
+            except BaseException:
+                # Their held layers were not reduced: read back as "not called" (NaN), never as stale memory.
+                at = [plan.order.index(s) for g in plan.groups for s in g.slots]
+                for job in jobs:
+                    job[2][at, 0] = 0
+                raise
 
     def _finish(self, plan: _Plan, jobs: list, buffers: str) -> None:
         """Reduce the held groups of one or more steps of one structure and write their history rows (on the

@@ -548,3 +548,23 @@ def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_change
         np.testing.assert_allclose(h.series(name, "max")[keep], [ref[i].max() for i in keep], rtol=1e-6)
         np.testing.assert_allclose(h.series(name, "zero_frac")[keep], [(ref[i] == 0).double().mean() for i in keep],
                                    atol=1e-7)
+
+
+def test_failed_batch_reads_back_as_not_called(monkeypatch):
+    # A batch whose reduction fails leaves rows that read as "not called" (NaN), never uninitialised memory.
+    from bnaudit import recording
+
+    monkeypatch.setattr(recording, "_spare_core", lambda: False)
+    monkeypatch.setattr(recording, "group_stats", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    model, batches = _mlp_run(3)
+    rec = record(model)
+    with pytest.raises(RuntimeError, match="boom"), rec:
+        for x in batches:
+            model(x).pow(2).mean().backward()
+            rec.step()
+    h = rec.history
+    assert len(h) == 3
+    for name in h.layers:
+        assert (h.series(name, "calls") == 0).all(), name
+        assert np.isnan(h.series(name, "mean")).all(), name
+    _no_hooks(model)
