@@ -568,3 +568,22 @@ def test_failed_batch_reads_back_as_not_called(monkeypatch):
         assert (h.series(name, "calls") == 0).all(), name
         assert np.isnan(h.series(name, "mean")).all(), name
     _no_hooks(model)
+
+
+def test_torch_thread_count_is_restored():
+    # Small reductions run with torch's intra-op threads switched off for the call; the user's setting is back
+    # after every hook and step, and after the block.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 4))  # 256 x 300: reduced in its hook
+        with record(model) as rec:
+            for _ in range(3):
+                model(torch.randn(256, 8)).sum().backward()
+                assert torch.get_num_threads() == 2
+                rec.step()
+                assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and len(rec.history) == 3
+    finally:
+        torch.set_num_threads(before)
