@@ -778,6 +778,19 @@ def _close_workers() -> None:
         w.close()
 
 
+def _one_thread(fn, *args):
+    """``fn(*args)`` with torch's intra-op threads switched off, then given back: for the recorder's small
+    reductions the fork and join across threads costs more than it saves."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 def _write_span(values: np.ndarray, span: tuple, got: np.ndarray) -> None:
     """Write one held group's results into a history row: ``got`` holds its per-channel ``means | m2s | mins |
     maxes | nonzeros``; means and M2s go in as they are, extremes and counts reduced to one per member."""
@@ -1142,14 +1155,11 @@ class Recorder:
         if last is not None and last[0] == key:
             return last[1]
         on_cpu = xd.device.type == "cpu"
-        threads = torch.get_num_threads() if xd.numel() < _PARALLEL_MIN else 1
-        if threads > 1:
-            torch.set_num_threads(1)
-        try:
-            st = channel_stats(xd, count_nonfinite_values=not on_cpu, work=self._buf("work", xd), out=out)
-        finally:
-            if threads > 1:
-                torch.set_num_threads(threads)
+        work = self._buf("work", xd)
+        if xd.numel() < _PARALLEL_MIN:
+            st = _one_thread(lambda: channel_stats(xd, count_nonfinite_values=not on_cpu, work=work, out=out))
+        else:
+            st = channel_stats(xd, count_nonfinite_values=not on_cpu, work=work, out=out)
         if on_cpu:
             # On CPU reading a scalar is a memory read, not a transfer: count NaN/Inf only when present (the
             # range is finite exactly when both extremes are, unless it overflows, which merely counts).
@@ -1269,14 +1279,7 @@ class Recorder:
             )
 
     def _flush(self) -> None:
-        threads = torch.get_num_threads()
-        if threads > 1:
-            torch.set_num_threads(1)
-        try:
-            self._flush_step()
-        finally:
-            if threads > 1:
-                torch.set_num_threads(threads)
+        _one_thread(self._flush_step)
 
     def _flush_step(self) -> None:
         # At most one step's reductions are in flight on the recorder's thread: it must be done before this
@@ -1439,7 +1442,8 @@ class Recorder:
 
     def _settle(self) -> None:
         """Write every step taken so far: the waiting batch, and whatever the recorder's thread has."""
-        self._drain()
+        if self._batch:
+            _one_thread(self._drain)
         self._wait()
 
     def _reduce_held(self, g: _Group, xs: list[torch.Tensor], buffers: str = "") -> None:
