@@ -50,9 +50,9 @@ that a hooked ``inplace=True`` module is about to overwrite is reduced just befo
 place where no hook sees it (a functional in-place op) is detected by its version counter, skipped for that
 step, and reduced in its hook from then on.
 
-Threads. Tensors under 1M values are reduced with torch's intra-op threads switched off for the call: for
-them the fork and join across threads costs more than it saves (a 10-layer MLP at 2 threads: overhead 60%
-without, 18% with). Larger ones use torch's threads. When torch uses fewer threads than the process may run
+Threads. Tensors under 1M values, and held steps, are reduced with torch's intra-op threads switched off for
+the call: for them the fork and join across threads costs more than it saves (a 10-layer MLP at 2 threads:
+overhead 60% without, about 20% with). Larger ones use torch's threads. When torch uses fewer threads than the process may run
 on (``torch.set_num_threads(1)`` on a multi-core machine, say), a CPU step holding at least 131072 values is
 reduced on a thread of the recorder's own while the next step runs: ``step()`` hands the held tensors over and
 returns, and the next ``step()``, any read of ``history`` and the end of the block wait for it (an error there
