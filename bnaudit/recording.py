@@ -827,8 +827,8 @@ def _view(x: torch.Tensor, cd: int | None) -> torch.Tensor:
     return x.reshape(a, x.shape[c], -1)
 
 
-def _split(groups: Iterable[list[_Slot]]) -> Iterator[list[_Slot]]:
-    """Each group's members in runs of at most ``_GROUP_MAX`` values (one member may exceed it): a run's
+def _split(groups: Iterable[list[_Slot]], most: int) -> Iterator[list[_Slot]]:
+    """Each group's members in runs of at most ``most`` values (one member may exceed it): a run's
     concatenation then stays in cache for the passes that follow it, which is worth more than the calls a
     larger run would save."""
     for members in groups:
@@ -836,7 +836,7 @@ def _split(groups: Iterable[list[_Slot]]) -> Iterator[list[_Slot]]:
         size = 0
         for m in members:
             n = m.stash.numel()
-            if run and size + n > _GROUP_MAX:
+            if run and size + n > most:
                 yield run
                 run, size = [], 0
             run.append(m)
@@ -1486,7 +1486,11 @@ class Recorder:
         grouped = []
         spans = []
         members_of = []
-        for members in _split(groups.values()):
+        # A step reduced on the recorder's thread is reduced in as few calls as possible: each call there
+        # contends with the training step for Python's lock, and it runs off the critical path anyway.
+        held = sum(m.stash.numel() for members in groups.values() for m in members)
+        threaded = self._async and held >= _ASYNC_MIN and (device is None or device.type == "cpu")
+        for members in _split(groups.values(), _HOLD_MAX if threaded else _GROUP_MAX):
             widths = [m.stash.shape[1] for m in members]
             k, total = len(members), sum(widths)
             off = 0
