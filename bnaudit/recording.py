@@ -34,11 +34,12 @@ tensor (two-pass per-channel mean and M2, min/max, nonzero count; for a tensor w
 in one call). A tensor of more than 65536 values is reduced in its hook, while it is still hot in cache,
 straight into a statistics buffer the layer keeps (a Conv output that feeds a BatchNorm is reduced once for
 both). A smaller one is only held (a detached view, no copy) until ``step()``, which concatenates held tensors
-of one batch and trailing size (any widths) along their channels, in runs of up to 65536 values, and reduces
-each run at once: for small tensors the per-call cost, not the arithmetic, is what counts. At most 4M values
-are held per step; past that, tensors are reduced in their hook. Temporaries go to scratch buffers that the
-recorder keeps until it exits (about two copies of the largest tensor reduced in a hook, and of one run): a
-fresh large temporary costs page faults that outweigh the arithmetic. ``step()`` then writes every result into
+of one batch and trailing size (any widths) along their channels, in runs of up to 65536 values (one run on
+the recorder's thread, see Threads), and reduces each run at once: for small tensors the per-call cost, not
+the arithmetic, is what counts. At most 4M values are held per step; past that, tensors are reduced in their
+hook. Temporaries go to scratch buffers that the recorder keeps until it exits (about two copies of the
+largest tensor reduced in a hook, and of one run): a fresh large temporary costs page faults that outweigh the
+arithmetic. ``step()`` then writes every result into
 one row of the preallocated history, on CPU directly or from an accelerator in one transfer: no ``.item()``
 per module. On CPU outside a process group, steps holding fewer than 131072 values are reduced in batches of
 up to 32 steps (512K held values): their held tensors wait, and the batch is reduced at once when it is full, when
