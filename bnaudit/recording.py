@@ -39,27 +39,28 @@ the recorder's thread, see Threads), and reduces each run at once: for small ten
 the arithmetic, is what counts. At most 4M values are held per step; past that, tensors are reduced in their
 hook. Temporaries go to scratch buffers that the recorder keeps until it exits (about two copies of the
 largest tensor reduced in a hook, and of one run): a fresh large temporary costs page faults that outweigh the
-arithmetic. ``step()`` then writes every result into
-one row of the preallocated history, on CPU directly or from an accelerator in one transfer: no ``.item()``
-per module. On CPU outside a process group, steps holding fewer than 131072 values are reduced in batches of
-up to 32 steps (512K held values): their held tensors wait, and the batch is reduced at once when it is full, when
-the row structure changes, when ``history`` is read, and at the end of the block. For small tensors this turns
-a dozen calls per step into a dozen per batch; the waiting tensors stay alive until then (at most 512K
-values, 2 MB in float32, and the batch's scratch buffers take as much again, twice). NaN/Inf show up in the channel means and are counted exactly only when they are there (on CPU,
-where reading a value costs no transfer, the hook reads the range of large tensors to decide). A held tensor
-that a hooked ``inplace=True`` module is about to overwrite is reduced just before it runs; one changed in
-place where no hook sees it (a functional in-place op) is detected by its version counter, skipped for that
-step, and reduced in its hook from then on.
+arithmetic. ``step()`` then writes every result into one row of the preallocated history, on CPU directly or
+from an accelerator in one transfer: no ``.item()`` per module. On CPU outside a process group, steps holding
+fewer than 131072 values are reduced in batches of up to 32 steps (512K held values): their held tensors wait,
+and the batch is reduced at once when it is full, when the row structure changes, when ``history`` is read,
+and at the end of the block. For small tensors this turns a dozen calls per step into a dozen per batch; the
+waiting tensors stay alive until then (at most 512K values, 2 MB in float32, and the batch's scratch buffers
+take as much again, twice). NaN/Inf show up in the channel means and are counted exactly only when they are
+there (on CPU, where reading a value costs no transfer, the hook reads the range of large tensors to decide).
+A held tensor that a hooked ``inplace=True`` module is about to overwrite is reduced just before it runs; one
+changed in place where no hook sees it (a functional in-place op) is detected by its version counter, skipped
+for that step, and reduced in its hook from then on.
 
 Threads. Tensors under 1M values, and held steps, are reduced with torch's intra-op threads switched off for
 the call: for them the fork and join across threads costs more than it saves (a 10-layer MLP at 2 threads:
-overhead 60% without, about 20% with). Larger ones use torch's threads. When torch uses fewer threads than the process may run
-on (``torch.set_num_threads(1)`` on a multi-core machine, say), a CPU step holding at least 131072 values is
-reduced on a thread of the recorder's own while the next step runs: ``step()`` hands the held tensors over and
-returns, and the next ``step()``, any read of ``history`` and the end of the block wait for it (an error there
-is raised at that point). Those tensors then live until that thread is done with them, a little into the next
-step. A tensor changed in place after ``step()``, before it was reduced, is skipped for that step with a note.
-Inside a process group (``reduce=True``) and on accelerators everything is reduced in ``step()``.
+overhead 60% without, about 20% with). Larger ones use torch's threads. When torch uses fewer threads than the
+process may run on (``torch.set_num_threads(1)`` on a multi-core machine, say), a CPU step holding at least
+131072 values is reduced on a thread of the recorder's own while the next step runs: ``step()`` hands the held
+tensors over and returns, and the next ``step()``, any read of ``history`` and the end of the block wait for it
+(an error there is raised at that point). Those tensors then live until that thread is done with them, a
+little into the next step. A tensor changed in place after ``step()``, before it was reduced, is skipped for
+that step with a note. Inside a process group (``reduce=True``) and on accelerators everything is reduced in
+``step()``.
 ``benchmarks/record_overhead.py`` measures what this costs against an unhooked step.
 
 Memory. History lives in host buffers preallocated in chunks of up to ``chunk`` rows (16, 32, ... then
@@ -113,7 +114,7 @@ from torch import nn
 from bnaudit.errors import BnauditError, UsageError
 from bnaudit.io import atomic_write, atomic_write_text
 from bnaudit.layers import is_activation, is_batchnorm, is_conv, is_norm, is_weight_layer
-from bnaudit.stats import ChannelStats, StatsBuffer, channel_stats, count_nonfinite, group_stats
+from bnaudit.stats import ChannelStats, StatsBuffer, _ab, channel_stats, count_nonfinite, group_stats
 
 __all__ = ["STATS", "BNModes", "History", "Recorder", "RecordingError", "default_layers", "record"]
 
@@ -138,7 +139,7 @@ _ASYNC_MIN = 1 << 17
 _BATCH_STEPS = 32
 _BATCH_VALUES = 1 << 19
 # Smaller tensors are reduced on one thread: for them torch's fork/join across threads costs more than it
-# saves (measured: 10-layer MLP, batch 128, 2 threads: recording overhead 60% -> 18%).
+# saves (measured: 10-layer MLP, batch 128, 2 threads: recording overhead 60% -> about 20%).
 _PARALLEL_MIN = 1 << 20
 
 
@@ -696,7 +697,7 @@ class _Plan:
     """How a step with one row structure is computed and written (made once, reused every such step)."""
 
     __slots__ = ("accs", "bns", "desc", "device", "groups", "held", "host", "ints", "nf_zero", "order", "quant", "r", "raw",
-                 "raw_tail", "row_tail", "spans", "tail")
+                 "raw_tail", "row_tail", "spans", "tail", "threaded")
 
     def __init__(self, desc: _Desc, order: list[_Slot], accs: list[_Slot], quant: list[_Slot],
                  bns: list[tuple[str, nn.Module]], nf_zero: int, device: torch.device | None):
@@ -704,6 +705,7 @@ class _Plan:
         self.nf_zero, self.device = nf_zero, device
         self.groups: list[_Group] = []
         self.held = 0  # values held in the groups
+        self.threaded = False  # its groups are reduced on the recorder's thread
         self.ints: np.ndarray | None = None  # the (calls, values per channel) rows when every layer is held
         self.raw: torch.Tensor | None = None  # the step's results on the tensors' device
         self.host: torch.Tensor | None = None  # its host copy (accelerators only)
@@ -846,10 +848,6 @@ def _split(groups: Iterable[list[_Slot]], most: int) -> Iterator[list[_Slot]]:
             yield run
 
 
-def _ab(x: torch.Tensor) -> tuple[int, int]:
-    return (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0], 1)
-
-
 def default_layers(model: nn.Module) -> dict[str, str]:
     """The modules ``record`` hooks by default and what it measures on each: ``input`` for normalization
     layers, ``output`` for Linear/Conv layers and activations."""
@@ -938,14 +936,11 @@ class Recorder:
         self._batch_plan: _Plan | None = None
         self._batch_values = 0
         self._multi = False  # some layer was called more than once in this step
-        # Held tensors may be reduced on a thread of the recorder's own (see __enter__), except inside a process
-        # group (every rank must reduce in the same order as the others).
-        self._async = True
+        self._async = False  # held tensors may be reduced on a thread of the recorder's own (see __enter__)
         if reduce:
             from bnaudit.distributed import is_active
 
             self._reduce = is_active(group)
-            self._async = self._async and not self._reduce
 
     # -- selection --
     def _resolve_layers(self, layers: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
@@ -1024,9 +1019,10 @@ class Recorder:
         self._versions = self._param_versions()
         self._nbt = self._bn_counter()
         # The recorder's thread reduces CPU tensors (on an accelerator the kernels are asynchronous already),
-        # and only on a core torch leaves free.
+        # only on a core torch leaves free, and never inside a process group (every rank must reduce in the
+        # same order as the others).
         first = next(iter(self._params), None)
-        self._async = self._async and (first is None or first.device.type == "cpu") and _spare_core()
+        self._async = not self._reduce and (first is None or first.device.type == "cpu") and _spare_core()
         self.history._sync = self._settle
         return self
 
@@ -1365,7 +1361,7 @@ class Recorder:
             self._drain()
         if not held:
             self._finish(plan, [job], "")
-        elif plan.host is None and plan.held >= _ASYNC_MIN and self._async:
+        elif plan.threaded:
             # The held tensors are reduced on the recorder's thread while the next step runs; the next step()
             # waits for it, at the latest.
             if self._worker is None:
@@ -1413,9 +1409,7 @@ class Recorder:
         else:  # several steps of one structure (CPU): each group's tensors of every step reduced at once
             for g, span, i in zip(plan.groups, plan.spans, range(len(plan.groups))):
                 xs = [x for job in jobs for x, _ in job[0][i]]
-                shape = (g.shape[0], g.shape[1] * len(jobs), *g.shape[2:])
-                x = torch.cat(xs, dim=1) if xs[0].dtype in (torch.float16, torch.bfloat16) else \
-                    torch.cat(xs, dim=1, out=self._buf("bcat", xs[0], g.numel * len(jobs)).view(shape))
+                x = self._cat(xs, (g.shape[0], g.shape[1] * len(jobs), *g.shape[2:]), "bcat")
                 got = np.stack([t.numpy() for t in group_stats(x, work=self._buf("bwork", x))], axis=1)
                 total = span[2]
                 for j, job in enumerate(jobs):
@@ -1450,13 +1444,15 @@ class Recorder:
     def _reduce_held(self, g: _Group, xs: list[torch.Tensor], buffers: str = "") -> None:
         """Reduce a group's tensors at once into its slices of the raw row (``buffers`` names the scratch
         buffers: the recorder's thread has its own)."""
-        if len(xs) == 1:
-            x = xs[0]
-        elif xs[0].dtype in (torch.float16, torch.bfloat16):
-            x = torch.cat(xs, dim=1)
-        else:
-            x = torch.cat(xs, dim=1, out=self._buf(buffers + "cat", xs[0], g.numel).view(g.shape))
+        x = xs[0] if len(xs) == 1 else self._cat(xs, g.shape, buffers + "cat")
         group_stats(x, work=self._buf(buffers + "work", x), out=g.views)
+
+    def _cat(self, xs: list[torch.Tensor], shape: tuple[int, ...], buffer: str) -> torch.Tensor:
+        """``xs`` concatenated along their channels, into the named scratch buffer viewed as ``shape``
+        (half precision gets a fresh tensor: it is reduced in float32 anyway)."""
+        if xs[0].dtype in (torch.float16, torch.bfloat16):
+            return torch.cat(xs, dim=1)
+        return torch.cat(xs, dim=1, out=self._buf(buffer, xs[0], math.prod(shape)).view(shape))
 
     def _plan(self, sig: tuple) -> _Plan:
         """Lay out one row structure and how a step fills it. Row order: per group (held tensors of one batch
@@ -1538,6 +1534,7 @@ class Recorder:
         by_index = {s.index: s for s in self._slots}
         desc = _Desc(pos, tuple(cols[i] for i in ordered), tuple(bns))
         plan = _Plan(desc, [by_index[i] for i in ordered], accs, quant, bn_mods, nf_zero, device)
+        plan.held, plan.threaded = held, threaded
         if plan.order and not accs:
             plan.ints = np.array([(1, s.stash.numel() // s.stash.shape[1]) for s in plan.order], dtype=np.int64)
         size = raw_tail + pos - row_tail
@@ -1550,7 +1547,6 @@ class Recorder:
                 x = members[0].stash
                 views = tuple(plan.raw[at + j * total: at + (j + 1) * total] for j in range(5))
                 plan.groups.append(_Group(members, (x.shape[0], total, *x.shape[2:]), views))
-                plan.held += plan.groups[-1].numel
             if accs or quant or bn_mods:
                 plan.tail = plan.raw[raw_tail:]
             # else the tail is the grouped layers' NaN/Inf counts alone: zeros, written once by torch.zeros
