@@ -162,6 +162,20 @@ def _moments(x3: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.
     return mean, _csum(d.square_())
 
 
+def _moments_into(x3: torch.Tensor, work: torch.Tensor | None, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    """``_moments`` written into ``mean`` and ``m2``; for B == 1 the variance is scaled into ``m2`` directly
+    instead of in a temporary first."""
+    a, b = _ab(x3)
+    if b == 1 and a > 1:
+        got_mean, var = torch.batch_norm_update_stats(x3, None, None, 0.0)
+        mean.copy_(got_mean)
+        torch.mul(var, a, out=m2)
+    else:
+        got_mean, got_m2 = _moments(x3, work)
+        mean.copy_(got_mean)
+        m2.copy_(got_m2)
+
+
 def _csum(x3: torch.Tensor) -> torch.Tensor:
     """Per-channel sum of an (A, C, B) tensor in two reductions ordered by B (measured on CPU: a joint (0, 2)
     reduction or the wrong order is up to 8x slower): long rows first over B; short rows first over A,
@@ -225,14 +239,7 @@ def channel_stats(x3: torch.Tensor, *, count_nonfinite_values: bool = False,
         nf = count_nonfinite(x3) if count_nonfinite_values else None
         return ChannelStats(n, mean, m2, mn, mx, _signs(x3, work).sum(), nf)
     v = out.views
-    if b == 1 and a > 1:
-        mean, var = torch.batch_norm_update_stats(x3, None, None, 0.0)
-        v[0].copy_(mean)
-        torch.mul(var, a, out=v[1])
-    else:
-        mean, m2 = _moments(x3, work)
-        v[0].copy_(mean)
-        v[1].copy_(m2)
+    _moments_into(x3, work, v[0], v[1])
     torch.aminmax(x3, out=(v[2], v[3]))
     v[4].copy_(_signs(x3, work).sum())
     nf = None
@@ -252,9 +259,7 @@ def group_stats(x3: torch.Tensor, *, work: torch.Tensor | None = None, out: tupl
     a, b = _ab(x3)
     if out is not None and b == 1 and a > 1 and x3.dim() == 2 and work is not None and out[0].dtype == x3.dtype:
         # The (N, C) case of a recorder step: every result straight into its slot of the step's row.
-        mean, var = torch.batch_norm_update_stats(x3, None, None, 0.0)
-        out[0].copy_(mean)
-        torch.mul(var, a, out=out[1])
+        _moments_into(x3, work, out[0], out[1])
         torch.amin(x3, 0, out=out[2])
         torch.amax(x3, 0, out=out[3])
         torch.mv(torch.ne(x3, 0, out=_into(work, x3)).t(), _weights(a, 1.0, x3), out=out[4])
