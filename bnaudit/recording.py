@@ -43,9 +43,12 @@ arithmetic. ``step()`` then writes every result into one row of the preallocated
 from an accelerator in one transfer: no ``.item()`` per module. On CPU outside a process group, steps holding
 fewer than 131072 values are reduced in batches of up to 32 steps (512K held values): their held tensors wait,
 and the batch is reduced at once when it is full, when the row structure changes, when ``history`` is read,
-and at the end of the block. For small tensors this turns a dozen calls per step into a dozen per batch; the
-waiting tensors stay alive until then (at most 512K values, 2 MB in float32, and the batch's scratch buffers
-take as much again, twice). NaN/Inf show up in the channel means and are counted exactly only when they are
+and at the end of the block. For small tensors this turns a dozen calls per step into a dozen per batch, and
+the batch's rows are written in one assignment per step; the waiting tensors stay alive until then (at most
+512K values, 2 MB in float32, and the batch's scratch buffers take as much again, twice). Once steps repeat
+one structure (every layer held, called once), a hook whose tensor has last step's shape, dtype and device
+holds it as last step's was held without deciding anything anew, and ``step()`` reuses last step's plan
+without rebuilding its key: on a small MLP those decisions cost as much as the hooks themselves. NaN/Inf show up in the channel means and are counted exactly only when they are
 there (on CPU, where reading a value costs no transfer, the hook reads the range of large tensors to decide).
 A held tensor that a hooked ``inplace=True`` module is about to overwrite is reduced just before it runs; one
 changed in place where no hook sees it (a functional in-place op) is detected by its version counter, skipped
@@ -58,8 +61,9 @@ process may run on (``torch.set_num_threads(1)`` on a multi-core machine, say), 
 131072 values is reduced on a thread of the recorder's own while the next step runs: ``step()`` hands the held
 tensors over and returns, and the next ``step()``, any read of ``history`` and the end of the block wait for it
 (an error there is raised at that point). Those tensors then live until that thread is done with them, a
-little into the next step. A tensor changed in place after ``step()``, before it was reduced, is skipped for
-that step with a note. Inside a process group (``reduce=True``) and on accelerators everything is reduced in
+little into the next step. Batches of smaller steps go to that thread too, one batch at a time (the next
+batch waits for the one before, not each step for its batch). A tensor changed in place after ``step()``,
+before it was reduced, is skipped for that step with a note. Inside a process group (``reduce=True``) and on accelerators everything is reduced in
 ``step()``.
 ``benchmarks/record_overhead.py`` measures what this costs against an unhooked step.
 
@@ -204,23 +208,30 @@ class _Desc:
 class _Segment:
     """Rows recorded under one descriptor, in preallocated chunks that grow 16, 32, ... up to ``chunk``."""
 
-    def __init__(self, desc: _Desc, chunk: int):
+    def __init__(self, desc: _Desc, chunk: int, ints: np.ndarray | None = None):
         self.desc, self.chunk = desc, chunk
-        self.values: list[np.ndarray] = []  # (rows, width) float32
+        self.values: list[np.ndarray] = []  # (rows, width) float32, zero until written
         self.ints: list[np.ndarray] = []  # (rows, slots, 2) int64: calls, values per channel
         self.flags: list[np.ndarray] = []  # (rows, bns, 2) bool: training, requires_grad
         self.rows = 0
         self._cap = 0
+        self._at = 0  # the next row's index in the last chunk
+        self._fill = ints  # every row's ints, when the structure fixes them: written once per chunk
 
     def next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.rows == self._cap:
             size = min(self.chunk, max(16, self._cap))
             d = self.desc
-            self.values.append(np.empty((size, d.width), dtype=np.float32))
-            self.ints.append(np.empty((size, len(d.slots), 2), dtype=np.int64))
+            self.values.append(np.zeros((size, d.width), dtype=np.float32))
+            ints = np.empty((size, len(d.slots), 2), dtype=np.int64)
+            if self._fill is not None:
+                ints[:] = self._fill
+            self.ints.append(ints)
             self.flags.append(np.empty((size, len(d.bns), 2), dtype=bool))
             self._cap += size
-        r = self.rows - (self._cap - len(self.values[-1]))
+            self._at = 0
+        r = self._at
+        self._at += 1
         self.rows += 1
         return self.values[-1][r], self.ints[-1][r], self.flags[-1][r]
 
@@ -261,9 +272,12 @@ class History:
         self._sync: Any = None  # while recording: waits until every step taken so far is written
 
     # -- writing (Recorder) --
-    def _append(self, desc: _Desc, step: int, updated: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _append(self, desc: _Desc, step: int, updated: bool, ints: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A new row for ``step``: its values (zeros), ints and flags to fill in (``ints``: every row's, when
+        the structure fixes them, then already filled in)."""
         if not self._segments or self._segments[-1].desc is not desc:
-            self._segments.append(_Segment(desc, self.chunk))
+            self._segments.append(_Segment(desc, self.chunk, ints))
         self._steps.append(step)
         self._updated.append(updated)
         return self._segments[-1].next_row()
@@ -656,7 +670,11 @@ class _Slot:
         "calls",
         "cd",
         "eager",
+        "fast",
+        "fast_numel",
+        "fast_shape",
         "index",
+        "key",
         "module",
         "n",
         "name",
@@ -679,6 +697,12 @@ class _Slot:
         self.buf: StatsBuffer | None = None  # where its first reduction of a step is written
         self.quant: torch.Tensor | None = None
         self.eager = False  # its tensor is changed in place where no hook sees it: reduce at hook time
+        # The hooks' fast path: while every step has the same structure, a tensor of the same shape, dtype and
+        # device as last step's (``fast``) is held as last step's was, without re-deciding how.
+        self.key: tuple | None = None  # (shape, dtype, device) of the tensor held this step
+        self.fast: tuple | None = None  # last step's key, when the fast path is armed
+        self.fast_numel = 0
+        self.fast_shape: torch.Size | None = None  # the (A, C, B) view to hold, or None: the tensor as it is
         self.note = ""
         self.index = -1
 
@@ -696,8 +720,8 @@ class _Group:
 class _Plan:
     """How a step with one row structure is computed and written (made once, reused every such step)."""
 
-    __slots__ = ("accs", "bns", "desc", "device", "groups", "held", "host", "ints", "nf_zero", "order", "quant", "r", "raw",
-                 "raw_tail", "row_tail", "spans", "tail", "threaded")
+    __slots__ = ("accs", "batch", "bns", "desc", "device", "groups", "held", "host", "ints", "nf_zero", "order", "quant", "r",
+                 "raw", "raw_tail", "row_tail", "spans", "tail", "threaded")
 
     def __init__(self, desc: _Desc, order: list[_Slot], accs: list[_Slot], quant: list[_Slot],
                  bns: list[tuple[str, nn.Module]], nf_zero: int, device: torch.device | None):
@@ -706,6 +730,7 @@ class _Plan:
         self.groups: list[_Group] = []
         self.held = 0  # values held in the groups
         self.threaded = False  # its groups are reduced on the recorder's thread
+        self.batch = 1  # steps reduced together when its steps are batched
         self.ints: np.ndarray | None = None  # the (calls, values per channel) rows when every layer is held
         self.raw: torch.Tensor | None = None  # the step's results on the tensors' device
         self.host: torch.Tensor | None = None  # its host copy (accelerators only)
@@ -934,8 +959,10 @@ class Recorder:
         self._worker: _Worker | None = None
         self._batch: list = []  # steps waiting to be reduced together (one structure)
         self._batch_plan: _Plan | None = None
-        self._batch_values = 0
-        self._multi = False  # some layer was called more than once in this step
+        self._step_in_flight = False  # a step handed to the recorder's thread uses the plan's own buffers
+        self._fast_plan: _Plan | None = None  # the structure the hooks' fast path expects (see _Slot.fast)
+        self._fast = 0  # tensors held by the fast path this step
+        self._slow = False  # a hook took the general path this step
         self._async = False  # held tensors may be reduced on a thread of the recorder's own (see __enter__)
         if reduce:
             from bnaudit.distributed import is_active
@@ -1059,7 +1086,8 @@ class Recorder:
             self._cache = {}
             self._last = None
             for s in self._slots:
-                s.stash = s.acc = s.quant = None
+                s.stash = s.acc = s.quant = s.fast = None
+            self._fast_plan, self._fast, self._slow = None, 0, False
             self._open = False
 
     def _remove(self) -> None:
@@ -1071,14 +1099,40 @@ class Recorder:
     def _pre_hook(self, slot: _Slot):
         def hook(module: nn.Module, args: Any) -> None:
             if self._active and args:
-                self._observe(slot, args[0])
+                x = args[0]
+                if slot.fast is None or slot.stash is not None or type(x) is not torch.Tensor or not self._take(slot, x):
+                    self._observe(slot, x)
         return hook
 
     def _post_hook(self, slot: _Slot):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._active:
+            if self._active and (slot.fast is None or slot.stash is not None or type(output) is not torch.Tensor
+                                 or not self._take(slot, output)):
                 self._observe(slot, output[0] if isinstance(output, (tuple, list)) and output else output)
         return hook
+
+    def _take(self, slot: _Slot, x: torch.Tensor) -> bool:
+        """The fast path of a hook: hold ``x`` as last step's tensor was held, when it matches it (the same
+        shape, dtype and device, room left under the held-values bound). False: take the general path."""
+        if (x.shape, x.dtype, x.device) != slot.fast or self._held + slot.fast_numel > _HOLD_MAX:
+            return False
+        self._held += slot.fast_numel
+        xd = x.detach() if slot.fast_shape is None else x.detach().reshape(slot.fast_shape)
+        slot.stash, slot.stash_ver, slot.calls, slot.n = xd, xd._version, 1, slot.fast_numel // xd.shape[1]
+        self._fired_step += 1
+        self._fast += 1
+        if self._inplace:
+            self._track(slot, x)
+        return True
+
+    def _track(self, slot: _Slot, x: torch.Tensor) -> None:
+        # Only an in-place module's pre-hook looks held tensors up by their key.
+        key = _key(x)
+        held = self._stashed.get(key)
+        if held is None:
+            self._stashed[key] = [slot]
+        else:
+            held.append(slot)
 
     def _inplace_hook(self, module: nn.Module, args: Any) -> None:
         if self._stashed and args and isinstance(args[0], torch.Tensor):
@@ -1101,6 +1155,7 @@ class Recorder:
         return cd
 
     def _observe(self, slot: _Slot, x: Any) -> None:
+        self._slow = True
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
             return
         self._fired_step += 1
@@ -1114,8 +1169,6 @@ class Recorder:
         xd = _view(x.detach(), cd)
         slot.calls += 1
         first = slot.stash is None and slot.acc is None
-        if not first:
-            self._multi = True
         if first:
             slot.n = xd.numel() // xd.shape[1]
             if slot.units:
@@ -1123,14 +1176,11 @@ class Recorder:
             n = xd.numel()
             if n <= _GROUP_MAX and not slot.eager and self._held + n <= _HOLD_MAX:
                 self._held += n
-                slot.stash, slot.stash_ver = xd, x._version
-                if self._inplace:  # only an in-place module's pre-hook looks tensors up by their key
-                    key = _key(x)
-                    held = self._stashed.get(key)
-                    if held is None:
-                        self._stashed[key] = [slot]
-                    else:
-                        held.append(slot)
+                slot.stash, slot.stash_ver = xd, xd._version
+                slot.key, slot.fast_numel = (x.shape, x.dtype, x.device), n
+                slot.fast_shape = None if xd.shape == x.shape else xd.shape
+                if self._inplace:
+                    self._track(slot, x)
                 return
         elif slot.stash is not None:
             # A second call in the same step: reduce what is held, then merge this call in.
@@ -1232,7 +1282,7 @@ class Recorder:
         return any(s.calls for s in self._slots)
 
     def _param_versions(self) -> int:
-        return sum(p._version for p in self._params)
+        return sum([p._version for p in self._params])
 
     def _bn_counter(self) -> int:
         total = 0
@@ -1280,14 +1330,102 @@ class Recorder:
 
     def _flush_step(self) -> None:
         # At most one step's reductions are in flight on the recorder's thread: it must be done before this
-        # step reuses its buffers.
-        self._wait()
+        # step reuses its buffers. (A batch in flight there uses buffers of its own: see _drain.)
+        if self._step_in_flight:
+            self._step_in_flight = False
+            self._wait()
         versions = self._param_versions()
         updated = versions != self._versions
         self._versions, self._nbt = versions, self._bn_counter()
         hist = self.history
-        # The row structure depends only on which layers ran and the shape each holds: a cheap key finds the
-        # plan (structure, grouping of held tensors, where each result lands) made on an earlier step.
+        plan = fast = self._fast_plan
+        if (plan is None or self._slow or self._fast != len(plan.order)
+                or any(s.stash._version != s.stash_ver for s in plan.order)):
+            plan, fast = self._find_plan(), None
+        # Everything but the held groups is written now, as it is at the end of this step: layers reduced in
+        # their hooks, quantiles and BatchNorm buffers are concatenated into the raw row's tail in one call.
+        if plan.tail is not None:
+            parts: list[torch.Tensor] = []
+            for s in plan.accs:
+                a = s.acc
+                if a.flat is not None:  # reduced straight into a statistics buffer, laid out as the row wants
+                    parts.append(a.flat)
+                    continue
+                nf = a.nonfinite
+                parts += [a.mean, a.m2, a.min.reshape(1), a.max.reshape(1), a.nonzero.reshape(1),
+                          nf.reshape(1) if nf is not None else self._zeros(1, plan.device)]
+            if plan.nf_zero:
+                parts.append(self._zeros(plan.nf_zero, plan.device))
+            for s in plan.quant:
+                parts.append(s.quant)
+            for name, m in plan.bns:
+                if self.per_channel:
+                    parts += [m.running_mean.reshape(-1), m.running_var.reshape(-1)]
+                parts.append(m.num_batches_tracked.reshape(1))
+            # (every part is computed from detached tensors or buffers: no autograd to switch off)
+            torch.cat(parts, out=plan.tail)
+        # every layer held and called once: the counts follow from the structure, and the segment fills them in
+        values, ints, flags = hist._append(plan.desc, self._step, updated, plan.ints)
+        if plan.ints is None and plan.order:
+            ints[:] = [(s.calls, s.n) for s in plan.order]
+        for k, (_, m) in enumerate(self._bns):
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            flags[k, 0] = m.training
+            flags[k, 1] = (isinstance(w, torch.Tensor) and w.requires_grad) or (isinstance(b, torch.Tensor) and b.requires_grad)
+        held = [[(m.stash, m.stash_ver) for m in g.slots] for g in plan.groups]
+        if fast is not None:
+            for s in plan.order:  # every hook took the fast path: nothing else was collected
+                s.stash, s.calls = None, 0
+        else:
+            if plan is not self._fast_plan:
+                self._arm(plan)
+            for s in self._slots:
+                if s.calls:
+                    s.stash = s.acc = s.quant = None
+                    s.calls = s.n = 0
+        self._fast, self._slow = 0, False
+        self._stashed = {}
+        self._last = None
+        self._held = 0
+        job = (held, values, ints, self._step)
+        if plan.host is None and plan.tail is not None:
+            # On CPU the row's tail (everything but the groups) is copied now: the raw row is reused next step.
+            # (Without a tail to write, it is the grouped layers' NaN/Inf counts: zeros, as the row starts.)
+            values[plan.row_tail:] = plan.r[plan.raw_tail:]
+        if self._batch and self._batch_plan is not plan:
+            self._drain()
+        if not held:
+            self._finish(plan, job, "")
+        elif plan.threaded:
+            # The held tensors are reduced on the recorder's thread while the next step runs; the next step()
+            # waits for it, at the latest.
+            self._submit(self._finish, plan, job, "async")
+            self._step_in_flight = True
+        elif plan.host is None and not self._reduce and plan.held < _ASYNC_MIN:
+            # Small steps are reduced a batch of steps at a time: a dozen tensor operations per batch instead of
+            # per step (for small tensors their call cost, not the arithmetic, is what counts).
+            self._batch.append(job)
+            self._batch_plan = plan
+            if len(self._batch) >= plan.batch:
+                self._drain()
+        else:
+            self._finish(plan, job, "")
+
+    def _arm(self, plan: _Plan) -> None:
+        """Arm the hooks' fast path for steps like this one when every layer of its structure was held, once,
+        without quantiles (else disarm it)."""
+        for s in self._slots:
+            s.fast = None
+        fast = plan.ints is not None and not plan.quant
+        self._fast_plan = plan if fast else None
+        if fast:
+            for s in plan.order:
+                s.fast = s.key
+
+    def _find_plan(self) -> _Plan:
+        """The plan for this step's row structure, found by a cheap key (which layers ran, and the shape each
+        holds) among those made on earlier steps, or made now."""
+        hist = self.history
         sig = []
         for s in self._slots:
             if not s.calls:
@@ -1313,122 +1451,57 @@ class Recorder:
         plan = self._descs.get(sig)
         if plan is None:
             plan = self._descs[sig] = self._plan(sig)
-        # Everything but the held groups is written now, as it is at the end of this step: layers reduced in
-        # their hooks, quantiles and BatchNorm buffers are concatenated into the raw row's tail in one call.
-        if plan.tail is not None:
-            parts: list[torch.Tensor] = []
-            for s in plan.accs:
-                a = s.acc
-                if a.flat is not None:  # reduced straight into a statistics buffer, laid out as the row wants
-                    parts.append(a.flat)
-                    continue
-                nf = a.nonfinite
-                parts += [a.mean, a.m2, a.min.reshape(1), a.max.reshape(1), a.nonzero.reshape(1),
-                          nf.reshape(1) if nf is not None else self._zeros(1, plan.device)]
-            if plan.nf_zero:
-                parts.append(self._zeros(plan.nf_zero, plan.device))
-            for s in plan.quant:
-                parts.append(s.quant)
-            for name, m in plan.bns:
-                if self.per_channel:
-                    parts += [m.running_mean.reshape(-1), m.running_var.reshape(-1)]
-                parts.append(m.num_batches_tracked.reshape(1))
-            # (every part is computed from detached tensors or buffers: no autograd to switch off)
-            torch.cat(parts, out=plan.tail)
-        values, ints, flags = hist._append(plan.desc, self._step, updated)
-        if plan.ints is not None and not self._multi:
-            ints[:] = plan.ints  # every layer held and called once: the counts follow from the structure
-        elif plan.order:
-            ints[:] = [(s.calls, s.n) for s in plan.order]
-        self._multi = False
-        for k, (_, m) in enumerate(self._bns):
-            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            flags[k, 0] = m.training
-            flags[k, 1] = (isinstance(w, torch.Tensor) and w.requires_grad) or (isinstance(b, torch.Tensor) and b.requires_grad)
-        held = [[(m.stash, m.stash_ver) for m in g.slots] for g in plan.groups]
-        for s in self._slots:
-            if s.calls:
-                s.stash = s.acc = s.quant = None
-                s.calls = s.n = 0
-        self._stashed = {}
-        self._last = None
-        self._held = 0
-        job = (held, values, ints, self._step)
-        if plan.host is None and plan.r is not None:
-            # On CPU the row's tail (everything but the groups) is copied now: the raw row is reused next step.
-            values[plan.row_tail:] = plan.r[plan.raw_tail:]
-        if self._batch and self._batch_plan is not plan:
-            self._drain()
-        if not held:
-            self._finish(plan, [job], "")
-        elif plan.threaded:
-            # The held tensors are reduced on the recorder's thread while the next step runs; the next step()
-            # waits for it, at the latest.
-            if self._worker is None:
-                self._worker = _Worker()
-            self._worker.submit(self._finish, plan, [job], "async")
-        elif plan.host is None and not self._reduce and plan.held < _ASYNC_MIN:
-            # Small steps are reduced a batch of steps at a time: a dozen tensor operations per batch instead of
-            # per step (for small tensors their call cost, not the arithmetic, is what counts).
-            self._batch.append(job)
-            self._batch_plan = plan
-            self._batch_values += plan.held
-            if len(self._batch) >= _BATCH_STEPS or self._batch_values >= _BATCH_VALUES:
-                self._drain()
-        else:
-            self._finish(plan, [job], "")
+        return plan
 
     def _drain(self) -> None:
-        """Reduce the batch of steps waiting to be reduced, if any."""
+        """Reduce the batch of steps waiting to be reduced, if any: on the recorder's thread when it has a core
+        of its own (one batch at a time: the one before must be done), else now."""
         if self._batch:
             plan, jobs = self._batch_plan, self._batch
-            self._batch, self._batch_plan, self._batch_values = [], None, 0
-            try:
-                self._finish(plan, jobs, "")
-            except BaseException:
-                # Their held layers were not reduced: read back as "not called" (NaN), never as stale memory.
-                at = [plan.order.index(s) for g in plan.groups for s in g.slots]
-                for job in jobs:
-                    job[2][at, 0] = 0
-                raise
+            self._batch, self._batch_plan = [], None
+            if self._async:
+                self._wait()
+                self._submit(self._finish_batch, plan, jobs, "async")
+            else:
+                self._finish_batch(plan, jobs, "")
 
-    def _finish(self, plan: _Plan, jobs: list, buffers: str) -> None:
-        """Reduce the held groups of one or more steps of one structure and write their history rows (on the
-        recorder's thread, with its own scratch buffers, or inline)."""
+    def _finish_batch(self, plan: _Plan, jobs: list, buffers: str) -> None:
+        try:
+            self._reduce_batch(plan, jobs, buffers)
+        except BaseException:
+            # Their held layers were not reduced: read back as "not called" (NaN), never as stale memory.
+            at = [plan.order.index(s) for g in plan.groups for s in g.slots]
+            for job in jobs:
+                job[2][at, 0] = 0
+            raise
+
+    def _submit(self, fn, *args) -> None:
+        if self._worker is None:
+            self._worker = _Worker()
+        self._worker.submit(fn, *args)
+
+    def _finish(self, plan: _Plan, job: tuple, buffers: str) -> None:
+        """Reduce the held groups of one step and write its history row (on the recorder's thread, with its own
+        scratch buffers, or inline)."""
+        held, values, ints, _ = job
         r = plan.r
-        if len(jobs) == 1:
-            held, values = jobs[0][0], jobs[0][1]
-            for g, xs in zip(plan.groups, held):
-                self._reduce_held(g, [x for x, _ in xs], buffers)
-            if r is not None:
-                if plan.host is not None:
-                    plan.host.copy_(plan.raw)  # the one device -> host transfer
-                    values[plan.row_tail:] = r[plan.raw_tail:]
-                for span in plan.spans:
-                    _write_span(values, span, r[span[1]: span[1] + 5 * span[2]])
-        else:  # several steps of one structure (CPU): each group's tensors of every step reduced at once
-            for g, span, i in zip(plan.groups, plan.spans, range(len(plan.groups))):
-                xs = [x for job in jobs for x, _ in job[0][i]]
-                x = self._cat(xs, (g.shape[0], g.shape[1] * len(jobs), *g.shape[2:]), "bcat")
-                got = np.stack([t.numpy() for t in group_stats(x, work=self._buf("bwork", x))], axis=1)
-                total = span[2]
-                for j, job in enumerate(jobs):
-                    _write_span(job[1], span, got[j * total: (j + 1) * total].T.reshape(-1))
-        for held, values, ints, step in jobs:
-            for g, xs in zip(plan.groups, held):
-                for s, (x, ver) in zip(g.slots, xs):
-                    if x._version != ver:  # changed in place after step() (by a later step): its values are gone
-                        ints[plan.order.index(s), 0] = 0  # read back as "not called": NaN statistics
-                        self.history.notes.append(f"step {step}: {s.name}'s tensor was changed in place before "
-                                                  "it was reduced; that step is not recorded for it")
-            if not np.isfinite(values).all():
-                found = {s.name: x for g, xs in zip(plan.groups, held) for s, (x, _) in zip(g.slots, xs)}
-                self._count_nonfinite(plan.desc, values, found)
-            if self._reduce:
-                # Every rank's row merged into this one (every rank must call step() together).
-                from bnaudit.distributed import reduce_row
+        for g, xs in zip(plan.groups, held):
+            self._reduce_held(g, [x for x, _ in xs], buffers)
+        if r is not None:
+            if plan.host is not None:
+                plan.host.copy_(plan.raw)  # the one device -> host transfer
+                values[plan.row_tail:] = r[plan.raw_tail:]
+            for span in plan.spans:
+                _write_span(values, span, r[span[1]: span[1] + 5 * span[2]])
+        self._check_versions(plan, [job])
+        if not np.isfinite(values).all():
+            found = {s.name: x for g, xs in zip(plan.groups, held) for s, (x, _) in zip(g.slots, xs)}
+            self._count_nonfinite(plan.desc, values, found)
+        if self._reduce:
+            # Every rank's row merged into this one (every rank must call step() together).
+            from bnaudit.distributed import reduce_row
 
-                reduce_row(values, ints, plan.desc, group=self._reduce_group)
+            reduce_row(values, ints, plan.desc, group=self._reduce_group)
 
     def _wait(self) -> None:
         """Wait until the recorder's thread has written every step handed to it (re-raising its error)."""
@@ -1440,6 +1513,48 @@ class Recorder:
         if self._batch:
             _one_thread(self._drain)
         self._wait()
+
+    def _reduce_batch(self, plan: _Plan, jobs: list, buffers: str) -> None:
+        """Reduce a batch of steps of one structure: each group's tensors of every step concatenated and reduced
+        at once, then every step's row written in one assignment per group. Few Python calls: on the
+        recorder's thread each one contends with the training step for Python's lock."""
+        n = len(jobs)
+        found = False
+        for i, (g, span) in enumerate(zip(plan.groups, plan.spans)):
+            pos, _, total, offs, k = span
+            x = self._cat([x for job in jobs for x, _ in job[0][i]], (g.shape[0], total * n, *g.shape[2:]),
+                          buffers + "bcat")
+            res = self._buf(buffers + "bres", x, 5 * total * n).view(5, total * n)
+            group_stats(x, work=self._buf(buffers + "bwork", x), out=tuple(res))
+            got = res.numpy().reshape(5, n, total)  # (statistic, step, channel)
+            block = np.empty((n, 2 * total + 3 * k), dtype=jobs[0][1].dtype)
+            block[:, :total], block[:, total: 2 * total] = got[0], got[1]
+            at = 2 * total
+            block[:, at: at + k] = np.minimum.reduceat(got[2], offs, axis=1)
+            block[:, at + k: at + 2 * k] = np.maximum.reduceat(got[3], offs, axis=1)
+            block[:, at + 2 * k:] = np.add.reduceat(got[4], offs, axis=1)
+            found = found or not np.isfinite(got[0]).all()  # a NaN/Inf anywhere makes its channel's mean one
+            for job, row in zip(jobs, block):
+                job[1][pos: pos + len(row)] = row
+        self._check_versions(plan, jobs)
+        if found:  # count NaN/Inf exactly in the layers that have them
+            for held, values, _, _ in jobs:
+                if not np.isfinite(values).all():
+                    self._count_nonfinite(plan.desc, values, {s.name: x for g, xs in zip(plan.groups, held)
+                                                              for s, (x, _) in zip(g.slots, xs)})
+
+    def _check_versions(self, plan: _Plan, jobs: list) -> None:
+        """Mark a held tensor changed in place after its step() (by a later step) as not recorded for that step:
+        its values are gone."""
+        if all(x._version == ver for job in jobs for xs in job[0] for x, ver in xs):
+            return
+        for held, _, ints, step in jobs:
+            for g, xs in zip(plan.groups, held):
+                for s, (x, ver) in zip(g.slots, xs):
+                    if x._version != ver:
+                        ints[plan.order.index(s), 0] = 0  # read back as "not called": NaN statistics
+                        self.history.notes.append(f"step {step}: {s.name}'s tensor was changed in place before "
+                                                  "it was reduced; that step is not recorded for it")
 
     def _reduce_held(self, g: _Group, xs: list[torch.Tensor], buffers: str = "") -> None:
         """Reduce a group's tensors at once into its slices of the raw row (``buffers`` names the scratch
@@ -1535,6 +1650,8 @@ class Recorder:
         desc = _Desc(pos, tuple(cols[i] for i in ordered), tuple(bns))
         plan = _Plan(desc, [by_index[i] for i in ordered], accs, quant, bn_mods, nf_zero, device)
         plan.held, plan.threaded = held, threaded
+        # steps of this structure per batch: the first count that reaches either bound
+        plan.batch = max(1, min(_BATCH_STEPS, -(-_BATCH_VALUES // max(held, 1))))
         if plan.order and not accs:
             plan.ints = np.array([(1, s.stash.numel() // s.stash.shape[1]) for s in plan.order], dtype=np.int64)
         size = raw_tail + pos - row_tail

@@ -186,10 +186,12 @@ def test_inplace_ops_are_measured_before_they_overwrite():
     with torch.no_grad():
         pre = m1[0](x).double()
         with record(m1) as rec:
-            m1(x)
-            rec.step()
-    np.testing.assert_allclose(rec.history.series("0", "mean")[0], pre.mean(), rtol=1e-5)
-    assert rec.history.series("0", "min")[0] < 0  # the pre-ReLU values, not the overwritten ones
+            for _ in range(3):  # the later steps take the hooks' fast path
+                m1(x)
+                rec.step()
+    np.testing.assert_allclose(rec.history.series("0", "mean"), [pre.mean()] * 3, rtol=1e-5)
+    assert (rec.history.series("0", "min") < 0).all()  # the pre-ReLU values, not the overwritten ones
+    np.testing.assert_allclose(rec.history.series("1", "min"), [0.0] * 3)
 
     m2 = Functional()
     with torch.no_grad(), record(m2) as rec2:
@@ -507,12 +509,14 @@ def test_error_on_the_recorders_thread_reaches_the_caller(monkeypatch):
     assert not [t for t in threading.enumerate() if t.name == "bnaudit-record"]
 
 
-def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_changes(monkeypatch):
-    # Small steps wait to be reduced together; reads, a change of structure and the end of the block reduce what
-    # waits. A held tensor changed in place after its step() (here: the model's output) is dropped for that step.
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "recorders-thread"])
+def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_changes(monkeypatch, threaded):
+    # Small steps wait to be reduced together (inline, or on the recorder's thread when it has a core of its
+    # own); reads, a change of structure and the end of the block reduce what waits. A held tensor changed in
+    # place after its step() (here: the model's output) is dropped for that step.
     from bnaudit import recording
 
-    monkeypatch.setattr(recording, "_spare_core", lambda: False)
+    monkeypatch.setattr(recording, "_spare_core", lambda: threaded)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     g = torch.Generator().manual_seed(8)
@@ -531,6 +535,7 @@ def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_change
             if i == 3:
                 assert len(rec._batch) == 4
                 assert len(rec.history.series("0", "mean")) == 4 and not rec._batch  # a read reduces what waits
+                assert (rec._worker is not None) == threaded
             elif i < 3:
                 assert len(rec._batch) == i + 1  # waiting, not yet reduced
     for hd in handles:
@@ -550,11 +555,12 @@ def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_change
                                    atol=1e-7)
 
 
-def test_failed_batch_reads_back_as_not_called(monkeypatch):
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "recorders-thread"])
+def test_failed_batch_reads_back_as_not_called(monkeypatch, threaded):
     # A batch whose reduction fails leaves rows that read as "not called" (NaN), never uninitialised memory.
     from bnaudit import recording
 
-    monkeypatch.setattr(recording, "_spare_core", lambda: False)
+    monkeypatch.setattr(recording, "_spare_core", lambda: threaded)
     monkeypatch.setattr(recording, "group_stats", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     model, batches = _mlp_run(3)
     rec = record(model)
@@ -568,6 +574,70 @@ def test_failed_batch_reads_back_as_not_called(monkeypatch):
         assert (h.series(name, "calls") == 0).all(), name
         assert np.isnan(h.series(name, "mean")).all(), name
     _no_hooks(model)
+
+
+class Branchy(nn.Module):
+    """A model whose structure changes between steps: a shared activation called twice, a skipped layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.extra, self.head = (nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8),
+                                                               nn.Linear(8, 8), nn.Linear(8, 3))
+
+    def forward(self, x, twice=False, skip=False):
+        h = self.act(self.fc1(x))
+        if twice:
+            h = self.act(self.fc2(h))
+        if not skip:
+            h = self.extra(h)
+        return self.head(h)
+
+
+def test_hooks_fast_path_follows_every_change_of_structure(monkeypatch):
+    # Once steps repeat one structure, hooks hold tensors as the step before did without re-deciding how; a
+    # step of another batch size, a layer called twice or a layer skipped must each be recorded exactly.
+    from bnaudit import recording
+
+    monkeypatch.setattr(recording, "_spare_core", lambda: False)
+    torch.manual_seed(0)
+    model = Branchy()
+    g = torch.Generator().manual_seed(9)
+    plan = [(16, {}), (16, {}), (16, {}), (10, {}), (16, {}), (16, {"twice": True}), (16, {}), (16, {"skip": True}),
+            (16, {}), (16, {})]
+    acts, handles = _capture(model)
+    fast = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with record(model) as rec:
+        for n, kw in plan:
+            model(torch.randn(n, 6, generator=g), **kw).pow(2).mean().backward()
+            fast.append(rec._fast)
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+    for hd in handles:
+        hd.remove()
+    # Tensors held by the fast path per step: none on the first step or right after a change of structure,
+    # every hook's (fc2 does not run) once a structure repeats; a layer called twice or skipped falls back.
+    assert fast == [0, 4, 4, 0, 0, 4, 0, 3, 3, 4]
+    h = rec.history
+    assert h.series("act", "calls").tolist() == [1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+    assert h.series("extra", "calls").tolist() == [1] * 7 + [0, 1, 1]
+    assert h.series("fc2", "calls").tolist() == [0] * 5 + [1] + [0] * 4
+    for name in ("fc1", "head", "extra"):
+        ref = iter(acts[name])
+        rows = [i for i, c in enumerate(h.series(name, "calls")) if c]
+        want = [next(ref) for _ in rows]
+        np.testing.assert_allclose(h.series(name, "channel_mean")[rows], np.stack([r.double().mean(0) for r in want]),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(h.series(name, "channel_var")[rows],
+                                   np.stack([r.double().var(0, unbiased=False) for r in want]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(h.series(name, "min")[rows], [r.min() for r in want], rtol=1e-6)
+    # the shared activation: both calls merged in step 5, one call elsewhere
+    act = acts["act"]
+    per_step = [[act[0]], [act[1]], [act[2]], [act[3]], [act[4]], [act[5], act[6]], *[[a] for a in act[7:]]]
+    np.testing.assert_allclose(h.series("act", "channel_mean"), np.stack([torch.cat(c).double().mean(0) for c in per_step]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.series("act", "max"), [torch.cat(c).max() for c in per_step], rtol=1e-6)
 
 
 def test_torch_thread_count_is_restored():
