@@ -118,7 +118,7 @@ from torch import nn
 from bnaudit.errors import BnauditError, UsageError
 from bnaudit.io import atomic_write, atomic_write_text
 from bnaudit.layers import is_activation, is_batchnorm, is_conv, is_norm, is_weight_layer
-from bnaudit.stats import ChannelStats, StatsBuffer, _ab, channel_stats, count_nonfinite, group_stats
+from bnaudit.stats import ChannelStats, StatsBuffer, _ab, as_3d, channel_stats, count_nonfinite, group_stats
 
 __all__ = ["STATS", "BNModes", "History", "Recorder", "RecordingError", "default_layers", "record"]
 
@@ -671,6 +671,7 @@ class _Slot:
         "cd",
         "eager",
         "fast",
+        "fast_n",
         "fast_numel",
         "fast_shape",
         "index",
@@ -701,7 +702,7 @@ class _Slot:
         # device as last step's (``fast``) is held as last step's was, without re-deciding how.
         self.key: tuple | None = None  # (shape, dtype, device) of the tensor held this step
         self.fast: tuple | None = None  # last step's key, when the fast path is armed
-        self.fast_numel = 0
+        self.fast_numel = self.fast_n = 0
         self.fast_shape: torch.Size | None = None  # the (A, C, B) view to hold, or None: the tensor as it is
         self.note = ""
         self.index = -1
@@ -819,12 +820,28 @@ def _one_thread(fn, *args):
             torch.set_num_threads(threads)
 
 
+def _collapse(means: np.ndarray, m2s: np.ndarray, offs: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-tensor mean and M2 of each member of a group from its per-channel ones (along the last axis,
+    members starting at ``offs``; ``per`` values per channel): Chan's merge over the member's channels."""
+    total = means.shape[-1]
+    widths = np.diff(np.append(offs, total))
+    means = means.astype(np.float64)
+    mu = np.add.reduceat(means, offs, axis=-1) / widths
+    dev = means - np.repeat(mu, widths, axis=-1)
+    return mu, np.add.reduceat(m2s.astype(np.float64), offs, axis=-1) + per * np.add.reduceat(dev * dev, offs, axis=-1)
+
+
 def _write_span(values: np.ndarray, span: tuple, got: np.ndarray) -> None:
     """Write one held group's results into a history row: ``got`` holds its per-channel ``means | m2s | mins |
-    maxes | nonzeros``; means and M2s go in as they are, extremes and counts reduced to one per member."""
-    pos, _, total, offs, k = span
-    values[pos: pos + 2 * total] = got[: 2 * total]
-    at = pos + 2 * total
+    maxes | nonzeros``; means and M2s go in as they are (or collapsed to one per member for whole-tensor
+    rows), extremes and counts reduced to one per member."""
+    pos, _, total, offs, k, per = span
+    if per:
+        values[pos: pos + k], values[pos + k: pos + 2 * k] = _collapse(got[:total], got[total: 2 * total], offs, per)
+        at = pos + 2 * k
+    else:
+        values[pos: pos + 2 * total] = got[: 2 * total]
+        at = pos + 2 * total
     values[at: at + k] = np.minimum.reduceat(got[2 * total: 3 * total], offs)
     values[at + k: at + 2 * k] = np.maximum.reduceat(got[3 * total: 4 * total], offs)
     values[at + 2 * k: at + 3 * k] = np.add.reduceat(got[4 * total: 5 * total], offs)
@@ -838,21 +855,6 @@ def _spare_core() -> bool:
     except (AttributeError, OSError):  # no affinity API (macOS, Windows)
         cores = os.cpu_count() or 1
     return cores > torch.get_num_threads()
-
-
-def _view(x: torch.Tensor, cd: int | None) -> torch.Tensor:
-    """``x`` viewed as ``(A, C)`` when its channels come last (B = 1: (N, C), (N, L, F) token layouts), else
-    as ``(A, C, B)`` (see ``stats.as_3d``); ``(1, 1, numel)`` for whole-tensor statistics."""
-    nd = x.dim()
-    if cd is None or nd < 2:
-        return x.reshape(1, 1, -1)
-    if nd == 2:
-        return x
-    c = cd % nd
-    a = math.prod(x.shape[:c])
-    if c == nd - 1:
-        return x.reshape(a, x.shape[c])
-    return x.reshape(a, x.shape[c], -1)
 
 
 def _split(groups: Iterable[list[_Slot]], most: int) -> Iterator[list[_Slot]]:
@@ -931,6 +933,7 @@ class Recorder:
             raise UsageError(f"quantiles must be numbers in [0, 1], got {list(quantiles)}")
         self.model, self.compiled = _unwrap(model)
         self.per_channel, self.every = per_channel, every
+        self._whole = not per_channel  # rows keep one channel per layer: per-channel results collapsed
         self.history = History(chunk=chunk)
         self._q = qs
         self._select = self._resolve_layers(layers)
@@ -1118,7 +1121,7 @@ class Recorder:
             return False
         self._held += slot.fast_numel
         xd = x.detach() if slot.fast_shape is None else x.detach().reshape(slot.fast_shape)
-        slot.stash, slot.stash_ver, slot.calls, slot.n = xd, xd._version, 1, slot.fast_numel // xd.shape[1]
+        slot.stash, slot.stash_ver, slot.calls, slot.n = xd, xd._version, 1, slot.fast_n
         self._fired_step += 1
         self._fast += 1
         if self._inplace:
@@ -1141,10 +1144,10 @@ class Recorder:
                 self._reduce_stash(slots)
 
     def _channel_dim(self, slot: _Slot, x: torch.Tensor) -> int | None:
+        # The layout's channel dimension, per-channel or not: whole-tensor summaries are reduced per channel
+        # too (the same few calls) and collapsed on the host.
         m = slot.module
-        if not self.per_channel:
-            cd = None
-        elif isinstance(m, _CHANNEL_LAST):
+        if isinstance(m, _CHANNEL_LAST):
             cd = -1
         elif is_conv(m) or is_norm(m) or x.dim() <= 2:
             cd = 1
@@ -1166,18 +1169,18 @@ class Recorder:
             self._last_cd = cd
             if x.dim() < 2:
                 cd = None
-        xd = _view(x.detach(), cd)
+        xd = as_3d(x.detach(), cd)
         slot.calls += 1
         first = slot.stash is None and slot.acc is None
         if first:
-            slot.n = xd.numel() // xd.shape[1]
+            slot.n = xd.numel() if self._whole else xd.numel() // xd.shape[1]
             if slot.units:
                 slot.quant = self._quantiles(slot, xd)
             n = xd.numel()
             if n <= _GROUP_MAX and not slot.eager and self._held + n <= _HOLD_MAX:
                 self._held += n
                 slot.stash, slot.stash_ver = xd, xd._version
-                slot.key, slot.fast_numel = (x.shape, x.dtype, x.device), n
+                slot.key, slot.fast_numel, slot.fast_n = (x.shape, x.dtype, x.device), n, slot.n
                 slot.fast_shape = None if xd.shape == x.shape else xd.shape
                 if self._inplace:
                     self._track(slot, x)
@@ -1187,6 +1190,8 @@ class Recorder:
             self._reduce_stash([slot])
         acc = slot.acc
         new = self._reduce_now(x, xd, self._out(slot, xd) if acc is None else None)
+        if self._whole:
+            new = new.whole()
         if acc is not None and acc.channels != new.channels:
             self._make_whole(slot)
             acc, new = slot.acc, new.whole()
@@ -1244,7 +1249,8 @@ class Recorder:
             if stats is None:
                 out = self._out(s, y) if s.acc is None else None
                 stats = done[y.shape] = channel_stats(y, count_nonfinite_values=True, work=self._buf("work", y), out=out)
-            s.acc = stats if s.acc is None else s.acc.merge(stats)
+            mine = stats.whole() if self._whole else stats
+            s.acc = mine if s.acc is None else s.acc.merge(mine)
             s.stash = None
         for key in [k for k, held in self._stashed.items() if all(s.stash is None for s in held)]:
             del self._stashed[key]
@@ -1442,7 +1448,8 @@ class Recorder:
             if s.index < 0:
                 s.index = len(hist.info)
                 hist.info[s.name] = {"type": type(s.module).__name__, "where": s.where,
-                                     "channel_dim": s.cd if isinstance(s.cd, int) else None, "units": list(s.units)}
+                                     "channel_dim": s.cd if isinstance(s.cd, int) and self.per_channel else None,
+                                     "units": list(s.units)}
             if x is not None:
                 sig.append((s, x.shape, x.dtype, x.device, s.quant is not None))
             else:
@@ -1521,15 +1528,19 @@ class Recorder:
         n = len(jobs)
         found = False
         for i, (g, span) in enumerate(zip(plan.groups, plan.spans)):
-            pos, _, total, offs, k = span
+            pos, _, total, offs, k, per = span
             x = self._cat([x for job in jobs for x, _ in job[0][i]], (g.shape[0], total * n, *g.shape[2:]),
                           buffers + "bcat")
             res = self._buf(buffers + "bres", x, 5 * total * n).view(5, total * n)
             group_stats(x, work=self._buf(buffers + "bwork", x), out=tuple(res))
             got = res.numpy().reshape(5, n, total)  # (statistic, step, channel)
-            block = np.empty((n, 2 * total + 3 * k), dtype=jobs[0][1].dtype)
-            block[:, :total], block[:, total: 2 * total] = got[0], got[1]
-            at = 2 * total
+            rt = k if per else total  # the row's channels
+            block = np.empty((n, 2 * rt + 3 * k), dtype=jobs[0][1].dtype)
+            if per:
+                block[:, :k], block[:, k: 2 * k] = _collapse(got[0], got[1], offs, per)
+            else:
+                block[:, :total], block[:, total: 2 * total] = got[0], got[1]
+            at = 2 * rt
             block[:, at: at + k] = np.minimum.reduceat(got[2], offs, axis=1)
             block[:, at + k: at + 2 * k] = np.maximum.reduceat(got[3], offs, axis=1)
             block[:, at + 2 * k:] = np.add.reduceat(got[4], offs, axis=1)
@@ -1605,16 +1616,21 @@ class Recorder:
         for members in _split(groups.values(), _HOLD_MAX if threaded else _GROUP_MAX):
             widths = [m.stash.shape[1] for m in members]
             k, total = len(members), sum(widths)
+            # the row's channels per member: all of them, or one (whole-tensor: collapsed on the host, which
+            # needs the values per channel, A x B)
+            row_widths = [1] * k if self._whole else widths
+            rt = sum(row_widths)
+            per = members[0].stash.numel() // widths[0] if self._whole else 0
             off = 0
             for j, m in enumerate(members):
-                c = widths[j]
-                cols[m.index] = (m.name, _Cols(c, pos + off, pos + total + off, pos + 2 * total + j,
-                                               pos + 2 * total + k + j, pos + 2 * total + 2 * k + j, -1))
+                c = row_widths[j]
+                cols[m.index] = (m.name, _Cols(c, pos + off, pos + rt + off, pos + 2 * rt + j, pos + 2 * rt + k + j,
+                                               pos + 2 * rt + 2 * k + j, -1))
                 grouped.append(m.index)
                 off += c
-            spans.append((pos, spos, total, np.cumsum([0, *widths[:-1]]), k))
+            spans.append((pos, spos, total, np.cumsum([0, *widths[:-1]]), k, per))
             members_of.append((members, spos, total))
-            pos += 2 * total + 3 * k
+            pos += 2 * rt + 3 * k
             spos += 5 * total
         row_tail, raw_tail = pos, spos
         for s in accs:
@@ -1653,7 +1669,7 @@ class Recorder:
         # steps of this structure per batch: the first count that reaches either bound
         plan.batch = max(1, min(_BATCH_STEPS, -(-_BATCH_VALUES // max(held, 1))))
         if plan.order and not accs:
-            plan.ints = np.array([(1, s.stash.numel() // s.stash.shape[1]) for s in plan.order], dtype=np.int64)
+            plan.ints = np.array([(1, s.n) for s in plan.order], dtype=np.int64)
         size = raw_tail + pos - row_tail
         if size:
             plan.raw = torch.zeros(size, dtype=torch.float32, device=device)

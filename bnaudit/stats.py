@@ -42,12 +42,19 @@ def reduce_dims(x: torch.Tensor, channel_dim: int | None) -> tuple[int, ...]:
 
 def as_3d(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
     """View ``x`` as ``(A, C, B)``: everything before the channel dimension, the channels, everything after
-    (``(1, 1, numel)`` when ``channel_dim`` is None). Per-channel reductions are then over dims (0, 2), and
-    tensors with equal A and B can be concatenated along the channels and reduced together."""
-    if channel_dim is None or x.dim() < 2:
+    (``(1, 1, numel)`` when ``channel_dim`` is None). When the channels come last (``(N, C)``, or ``(N, L, F)``
+    with ``channel_dim=-1``) the view is ``(A, C)``, which every reduction here takes as B = 1 (a 2-D tensor
+    is returned as it is). Per-channel reductions are then over dims (0, 2), and tensors with equal A and B
+    can be concatenated along the channels and reduced together."""
+    nd = x.dim()
+    if channel_dim is None or nd < 2:
         return x.reshape(1, 1, -1)
-    c = channel_dim % x.dim()
+    c = channel_dim % nd
+    if nd == 2 and c == 1:
+        return x
     a = math.prod(x.shape[:c])
+    if c == nd - 1:
+        return x.reshape(a, x.shape[c])
     return x.reshape(a, x.shape[c], -1)
 
 

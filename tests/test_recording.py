@@ -86,7 +86,10 @@ MODELS = {
 
 @pytest.mark.parametrize("layout", list(MODELS))
 @pytest.mark.parametrize("scale", [1, 1024], ids=["grouped", "in-hook"])
-def test_recorded_stats_equal_direct_computation(layout, scale):
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "whole"])
+def test_recorded_stats_equal_direct_computation(layout, scale, per_channel):
+    # Whole-tensor rows (per_channel=False) are reduced per channel and collapsed on the host: the same
+    # whole-tensor statistics, one channel per layer.
     factory, shape = MODELS[layout]
     torch.manual_seed(0)
     model = factory()
@@ -94,7 +97,7 @@ def test_recorded_stats_equal_direct_computation(layout, scale):
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(*shape, generator=g) * 2 + 1 for _ in range(3)]
     acts, handles = _capture(model)
-    h = _train(model, batches)
+    h = _train(model, batches, per_channel=per_channel)
     for hd in handles:
         hd.remove()
     assert len(h) == 3 and list(h.steps) == [0, 1, 2]
@@ -103,8 +106,13 @@ def test_recorded_stats_equal_direct_computation(layout, scale):
         x0 = ref[0]
         cd = -1 if isinstance(dict(model.named_modules())[name], nn.Linear) and x0.dim() > 2 else 1
         dims = tuple(d for d in range(x0.dim()) if d != cd % x0.dim())
-        cm = np.stack([r.double().mean(dims).numpy() for r in ref])
-        cv = np.stack([r.double().var(dims, unbiased=False).numpy() for r in ref])
+        if per_channel:
+            cm = np.stack([r.double().mean(dims).numpy() for r in ref])
+            cv = np.stack([r.double().var(dims, unbiased=False).numpy() for r in ref])
+        else:
+            cm = np.array([[r.double().mean()] for r in ref])
+            cv = np.array([[r.double().var(unbiased=False)] for r in ref])
+            cd = None
         np.testing.assert_allclose(h.series(name, "channel_mean"), cm, rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(h.series(name, "channel_var"), cv, rtol=1e-4, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(h.series(name, "mean"), [r.double().mean() for r in ref], rtol=1e-5, atol=1e-6)
@@ -113,7 +121,8 @@ def test_recorded_stats_equal_direct_computation(layout, scale):
         np.testing.assert_allclose(h.series(name, "max"), [r.max() for r in ref], rtol=1e-6)
         np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-7)
         assert (h.series(name, "nonfinite_frac") == 0).all()
-        assert (h.series(name, "count") == x0.numel() // x0.shape[cd]).all()
+        assert (h.series(name, "count") == x0.numel() // (x0.shape[cd] if cd is not None else 1)).all()
+        assert per_channel or h.info[name]["channel_dim"] is None
     _no_hooks(model)
 
 
