@@ -8,8 +8,12 @@ Three models, one training step each (forward, cross-entropy, backward, SGD):
 Variants, each on its own copy of the model with its own optimizer, timed interleaved in one process: each
 round runs a block of consecutive steps of every variant, in a shuffled order, so drift in machine load hits
 all alike while each variant still runs as a training loop does, step after step (the recorder may reduce a
-step on its own thread during the next one: its last step in a block includes waiting for that, and the
-first step of a block is not timed). The ratio printed is paired: each round's block time over the unhooked
+step on its own thread during the next one, or a batch of small steps at once: the last step of a block
+includes reducing and writing whatever is still pending, as a read of the history would, and the first step
+of a block is not timed). Blocks are 100 steps for (a), 20 for (b) and 3 for (c): long enough to span several
+of the recorder's batches of small steps (14 of (a)'s) and `every=10`'s recorded steps, as a training loop
+that reads its history now and then does; a shorter block charges each block a partial batch reduced while
+the caller waits (with 20-step blocks (a) measured about 0.05x more). The ratio printed is paired: each round's block time over the unhooked
 block time of the same round, median over rounds, so that a slow stretch of a shared machine cancels instead
 of landing on whichever variant ran then; the median step time is printed beside it:
   none        no hooks;
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         heavy = key == "c" and device.type == "cpu"
         rounds = args.rounds or ((4 if heavy else 8) if args.quick else (20 if heavy else 30))
-        block = 3 if heavy else (20 if key == "a" else 10)
+        block = 3 if heavy else (100 if key == "a" else 20)
         steps = args.steps or ((20 if heavy else 100) if args.quick else 500)
         res = bench(key, rounds, block, steps, device)
         med, ratio = res["median"], res["ratio"]

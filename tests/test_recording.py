@@ -451,6 +451,7 @@ def _async(monkeypatch, on: bool) -> None:
 
     monkeypatch.setattr(recording, "_spare_core", lambda: on)
     monkeypatch.setattr(recording, "_ASYNC_MIN", 0)
+    monkeypatch.setattr(recording, "_THREAD_RUN", 2000)  # several runs per step there, as on a large model
 
 
 def _mlp_run(steps: int = 5):
