@@ -650,6 +650,36 @@ def test_hooks_fast_path_follows_every_change_of_structure(monkeypatch):
     np.testing.assert_allclose(h.series("act", "max"), [torch.cat(c).max() for c in per_step], rtol=1e-6)
 
 
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "recorders-thread"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_are_recorded_exactly(monkeypatch, dtype, threaded):
+    # Half precision is reduced in float32 (batched, held and in-hook alike), double in double: the recorded
+    # statistics (kept in float32) equal a float64 computation on the very values the model produced.
+    from bnaudit import recording
+
+    monkeypatch.setattr(recording, "_spare_core", lambda: threaded)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(16, 6, generator=g).to(dtype) for _ in range(4)] + [torch.randn(10000, 6, generator=g).to(dtype)]  # 80000 values: in-hook
+    acts, handles = _capture(model)
+    with torch.no_grad(), record(model) as rec:
+        for x in batches:
+            model(x)
+            rec.step()
+    for hd in handles:
+        hd.remove()
+    h = rec.history
+    tol = 1e-5
+    for name in h.layers:
+        ref = [r.double() for r in acts[name]]
+        np.testing.assert_allclose(h.series(name, "channel_mean"), np.stack([r.mean(0) for r in ref]), rtol=tol, atol=tol)
+        np.testing.assert_allclose(h.series(name, "channel_var"), np.stack([r.var(0, unbiased=False) for r in ref]),
+                                   rtol=10 * tol, atol=tol)
+        np.testing.assert_allclose(h.series(name, "max"), [r.max() for r in ref], rtol=tol)
+        np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-12)
+
+
 def test_torch_thread_count_is_restored():
     # Small reductions run with torch's intra-op threads switched off for the call; the user's setting is back
     # after every hook and step, and after the block.
