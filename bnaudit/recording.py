@@ -1049,6 +1049,9 @@ class Recorder:
                 "initial_var": m.running_var.detach().cpu().double().numpy().copy() if c else None,
                 "initial_num_batches_tracked": int(nbt) if isinstance(nbt, torch.Tensor) else -1,
                 "buffers_recorded": bool(c) and self.per_channel,
+                # without weight and bias nothing of its own trains: BN307 then counts the model's steps
+                "affine": isinstance(getattr(m, "weight", None), torch.Tensor)
+                or isinstance(getattr(m, "bias", None), torch.Tensor),
             }
         self._versions = self._param_versions()
         self._nbt = self._bn_counter()

@@ -988,11 +988,16 @@ def history_eval_mode_steps(history: Any) -> list[EvalModeSpan]:
     counts: dict[str, list[int]] = {}
     steps: list[int] = []
     updated: list[bool] | None = None
+    info = getattr(history, "bn_info", {})
     for layer in history.bn_layers:
         modes = history.bn_modes(layer)
         steps = [int(s) for s in modes.steps]
         training[layer] = [bool(v) for v in modes.training]
-        grads[layer] = [bool(v) for v in modes.requires_grad]
+        if info.get(layer, {}).get("affine") is False:
+            # no affine parameters: it is part of whatever trains, and its statistics stall all the same
+            grads[layer] = [True] * len(training[layer])
+        else:
+            grads[layer] = [bool(v) for v in modes.requires_grad]
         counts[layer] = [int(v) for v in modes.num_batches_tracked]
         updated = [bool(v) for v in modes.updated]
     return eval_mode_steps(steps, training, grads, counts, updated)

@@ -981,10 +981,13 @@ class TrainingInEvalMode(Rule):
                 who, its = f"{kind} {layers[0]}", "its"
             else:
                 who, its = f"{len(layers)} BatchNorm layers ({_names(layers)})", "their"
+            info = getattr(getattr(ctx.history, "history", ctx.history), "bn_info", {})
+            affine = any(info.get(name, {}).get("affine", True) for name in layers)
+            trained = f"{its} weights were being trained" if affine else "the model was being trained"
             yield self.finding(
                 layers[0] if len(layers) == 1 else None,
                 f"{who} stayed in eval mode for {len(steps)} of {first.trained_steps} recorded optimizer steps "
-                f"(steps {first.first}-{first.last}) while {its} weights were being trained{stalled}",
+                f"(steps {first.first}-{first.last}) while {trained}{stalled}",
                 {
                     "layers": layers,
                     "eval_steps": len(steps),

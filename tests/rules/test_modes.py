@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import bnaudit
 from bnaudit.rules import get_rule
@@ -168,6 +169,28 @@ def test_bn307_recorded_run():
     assert not tolerant.findings
     skipped = bnaudit.inspect(R._left_in_eval(), None, select=["BN307"], input_shape="64")
     assert "BN307" in skipped.rules_skipped
+
+
+def test_bn307_counts_a_batchnorm_without_affine_parameters():
+    # BatchNorm1d(affine=False) has no weights of its own, yet left in eval mode while the model trains it
+    # normalizes with stalled running statistics all the same.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, affine=False), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with bnaudit.record(model) as rec:
+        for step in range(12):
+            model(torch.randn(32, 8, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 4:
+                model.eval()  # a validation pass that never switches back
+            rec.step()
+    assert rec.history.bn_info["1"]["affine"] is False
+    report = bnaudit.inspect(model, None, select=["BN307"], history=rec.history, input_shape="8")
+    (f,) = _hits(report, "BN307")
+    assert f.layer == "1" and f.evidence["eval_steps"] == 7 and f.evidence["trained_steps"] == 12
+    assert "while the model was being trained" in f.message
 
 
 def test_every_bn3_rule_documents_options_and_cases():
