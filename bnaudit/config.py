@@ -196,7 +196,13 @@ class Config:
         return out
 
     def selection(self) -> tuple[list[str], list[str]]:
-        """``(select, ignore)`` patterns for the rule registry, with ``enabled:`` switches applied."""
+        """``(select, ignore)`` patterns for the rule registry, with ``enabled:`` switches applied.
+
+        ``enabled: true`` wins over any ignore pattern that covers the rule: a prefix or glob that does
+        (``ignore: [BN3]`` with ``BN307: {enabled: true}``) is replaced by the codes it covers, less the
+        rules switched on."""
+        from bnaudit.rules.base import all_rules, matches
+
         select = list(self.select)
         ignore = list(self.ignore)
         for key, settings in self.rules.items():
@@ -205,7 +211,15 @@ class Config:
             elif settings.enabled is True:
                 if select and key not in select:
                     select.append(key)
-                ignore = [p for p in ignore if p != key]
+                on = {r.code for r in all_rules() if matches(r.code, r.name, [key])}
+                kept: list[str] = []
+                for p in ignore:
+                    covered = [r.code for r in all_rules() if matches(r.code, r.name, [p])]
+                    if not on.intersection(covered):
+                        kept.append(p)
+                    else:
+                        kept += [c for c in covered if c not in on and c not in kept]
+                ignore = kept
         return select, ignore
 
 

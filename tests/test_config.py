@@ -82,6 +82,22 @@ def test_rule_config_prefix_then_exact_code():
     assert ignore == ["BN102", "BN110"]
 
 
+def test_enabled_true_overrides_a_prefix_or_glob_ignore():
+    # `enabled: true` on one rule wins over a broader ignore: the prefix is replaced by the codes it covers,
+    # less the rule switched on; an ignore that does not cover it is left alone.
+    from bnaudit.rules.base import select_rules
+
+    cfg = parse_config("rules:\n  ignore: [BN3, BN10*, BN201]\n  BN307: {enabled: true}\n  BN104: {enabled: true}\n")
+    select, ignore = cfg.selection()
+    chosen = {r.code for r in select_rules(select or None, ignore or None)}
+    assert {"BN307", "BN104"} <= chosen
+    assert not chosen & {"BN301", "BN306", "BN101", "BN109", "BN201"}
+    assert "BN201" in ignore and "BN3" not in ignore and "BN10*" not in ignore
+    # without the switch the prefix still ignores the whole family
+    plain = parse_config("rules:\n  ignore: [BN3]\n").selection()
+    assert not {r.code for r in select_rules(None, plain[1])} & {"BN301", "BN307"}
+
+
 def test_presets_ship_and_strict_extends_default():
     assert preset_names() == ["default", "strict"]
     assert parse_config("extends: default\n").fail_on == "error"
