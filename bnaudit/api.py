@@ -84,7 +84,7 @@ def inspect(
 
         shape = parse_shape(input_shape, "--input-shape") if isinstance(input_shape, str) else tuple(input_shape)
         example = torch.randn(min(batch_size, 4) if batch_size > 1 else 2, *shape)
-    return run_audit(
+    report = run_audit(
         loaded.module,
         name=name or loaded.spec,
         data=source,
@@ -100,3 +100,10 @@ def inspect(
         prefer_graph=graph,
         meta={"weights": str(weights)} if weights else None,
     )
+    if report.source_path is not None:
+        from dataclasses import replace
+
+        from bnaudit.report.locations import layer_lines
+
+        report = replace(report, source_lines=layer_lines(loaded.module, report.source_path, loaded.named))
+    return report

@@ -156,6 +156,8 @@ class Report:
         rules_run: codes of the rules that ran.
         rules_skipped: code -> reason (e.g. ``needs --data``).
         source_path: the file the model came from, when known (SARIF locations use it).
+        source_lines: layer -> the line of ``source_path`` that creates it (``""``: the model's own line), for
+            the formats that point at lines; empty when unknown.
         meta: anything else worth keeping (data spec, batch size, device, torch version).
     """
 
@@ -168,6 +170,11 @@ class Report:
     rules_skipped: Mapping[str, str] = field(default_factory=dict)
     source_path: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    source_lines: Mapping[str, int] = field(default_factory=dict)
+
+    def line_of(self, layer: str | None) -> int:
+        """The source line a finding on ``layer`` points at: the layer's, else the model's, else 1."""
+        return int(self.source_lines.get(layer or "", self.source_lines.get("", 1)))
 
     @property
     def summary(self) -> dict[str, int]:
@@ -183,6 +190,7 @@ class Report:
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "source_path": self.source_path,
+            "source_lines": dict(self.source_lines),
             "graph": {"method": self.graph_method, "note": self.graph_note},
             "summary": self.summary,
             "findings": [f.to_dict() for f in self.findings],

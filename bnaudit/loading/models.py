@@ -28,12 +28,14 @@ class LoadedModel:
         spec: the spec text (or the class name for an object passed in).
         source_path: the .py or .pt file it came from, when known.
         namespace: the Python module the spec pointed into (to find build_data / predict), or None.
+        named: what the spec named in it (a factory function, a class or an instance), or None.
     """
 
     module: nn.Module
     spec: str
     source_path: Path | None = None
     namespace: types.ModuleType | None = None
+    named: Any = None
 
 
 def _call_factory(obj: Any, spec: str) -> Any:
@@ -92,7 +94,7 @@ def load_model(
             module = _call_factory(obj, text)
             if not isinstance(module, nn.Module):
                 raise SpecError(f"{text}: returned a {type(module).__name__}, not a torch.nn.Module; return the model itself")
-            loaded = LoadedModel(module, text, py.path.resolve() if py.path else _module_file(namespace), namespace)
+            loaded = LoadedModel(module, text, py.path.resolve() if py.path else _module_file(namespace), namespace, obj)
     if weights is not None:
         load_weights(loaded.module, weights)
     return loaded

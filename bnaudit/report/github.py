@@ -45,7 +45,7 @@ def render(reports: Sequence[Report], **opts: Any) -> str:
             audit = f.audit or report.model
             props = []
             if uri and "://" not in uri:
-                props += [f"file={escape_property(uri)}", "line=1"]
+                props += [f"file={escape_property(uri)}", f"line={report.line_of(f.layer)}"]
             props.append(f"title={escape_property(f'bnaudit {f.code} {f.name}')}")
             where = f"layer {f.layer}" if f.layer else "model-wide"
             body = f"[{audit}] {where}: {f.message}\nFix: {f.fix}"

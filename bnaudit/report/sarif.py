@@ -2,8 +2,9 @@
 
 All audits go into one run of one tool, ``bnaudit``. Rule metadata (summary, documentation, default level)
 comes from the rule registry; a code the registry does not know (a plugin that is not installed here) falls
-back to what its findings carry. A finding's location is the model's source file (line 1: models are
-built by code, not declared line by line) plus a logical location naming the layer, and the layer is also
+back to what its findings carry. A finding's location is the model's source file, at the line that creates its layer (``self.fc =
+...`` in a class of that file; else its nearest located ancestor's line, else the line of what the spec
+named, else 1: see ``report.locations``), plus a logical location naming the layer, and the layer is also
 named in the message, because most viewers show only the message. ``partialFingerprints`` hold a hash of
 code + audit + layer, the same identity the baseline uses, so services track a finding across runs even when
 its message's numbers change."""
@@ -122,7 +123,8 @@ def to_sarif(reports: Sequence[Report], *, root: str | Path | None = None, defau
             }
             location: dict[str, Any] = {}
             if uri:
-                location["physicalLocation"] = {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}
+                location["physicalLocation"] = {"artifactLocation": {"uri": uri},
+                                                "region": {"startLine": report.line_of(f.layer)}}
             if f.layer:
                 location["logicalLocations"] = [
                     {"name": f.layer, "fullyQualifiedName": f"{f.audit or report.model}/{f.layer}", "kind": "member"}
