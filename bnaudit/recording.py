@@ -45,7 +45,8 @@ fewer than 131072 values are reduced in batches of up to 32 steps (512K held val
 and the batch is reduced at once when it is full, when the row structure changes, when ``history`` is read,
 and at the end of the block. For small tensors this turns a dozen calls per step into a dozen per batch, and
 the batch's rows are written in one assignment per step; the waiting tensors stay alive until then (at most
-512K values, 2 MB in float32, and the batch's scratch buffers take as much again, twice). Once steps repeat
+512K values, 2 MB in float32, and as much again for the batch before while the recorder's thread reduces it;
+the batch's scratch buffers take as much again, twice). Once steps repeat
 one structure (every layer held, called once), a hook whose tensor has last step's shape, dtype and device
 holds it as last step's was held without deciding anything anew, and ``step()`` reuses last step's plan
 without rebuilding its key: on a small MLP those decisions cost as much as the hooks themselves. NaN/Inf show up in the channel means and are counted exactly only when they are
