@@ -34,8 +34,8 @@ tensor (two-pass per-channel mean and M2, min/max, nonzero count; for a tensor w
 in one call). A tensor of more than 65536 values is reduced in its hook, while it is still hot in cache,
 straight into a statistics buffer the layer keeps (a Conv output that feeds a BatchNorm is reduced once for
 both). A smaller one is only held (a detached view, no copy) until ``step()``, which concatenates held tensors
-of one batch and trailing size (any widths) along their channels, in runs of up to 65536 values (262144 on
-the recorder's thread, see Threads), and reduces each run at once: for small tensors the per-call cost, not
+of one batch and trailing size (any widths) along their channels, in runs of up to 262144 values (1 MB of
+float32, a core's L2 here), and reduces each run at once: for small tensors the per-call cost, not
 the arithmetic, is what counts. At most 4M values are held per step; past that, tensors are reduced in their
 hook. Temporaries go to scratch buffers that the recorder keeps until it exits (about two copies of the
 largest tensor reduced in a hook, and of one run): a fresh large temporary costs page faults that outweigh the
@@ -136,10 +136,11 @@ _GROUP_MAX = 1 << 16
 # At most this many values are held per step (a bound on what holding can keep alive); past it, tensors are
 # reduced in their hook.
 _HOLD_MAX = 1 << 22
-# A step reduced on the recorder's thread is reduced in runs of at most this many values (1 MB of float32, a
-# core's L2 here): its passes then stay in that core's own cache instead of streaming through the cache the
-# training step shares (measured on the 10-layer MLP at 1 thread: 1.13-1.15x against 1.17-1.25x in one run).
-_THREAD_RUN = 1 << 18
+# Held tensors of a step are reduced in runs of at most this many values (1 MB of float32, a core's L2 here):
+# few calls, yet each run's passes stay in one core's cache. Measured on the 10-layer MLP: on the recorder's
+# thread 1.13-1.15x against 1.17-1.25x in one run; inline at 2 threads 1.27-1.31x against 1.34-1.38x in runs
+# of 65536.
+_RUN_MAX = 1 << 18
 # With a core to spare (torch using fewer threads than the process may run on), a step holding at least this
 # many values is reduced on the recorder's thread while the next step runs. Below that the hand-over costs
 # more than it saves (both threads then contend for Python's lock).
@@ -1617,12 +1618,11 @@ class Recorder:
         grouped = []
         spans = []
         members_of = []
-        # A step reduced on the recorder's thread is reduced in runs of _THREAD_RUN values: fewer calls than
-        # inline (each call there contends with the training step for Python's lock), yet each run stays in
-        # that thread's core's cache.
+        # Runs of _RUN_MAX values: few calls (on the recorder's thread each contends with the training step
+        # for Python's lock), yet each run stays in one core's cache.
         held = sum(m.stash.numel() for members in groups.values() for m in members)
         threaded = self._async and held >= _ASYNC_MIN and (device is None or device.type == "cpu")
-        for members in _split(groups.values(), _THREAD_RUN if threaded else _GROUP_MAX):
+        for members in _split(groups.values(), _RUN_MAX):
             widths = [m.stash.shape[1] for m in members]
             k, total = len(members), sum(widths)
             # the row's channels per member: all of them, or one (whole-tensor: collapsed on the host, which

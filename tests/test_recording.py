@@ -416,7 +416,7 @@ def test_held_groups_split_into_runs_keep_exact_stats(monkeypatch):
     # runs of one structure, step after step; every layer's row still equals a direct computation.
     from bnaudit import recording
 
-    monkeypatch.setattr(recording, "_GROUP_MAX", 16 * 16)
+    monkeypatch.setattr(recording, "_RUN_MAX", 16 * 16)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 13), nn.Sigmoid(), nn.Linear(13, 3))
     g = torch.Generator().manual_seed(5)
@@ -451,7 +451,7 @@ def _async(monkeypatch, on: bool) -> None:
 
     monkeypatch.setattr(recording, "_spare_core", lambda: on)
     monkeypatch.setattr(recording, "_ASYNC_MIN", 0)
-    monkeypatch.setattr(recording, "_THREAD_RUN", 2000)  # several runs per step there, as on a large model
+    monkeypatch.setattr(recording, "_RUN_MAX", 2000)  # several runs per step there, as on a large model
 
 
 def _mlp_run(steps: int = 5):
