@@ -181,6 +181,30 @@ def test_every_and_scalar_mode():
     assert h.bytes_per_step < 200
 
 
+def test_whole_tensor_variance_stays_exact_far_from_zero():
+    # Whole-tensor rows merge per-channel moments on the host (Chan's update in float64): channels whose means
+    # differ by thousands of standard deviations still give the whole tensor's variance, where
+    # E[x^2] - E[x]^2 in float32 would keep no digit of it.
+    lin = nn.Linear(3, 4)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([1e4, 1e4 + 1.0, -2e4, 5.0]))
+        lin.weight[:, 0] = torch.tensor([1.0, 0.5, 2.0, 0.25])
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(64, 3, generator=g) for _ in range(3)]
+    model = nn.Sequential(lin)
+    outs = []
+    with torch.no_grad(), record(model, per_channel=False) as rec:
+        for x in xs:
+            outs.append(model(x).double())
+            rec.step()
+    h = rec.history
+    assert h.layers == ["0"]
+    np.testing.assert_allclose(h.series("0", "var"), [o.var(unbiased=False) for o in outs], rtol=1e-6)
+    # the mean of channels at +-1e4 is a cancellation: good to float32's resolution there (1e-3), no better
+    np.testing.assert_allclose(h.series("0", "mean"), [o.mean() for o in outs], atol=2e-3)
+
+
 def test_inplace_ops_are_measured_before_they_overwrite():
     class Functional(nn.Module):
         def __init__(self):
