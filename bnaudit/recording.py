@@ -717,11 +717,10 @@ class _Slot:
 class _Group:
     """Held tensors reduced together at step(): one batch and trailing size, layout, dtype and device."""
 
-    __slots__ = ("numel", "shape", "slots", "views")
+    __slots__ = ("shape", "slots", "views")
 
     def __init__(self, slots: list[_Slot], shape: tuple[int, ...], views: tuple[torch.Tensor, ...]):
         self.slots, self.shape, self.views = slots, shape, views  # views: the 5 result slices of the raw row
-        self.numel = math.prod(shape)
 
 
 class _Plan:
@@ -837,20 +836,28 @@ def _collapse(means: np.ndarray, m2s: np.ndarray, offs: np.ndarray, per: int) ->
     return mu, np.add.reduceat(m2s.astype(np.float64), offs, axis=-1) + per * np.add.reduceat(dev * dev, offs, axis=-1)
 
 
-def _write_span(values: np.ndarray, span: tuple, got: np.ndarray) -> None:
-    """Write one held group's results into a history row: ``got`` holds its per-channel ``means | m2s | mins |
-    maxes | nonzeros``; means and M2s go in as they are (or collapsed to one per member for whole-tensor
-    rows), extremes and counts reduced to one per member."""
-    pos, _, total, offs, k, per = span
+def _span_rows(got: np.ndarray, span: tuple, dtype: np.dtype) -> np.ndarray:
+    """One held group's slice of the history rows of ``n`` steps, from its per-channel results ``got`` of
+    shape ``(5, n, channels)`` (``means | m2s | mins | maxes | nonzeros``): means and M2s as they are (or
+    collapsed to one per member for whole-tensor rows), extremes and counts reduced to one per member."""
+    _, _, total, offs, k, per = span
+    rt = k if per else total  # the row's channels
+    block = np.empty((got.shape[1], 2 * rt + 3 * k), dtype=dtype)
     if per:
-        values[pos: pos + k], values[pos + k: pos + 2 * k] = _collapse(got[:total], got[total: 2 * total], offs, per)
-        at = pos + 2 * k
+        block[:, :k], block[:, k: 2 * k] = _collapse(got[0], got[1], offs, per)
     else:
-        values[pos: pos + 2 * total] = got[: 2 * total]
-        at = pos + 2 * total
-    values[at: at + k] = np.minimum.reduceat(got[2 * total: 3 * total], offs)
-    values[at + k: at + 2 * k] = np.maximum.reduceat(got[3 * total: 4 * total], offs)
-    values[at + 2 * k: at + 3 * k] = np.add.reduceat(got[4 * total: 5 * total], offs)
+        block[:, :total], block[:, total: 2 * total] = got[0], got[1]
+    at = 2 * rt
+    block[:, at: at + k] = np.minimum.reduceat(got[2], offs, axis=1)
+    block[:, at + k: at + 2 * k] = np.maximum.reduceat(got[3], offs, axis=1)
+    block[:, at + 2 * k:] = np.add.reduceat(got[4], offs, axis=1)
+    return block
+
+
+def _write_span(values: np.ndarray, span: tuple, got: np.ndarray) -> None:
+    """Write one held group's results (flat ``means | m2s | mins | maxes | nonzeros``) into one history row."""
+    row = _span_rows(got.reshape(5, 1, span[2]), span, values.dtype)[0]
+    values[span[0]: span[0] + len(row)] = row
 
 
 def _spare_core() -> bool:
@@ -1537,22 +1544,13 @@ class Recorder:
         n = len(jobs)
         found = False
         for i, (g, span) in enumerate(zip(plan.groups, plan.spans)):
-            pos, _, total, offs, k, per = span
+            pos, total = span[0], span[2]
             x = self._cat([x for job in jobs for x, _ in job[0][i]], (g.shape[0], total * n, *g.shape[2:]),
                           buffers + "bcat")
             res = self._buf(buffers + "bres", x, 5 * total * n).view(5, total * n)
             group_stats(x, work=self._buf(buffers + "bwork", x), out=tuple(res))
             got = res.numpy().reshape(5, n, total)  # (statistic, step, channel)
-            rt = k if per else total  # the row's channels
-            block = np.empty((n, 2 * rt + 3 * k), dtype=jobs[0][1].dtype)
-            if per:
-                block[:, :k], block[:, k: 2 * k] = _collapse(got[0], got[1], offs, per)
-            else:
-                block[:, :total], block[:, total: 2 * total] = got[0], got[1]
-            at = 2 * rt
-            block[:, at: at + k] = np.minimum.reduceat(got[2], offs, axis=1)
-            block[:, at + k: at + 2 * k] = np.maximum.reduceat(got[3], offs, axis=1)
-            block[:, at + 2 * k:] = np.add.reduceat(got[4], offs, axis=1)
+            block = _span_rows(got, span, jobs[0][1].dtype)
             found = found or not np.isfinite(got[0]).all()  # a NaN/Inf anywhere makes its channel's mean one
             for job, row in zip(jobs, block):
                 job[1][pos: pos + len(row)] = row
