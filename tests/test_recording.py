@@ -46,6 +46,22 @@ def _train(model: nn.Module, batches, **kw):
     return rec.history
 
 
+def _train_captured(model: nn.Module, batches, **kw):
+    """``_train`` with every leaf's output captured as it was produced: (history, captured activations)."""
+    acts, handles = _capture(model)
+    try:
+        return _train(model, batches, **kw), acts
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def _mlp_5_7_13_3() -> nn.Module:
+    """Held tensors of widths 7, 7, 13, 13 and 3 (a batch of 16: 112, 112, 208, 208 and 48 values)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 13), nn.Sigmoid(), nn.Linear(13, 3))
+
+
 def _snapshot(model: nn.Module):
     return ({k: v.clone() for k, v in model.state_dict().items()}, {n: m.training for n, m in model.named_modules()})
 
@@ -96,10 +112,7 @@ def test_recorded_stats_equal_direct_computation(layout, scale, per_channel):
     shape = (shape[0] * scale, *shape[1:])
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(*shape, generator=g) * 2 + 1 for _ in range(3)]
-    acts, handles = _capture(model)
-    h = _train(model, batches, per_channel=per_channel)
-    for hd in handles:
-        hd.remove()
+    h, acts = _train_captured(model, batches, per_channel=per_channel)
     assert len(h) == 3 and list(h.steps) == [0, 1, 2]
     for name in h.layers:
         ref = acts[name]
@@ -424,14 +437,8 @@ def test_hold_budget_and_mixed_widths_keep_exact_stats(monkeypatch):
     import bnaudit.recording as recording
 
     monkeypatch.setattr(recording, "_HOLD_MAX", 16 * 7 + 16 * 7 + 16 * 13)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 13), nn.Sigmoid(), nn.Linear(13, 3))
     g = torch.Generator().manual_seed(4)
-    batches = [torch.randn(16, 5, generator=g) for _ in range(3)]
-    acts, handles = _capture(model)
-    h = _train(model, batches)
-    for hd in handles:
-        hd.remove()
+    h, acts = _train_captured(_mlp_5_7_13_3(), [torch.randn(16, 5, generator=g) for _ in range(3)])
     _assert_nc_rows_match(h, acts)
 
 
@@ -441,14 +448,8 @@ def test_held_groups_split_into_runs_keep_exact_stats(monkeypatch):
     from bnaudit import recording
 
     monkeypatch.setattr(recording, "_RUN_MAX", 16 * 16)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 13), nn.Sigmoid(), nn.Linear(13, 3))
     g = torch.Generator().manual_seed(5)
-    batches = [torch.randn(16, 5, generator=g) for _ in range(4)]
-    acts, handles = _capture(model)
-    h = _train(model, batches)
-    for hd in handles:
-        hd.remove()
+    h, acts = _train_captured(_mlp_5_7_13_3(), [torch.randn(16, 5, generator=g) for _ in range(4)])
     assert len(h) == 4
     _assert_nc_rows_match(h, acts)
 

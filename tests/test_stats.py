@@ -20,6 +20,19 @@ def _ref(x: torch.Tensor, channel_dim: int = 1):
     return xd.mean(dims), xd.var(dims, unbiased=False)
 
 
+def _assert_group_stats(got, x: torch.Tensor) -> None:
+    """``group_stats``' five results for ``x`` (channels on dim 1) equal a direct computation."""
+    mean, m2, mn, mx, nz = got
+    ref_mean, ref_var = _ref(x)
+    dims = reduce_dims(x, 1)
+    n = x.numel() // x.shape[1]
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((m2 / n).double(), ref_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mn, x.amin(dims))
+    torch.testing.assert_close(mx, x.amax(dims))
+    torch.testing.assert_close(nz, (x != 0).sum(dims).float())
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCL", "NCHW"])
 def test_channel_stats_match_direct_computation(shape):
     g = torch.Generator().manual_seed(0)
@@ -38,15 +51,7 @@ def test_channel_stats_match_direct_computation(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCL", "NCHW"])
 def test_group_stats_per_channel(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).relu()
-    mean, m2, mn, mx, nz = group_stats(as_3d(x, 1))
-    ref_mean, ref_var = _ref(x)
-    dims = reduce_dims(x, 1)
-    n = x.numel() // shape[1]
-    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close((m2 / n).double(), ref_var, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mn, x.amin(dims))
-    torch.testing.assert_close(mx, x.amax(dims))
-    torch.testing.assert_close(nz, (x != 0).sum(dims).float())
+    _assert_group_stats(group_stats(as_3d(x, 1)), x)
 
 
 @pytest.mark.parametrize("shape", [(16, 5), (6, 5, 7), (3, 5, 9, 10)], ids=["B=1", "B=7", "B=90"])
@@ -58,15 +63,8 @@ def test_stats_with_scratch_and_both_reduction_orders(shape, with_work):
     x[x.abs() < 0.3] = 0.0
     x3 = as_3d(x, 1)
     work = torch.full((x.numel() + 11,), float("nan")) if with_work else None
-    mean, m2, mn, mx, nz = group_stats(x3, work=work)
+    _assert_group_stats(group_stats(x3, work=work), x)
     ref_mean, ref_var = _ref(x)
-    dims = reduce_dims(x, 1)
-    n = x.numel() // shape[1]
-    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close((m2 / n).double(), ref_var, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mn, x.amin(dims))
-    torch.testing.assert_close(mx, x.amax(dims))
-    torch.testing.assert_close(nz, (x != 0).sum(dims).float())
     st_ = channel_stats(x3, count_nonfinite_values=True, work=work)
     torch.testing.assert_close(st_.mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close((st_.m2 / st_.n).double(), ref_var, rtol=1e-5, atol=1e-6)

@@ -70,16 +70,20 @@ def moments(rank: int) -> dict:
     }
 
 
-def recording(rank: int) -> dict:
+STATS = ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac", "count")
+
+
+def _recorded_split(rank: int, **kw):
+    """Recorders over three global batches of cancer data: this rank's share of each (``record(**kw)``) and,
+    as the reference, the whole batch in one process. Returns ``(rank_recorder, reference_recorder)``."""
     import bnaudit
-    from bnaudit.distributed import reduce_history, reduce_row
 
     x = torch.from_numpy(_cancer())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 2)).eval()
     reference = copy.deepcopy(model)
     batches = [x[GLOBAL * t : GLOBAL * (t + 1)] for t in range(3)]
-    with torch.no_grad(), bnaudit.record(model) as rec:
+    with torch.no_grad(), bnaudit.record(model, **kw) as rec:
         for b in batches:
             model(b[:SPLIT] if rank == 0 else b[SPLIT:])
             rec.step()
@@ -87,11 +91,17 @@ def recording(rank: int) -> dict:
         for b in batches:
             reference(b)
             ref.step()
+    return rec, ref
+
+
+def recording(rank: int) -> dict:
+    from bnaudit.distributed import reduce_history, reduce_row
+
+    rec, ref = _recorded_split(rank)
     reduced = reduce_history(rec.history)
-    stats = ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac", "count")
     out = {"layers": reduced.layers, "ref_layers": ref.history.layers, "notes": reduced.notes}
     for layer in ref.history.layers:
-        for stat in stats:
+        for stat in STATS:
             out[(layer, stat)] = reduced.series(layer, stat)
             out[(layer, stat, "ref")] = ref.history.series(layer, stat)
             out[(layer, stat, "local")] = rec.history.series(layer, stat)
@@ -108,24 +118,10 @@ def recording(rank: int) -> dict:
 def record_reduce(rank: int) -> dict:
     """``record(reduce=True)``: each rank's history, merged step by step, equals one process's history of
     the global batch."""
-    import bnaudit
-
-    x = torch.from_numpy(_cancer())
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(30, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 2)).eval()
-    reference = copy.deepcopy(model)
-    batches = [x[GLOBAL * t : GLOBAL * (t + 1)] for t in range(3)]
-    with torch.no_grad(), bnaudit.record(model, reduce=True) as rec:
-        for b in batches:
-            model(b[:SPLIT] if rank == 0 else b[SPLIT:])
-            rec.step()
-    with torch.no_grad(), bnaudit.record(reference) as ref:
-        for b in batches:
-            reference(b)
-            ref.step()
+    rec, ref = _recorded_split(rank, reduce=True)
     out = {"layers": rec.history.layers, "ref_layers": ref.history.layers}
     for layer in ref.history.layers:
-        for stat in ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac", "count"):
+        for stat in STATS:
             out[(layer, stat)] = rec.history.series(layer, stat)
             out[(layer, stat, "ref")] = ref.history.series(layer, stat)
     return out

@@ -83,14 +83,19 @@ def test_reduce_channel_stats_equals_global_batch(ranks):
     np.testing.assert_array_equal(cs["nonzero"], ref["nonzero"])
 
 
-def test_reduced_history_equals_single_process_history(ranks):
-    got = _scenario(ranks, "recording")
+def _assert_matches_reference(got: dict, where: str = "") -> None:
+    """Every recorded layer's statistics equal the single-process reference's (see _worker._recorded_split)."""
     assert got["layers"] == got["ref_layers"] and len(got["layers"]) >= 3
     for layer in got["ref_layers"]:
         for stat in ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac"):
             np.testing.assert_allclose(got[(layer, stat)], got[(layer, stat, "ref")], rtol=2e-5, atol=1e-5,
-                                       err_msg=f"{layer} {stat}")
+                                       err_msg=f"{where}{layer} {stat}")
         np.testing.assert_array_equal(got[(layer, "count")], got[(layer, "count", "ref")])
+
+
+def test_reduced_history_equals_single_process_history(ranks):
+    got = _scenario(ranks, "recording")
+    _assert_matches_reference(got)
     # the local (unreduced) history is rank 0's 24 of 64 samples: clearly different, so the check has teeth
     first = got["ref_layers"][0]
     assert not np.allclose(got[(first, "channel_mean", "local")], got[(first, "channel_mean", "ref")], rtol=1e-3)
@@ -109,12 +114,8 @@ def test_record_reduce_merges_every_step_across_ranks(ranks):
     # record(reduce=True) on 24 + 40 samples per step equals recording the 64-sample global batch, on each rank
     for rank in range(WORLD):
         got = _scenario(ranks, "record_reduce", rank)
-        assert got["layers"] == got["ref_layers"] and len(got["layers"]) >= 3
+        _assert_matches_reference(got, f"rank {rank} ")
         for layer in got["ref_layers"]:
-            for stat in ("channel_mean", "channel_var", "mean", "var", "min", "max", "zero_frac"):
-                np.testing.assert_allclose(got[(layer, stat)], got[(layer, stat, "ref")], rtol=2e-5, atol=1e-5,
-                                           err_msg=f"rank {rank} {layer} {stat}")
-            np.testing.assert_array_equal(got[(layer, "count")], got[(layer, "count", "ref")])
             assert (got[(layer, "count")] == _worker.GLOBAL).all()
 
 
