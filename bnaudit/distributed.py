@@ -47,15 +47,14 @@ __all__ = [
     "ddp_facts",
     "dist_info",
     "gather_bn_buffers",
+    "gather_checked",
     "inspect_distributed",
     "is_active",
     "is_main_process",
     "merge_channel_stats",
     "merge_reports",
     "reduce_channel_stats",
-    "reduce_history",
     "reduce_moments",
-    "reduce_row",
     "unwrap_ddp",
 ]
 
@@ -181,8 +180,13 @@ def all_gather_vectors(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]
     return [o[:k].to(home) for o, k in zip(out, lengths)]
 
 
-def _gather_checked(payload: torch.Tensor, key: Any, what: str, group: Any) -> list[torch.Tensor]:
-    """All ranks' payloads, after checking that every rank describes the same layout (``key``)."""
+def gather_checked(payload: torch.Tensor, key: Any, what: str, group: Any = None) -> list[torch.Tensor]:
+    """All ranks' payloads (as float64, in rank order), after checking that every rank describes the same
+    layout (``key``, any value with a stable ``repr``).
+
+    Raises:
+        DistributedError: a rank's key or payload length differs from rank 0's (``what`` names it).
+    """
     info = dist_info(group)
     head = torch.tensor([float(_layout_hash(key)), float(payload.numel())], dtype=torch.float64, device=payload.device)
     parts = all_gather_vectors(torch.cat([head, payload.reshape(-1).to(torch.float64)]), group)
@@ -265,7 +269,7 @@ def reduce_channel_stats(stats: ChannelStats, group: Any = None) -> ChannelStats
     nf = stats.nonfinite if stats.nonfinite is not None else torch.tensor(-1.0, device=home)
     vec = torch.cat([torch.tensor([float(stats.n)], dtype=f, device=home), *(t.to(f).reshape(-1) for t in fields),
                      nf.to(home, f).reshape(1)])
-    parts = _gather_checked(vec, ("channel_stats", shapes), "channel count", group)
+    parts = gather_checked(vec, ("channel_stats", shapes), "channel count", group)
     rebuilt = []
     for p in (q.to(home) for q in parts):
         at, got = 1, []
@@ -338,163 +342,6 @@ def reduce_moments(moments: Moments, group: Any = None) -> Moments:
     return out
 
 
-# -- the recorder's rows ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _RowIndex:
-    """Column indices of one recorder row structure. Per recorded layer the row holds raw, mergeable
-    moments: per-channel ``mean`` and ``m2``, ``min``/``max``/``nonzero`` (one column, or one per channel),
-    a ``nonfinite`` count and quantiles; per BatchNorm its buffers."""
-
-    mean: np.ndarray  # columns of per-channel means, all layers concatenated
-    m2: np.ndarray
-    rep: np.ndarray  # the slot of each of those columns
-    min: np.ndarray  # min columns, all layers concatenated
-    max: np.ndarray
-    nonzero: np.ndarray
-    rep_ext: np.ndarray  # the slot of each min/max/nonzero column
-    nonfinite: np.ndarray  # (slots,)
-    keep: np.ndarray  # quantiles and BatchNorm buffers: not additive, rank 0's are kept
-
-
-def _row_index(slots: Sequence[tuple[str, Any]], bns: Sequence[Sequence[Any]]) -> _RowIndex:
-    """``slots``: (name, columns) as the recorder's row descriptor holds them (``recording._Cols``, or its
-    field values as the saved form lists them); ``bns``: (name, channels, running_mean, running_var, nbt)."""
-    from bnaudit.recording import _Cols
-
-    mean, m2, rep, mn, mx, nz, rep_ext, nf, keep = [], [], [], [], [], [], [], [], []
-    for k, (_, cols) in enumerate(slots):
-        c = cols if not isinstance(cols, (list, tuple)) else _Cols(*cols)
-        ch, ext = int(c.channels), int(getattr(c, "ext", 1))
-        mean.append(np.arange(c.mean, c.mean + ch))
-        m2.append(np.arange(c.m2, c.m2 + ch))
-        rep.append(np.full(ch, k))
-        mn.append(np.arange(c.min, c.min + ext))
-        mx.append(np.arange(c.max, c.max + ext))
-        nz.append(np.arange(c.nonzero, c.nonzero + ext))
-        rep_ext.append(np.full(ext, k))
-        nf.append(int(c.nonfinite))
-        q, qu = int(getattr(c, "q", -1)), int(getattr(c, "qu", 0))
-        if q >= 0 and qu:
-            keep.append(np.arange(q, q + qu))
-    for _, ch, rm, rv, nbt in ((b[0], int(b[1]), int(b[2]), int(b[3]), int(b[4])) for b in bns):
-        if ch:
-            keep += [np.arange(rm, rm + ch), np.arange(rv, rv + ch), np.array([nbt])]
-    cat = lambda v: np.concatenate(v).astype(np.int64) if v else np.zeros(0, np.int64)
-    return _RowIndex(cat(mean), cat(m2), cat(rep), cat(mn), cat(mx), cat(nz), cat(rep_ext),
-                     np.asarray(nf, dtype=np.int64), cat(keep))
-
-
-def _desc_parts(desc: Any) -> tuple[list, list]:
-    """(slots, bns) of a recorder row descriptor (``recording._Desc``) in the saved-file form."""
-    return [(n, list(vars(c).values())) for n, c in desc.slots], [list(b) for b in desc.bns]
-
-
-def _merge_rows(vals: np.ndarray, ints: np.ndarray, ix: _RowIndex) -> tuple[np.ndarray, np.ndarray]:
-    """Merge every rank's rows: ``vals`` (W, rows, width), ``ints`` (W, rows, slots, 2) calls and values per
-    channel. Returns merged values (rows, width) float64 and ints (rows, slots, 2): counts summed, calls and
-    non-additive columns rank 0's."""
-    merged = vals[0].astype(np.float64).copy()
-    out_ints = ints[0].copy()
-    ns = np.where(ints[..., 0] > 0, ints[..., 1], 0).astype(np.float64)  # (W, rows, slots)
-    out_ints[..., 1] = ns.sum(0).round().astype(out_ints.dtype)
-    if not len(ix.nonfinite):
-        return merged, out_ints
-    n = ns[:, :, ix.rep]  # (W, rows, channels)
-    has = n > 0
-    mean = np.where(has, vals[:, :, ix.mean], 0.0).astype(np.float64)
-    m2 = np.where(has, vals[:, :, ix.m2], 0.0).astype(np.float64)
-    tot, mu, sq = (a.numpy() for a in _chan_over_ranks(torch.from_numpy(n), torch.from_numpy(mean), torch.from_numpy(m2)))
-    present = tot > 0
-    merged[:, ix.mean] = np.where(present, mu, np.nan)
-    merged[:, ix.m2] = np.where(present, sq, np.nan)
-    called = ns[:, :, ix.rep_ext] > 0  # (W, rows, ext columns)
-    anyone = called.any(0)
-    merged[:, ix.min] = np.where(anyone, np.where(called, vals[:, :, ix.min], np.inf).min(0), np.nan)
-    merged[:, ix.max] = np.where(anyone, np.where(called, vals[:, :, ix.max], -np.inf).max(0), np.nan)
-    merged[:, ix.nonzero] = np.where(called, np.nan_to_num(vals[:, :, ix.nonzero].astype(np.float64)), 0.0).sum(0)
-    called_slot = ns > 0
-    merged[:, ix.nonfinite] = np.where(called_slot, np.nan_to_num(vals[:, :, ix.nonfinite].astype(np.float64)), 0.0).sum(0)
-    return merged, out_ints
-
-
-def reduce_row(values: np.ndarray, ints: np.ndarray, desc: Any, group: Any = None) -> None:
-    """Reduce one recorded step across ranks, in place: the recorder's per-step hook.
-
-    ``values`` is the step's stored history row and ``ints`` its ``(slots, 2)`` table of calls and values per
-    channel, laid out by ``desc`` (``recording._Desc``). Afterwards both describe the global batch: per-channel
-    means and M2 merged with Chan's update in rank order, min/max over ranks, nonzero and NaN/Inf counts and
-    values per channel summed. Quantiles, BatchNorm buffers and call counts stay rank 0's. Every rank ends
-    with the same row. Two collectives (a layout check, then the rows).
-
-    Args:
-        values: this rank's stored row, changed in place.
-        ints: this rank's ``(slots, 2)`` calls / values-per-channel table, changed in place.
-        desc: the row's descriptor.
-        group: process group, or None for the default.
-
-    Raises:
-        DistributedError: ranks recorded different layers or channel counts in this step.
-    """
-    if not is_active(group):
-        return
-    slots, bns = _desc_parts(desc)
-    local = torch.from_numpy(np.concatenate([np.asarray(values, np.float64).reshape(-1),
-                                             np.asarray(ints, np.float64).reshape(-1)]))
-    parts = _gather_checked(local, (values.shape[0], slots, bns), "set of layers in this step", group)
-    width = values.shape[0]
-    vals = np.stack([p[:width].numpy() for p in parts])[:, None, :]
-    table = np.stack([p[width:].numpy().reshape(ints.shape) for p in parts])[:, None].round().astype(np.int64)
-    merged, out_ints = _merge_rows(vals, table, _row_index(slots, bns))
-    values[:] = merged[0].astype(values.dtype)
-    ints[:] = out_ints[0]
-
-
-def reduce_history(history: Any, group: Any = None) -> Any:
-    """A new ``History`` whose every row describes the global batch (a collective, on demand).
-
-    Every rank calls it with its own history, recorded over the same steps and layers (``rec.step()`` on
-    every rank); rows are merged as ``reduce_row`` does. The stored moments are raw (per-channel mean and M2,
-    counts), so the merge is exact up to their float32 storage. BatchNorm buffers, quantiles and call counts
-    are rank 0's. Every rank gets the same result.
-
-    Args:
-        history: this rank's ``bnaudit.recording.History`` (not changed).
-        group: process group, or None for the default.
-
-    Returns:
-        The reduced History (a copy outside a process group).
-
-    Raises:
-        DistributedError: ranks recorded different steps, layers or channel counts.
-    """
-    from bnaudit.recording import _from_payload, _to_payload  # the save-file form: History's stable layout
-
-    payload = _to_payload(history)
-    if not is_active(group):
-        return _from_payload(payload)
-    segs = payload["segments"]
-    key = (list(payload["steps"]), [(s["width"], s["slots"], s["bns"], tuple(s["values"].shape)) for s in segs])
-    pieces = [torch.zeros(0, dtype=torch.float64)]
-    for s in segs:
-        pieces += [s["values"].double().reshape(-1), s["ints"].double().reshape(-1)]
-    parts = _gather_checked(torch.cat(pieces), key, "history (steps, layers or channel counts)", group)
-    offset = 0
-    for s in segs:
-        v_shape, i_shape = tuple(s["values"].shape), tuple(s["ints"].shape)
-        nv, ni = int(np.prod(v_shape)), int(np.prod(i_shape))
-        vals = np.stack([p[offset : offset + nv].numpy().reshape(v_shape) for p in parts])
-        ints = np.stack([p[offset + nv : offset + nv + ni].numpy().reshape(i_shape) for p in parts]).round().astype(np.int64)
-        offset += nv + ni
-        merged, out_ints = _merge_rows(vals, ints, _row_index(s["slots"], s["bns"]))
-        s["values"] = torch.from_numpy(merged.astype(s["values"].numpy().dtype))
-        s["ints"] = torch.from_numpy(out_ints)
-    payload["notes"] = [*payload["notes"],
-                        f"reduced across {dist_info(group).world_size} ranks (BatchNorm buffers, quantiles, calls: rank 0's)"]
-    return _from_payload(payload)
-
-
 # -- BatchNorm buffers across ranks -------------------------------------------------------------------------------
 
 
@@ -548,7 +395,7 @@ def gather_bn_buffers(model: nn.Module, group: Any = None) -> dict[str, BNBuffer
         ]
         dev = _comm_device(group, flat[0].device if flat else None)
         local = torch.cat([t.detach().to(dev, torch.float64) for t in flat]) if flat else torch.zeros(0, dtype=torch.float64, device=dev)
-    parts = _gather_checked(local, key, "set of BatchNorm layers", group) if is_active(group) else [local]
+    parts = gather_checked(local, key, "set of BatchNorm layers", group) if is_active(group) else [local]
     table = np.stack([p.cpu().numpy() for p in parts])
     out: dict[str, BNBuffers] = {}
     at = 0

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import UsageError
-from bnaudit.measures import (
+from bnaudit.recording.measures import (
     batch_stats_from_buffers,
     bn_batch_stats,
     dead_fraction,

@@ -17,7 +17,7 @@ from bnaudit.context import RuleContext
 from bnaudit.findings import Finding
 from bnaudit.graph import INPUT
 from bnaudit.layers import is_batchnorm, is_norm, is_weight_layer
-from bnaudit.measures import depth_trend, drift_all
+from bnaudit.recording.measures import depth_trend, drift_all
 from bnaudit.probes.data import data_probe
 from bnaudit.rules.base import Example, Rule, register
 

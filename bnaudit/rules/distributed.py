@@ -19,7 +19,7 @@ from torch import nn
 
 from bnaudit.context import RuleContext
 from bnaudit.distributed import (
-    _gather_checked,
+    gather_checked,
     current_ddp_facts,
     ddp_facts,
     dist_info,
@@ -193,7 +193,7 @@ class SmallPerDeviceBatch(Rule):
         vec = torch.tensor(local, dtype=torch.float64)
         if info.active:
             # A collective: every rank sends its own (samples, values) per layer, before any rank can skip.
-            per_rank = np.stack([p.numpy() for p in _gather_checked(vec, [n for n, _ in layers], "set of BatchNorm layers", None)])
+            per_rank = np.stack([p.numpy() for p in gather_checked(vec, [n for n, _ in layers], "set of BatchNorm layers", None)])
             world, planned = info.world_size, False
         else:
             world, planned = int(self.config["world_size"]), True

@@ -56,7 +56,7 @@ class ActivationRecording:
     def reduce_across_ranks(self, group: Any = None) -> None:
         """Replace this rank's history by the global-batch history of every rank (a collective: every rank
         calls it once, after its recording ended). Quantiles (the Fig. 1 percentiles) stay rank 0's."""
-        from bnaudit.distributed import reduce_history
+        from bnaudit.recording import reduce_history
 
         self._reduced = reduce_history(self._rec.history, group)
 

@@ -95,7 +95,7 @@ def _recorded_split(rank: int, **kw):
 
 
 def recording(rank: int) -> dict:
-    from bnaudit.distributed import reduce_history, reduce_row
+    from bnaudit.recording import reduce_history, reduce_row
 
     rec, ref = _recorded_split(rank)
     reduced = reduce_history(rec.history)
@@ -106,11 +106,11 @@ def recording(rank: int) -> dict:
             out[(layer, stat, "ref")] = ref.history.series(layer, stat)
             out[(layer, stat, "local")] = rec.history.series(layer, stat)
     # The per-step path: reduce the first stored row in place, as the recorder would right after writing it.
-    seg = rec.history._segments[0]
+    seg = rec.history.segments[0]
     values, ints = seg.take("values")[0].copy(), seg.take("ints")[0].copy()
-    reduce_row(values, ints, seg.desc)
+    reduce_row(values, ints, seg.layout)
     out["row"], out["row_ints"] = values, ints
-    red = reduced._segments[0]
+    red = reduced.segments[0]
     out["row_ref"], out["row_ints_ref"] = red.take("values")[0].copy(), red.take("ints")[0].copy()
     return out
 

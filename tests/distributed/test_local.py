@@ -15,8 +15,6 @@ from torch import nn
 import bnaudit
 from bnaudit.distributed import (
     DDPFacts,
-    _merge_rows,
-    _row_index,
     current_ddp_facts,
     ddp_context,
     ddp_facts,
@@ -28,11 +26,11 @@ from bnaudit.distributed import (
     merge_channel_stats,
     merge_reports,
     reduce_channel_stats,
-    reduce_history,
     reduce_moments,
-    reduce_row,
 )
 from bnaudit.findings import Finding, Report
+from bnaudit.recording import History, reduce_history, reduce_row
+from bnaudit.recording.reduce import merge_ranks
 from bnaudit.stats import Moments, as_3d, channel_stats
 
 
@@ -85,16 +83,14 @@ def _histories(cancer, splits):
 
 def test_merge_rows_of_two_shards_equals_the_whole_batch(cancer):
     """The arithmetic reduce_row/reduce_history apply to the gathered rows, on two real recorded histories."""
-    from bnaudit.recording import _from_payload, _to_payload
-
     a, b, whole = _histories(cancer, (slice(0, 24), slice(24, 64), slice(0, 64)))
-    pa, pb = _to_payload(a), _to_payload(b)
-    seg_a, seg_b = pa["segments"][0], pb["segments"][0]
-    vals = np.stack([seg_a["values"].numpy(), seg_b["values"].numpy()])
-    ints = np.stack([seg_a["ints"].numpy(), seg_b["ints"].numpy()])
-    merged, out_ints = _merge_rows(vals, ints, _row_index(seg_a["slots"], seg_a["bns"]))
-    seg_a["values"], seg_a["ints"] = torch.from_numpy(merged.astype(np.float32)), torch.from_numpy(out_ints)
-    h = _from_payload(pa)
+    pa, pb = a.to_payload(), b.to_payload()
+    seg_a, seg_b = a.segments[0], b.segments[0]
+    vals = np.stack([seg_a.take("values"), seg_b.take("values")])
+    ints = np.stack([seg_a.take("ints"), seg_b.take("ints")])
+    merged, out_ints = merge_ranks(vals, ints, seg_a.layout)
+    pa["segments"][0]["values"], pa["segments"][0]["ints"] = torch.from_numpy(merged.astype(np.float32)), torch.from_numpy(out_ints)
+    h = History.from_payload(pa)
     for layer in whole.layers:
         for stat in ("channel_mean", "channel_var", "min", "max", "zero_frac", "nonfinite_frac"):
             np.testing.assert_allclose(h.series(layer, stat), whole.series(layer, stat), rtol=2e-5, atol=1e-5,
@@ -102,6 +98,7 @@ def test_merge_rows_of_two_shards_equals_the_whole_batch(cancer):
         np.testing.assert_array_equal(h.series(layer, "count"), whole.series(layer, "count"))
     # BatchNorm buffers are rank 0's, untouched
     np.testing.assert_array_equal(h.series("1", "running_mean"), a.series("1", "running_mean"))
+    assert pb["segments"][0]["values"].shape == pa["segments"][0]["values"].shape
 
 
 def test_reduce_history_and_row_outside_a_group(cancer):
@@ -109,9 +106,9 @@ def test_reduce_history_and_row_outside_a_group(cancer):
     r = reduce_history(h)
     assert r is not h
     np.testing.assert_array_equal(r.series("0", "channel_var"), h.series("0", "channel_var"))
-    seg = h._segments[0]
+    seg = h.segments[0]
     values, ints = seg.take("values")[0].copy(), seg.take("ints")[0].copy()
-    reduce_row(values, ints, seg.desc)
+    reduce_row(values, ints, seg.layout)
     np.testing.assert_array_equal(values, seg.take("values")[0])
 
 

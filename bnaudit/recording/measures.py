@@ -33,7 +33,7 @@ import numpy as np
 from bnaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from bnaudit.recording import History
+    from bnaudit.recording.history import History
 
 __all__ = [
     "DepthStat", "Drift", "batch_stats_from_buffers", "bn_batch_stats", "dead_fraction", "depth_trend", "drift",

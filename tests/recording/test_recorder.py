@@ -5,6 +5,7 @@ bit-identical afterwards (exceptions included), BatchNorm mode series, exports, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 
 import numpy as np
@@ -152,7 +153,8 @@ def test_model_unchanged_and_hooks_removed_after_exception():
     _no_hooks(model)
     # the forward above ran BN in eval mode: nothing moved; recording itself only read
     _assert_same(model, snap)
-    assert all(s.stash is None and s.acc is None for s in rec._slots)
+    # nothing of the step is kept: no per-call results, no reference to the last reduced tensor
+    assert all(not s.calls and s.quant is None for s in rec._slots) and rec._last is None
 
 
 def test_record_only_reads_the_model():
@@ -232,7 +234,7 @@ def test_inplace_ops_are_measured_before_they_overwrite():
     with torch.no_grad():
         pre = m1[0](x).double()
         with record(m1) as rec:
-            for _ in range(3):  # the later steps take the hooks' fast path
+            for _ in range(3):
                 m1(x)
                 rec.step()
     np.testing.assert_allclose(rec.history.series("0", "mean"), [pre.mean()] * 3, rtol=1e-5)
@@ -245,9 +247,10 @@ def test_inplace_ops_are_measured_before_they_overwrite():
             m2(x)
             rec2.step()
     h = rec2.history
-    assert np.isnan(h.series("fc", "mean")[0]) and h.series("fc", "calls")[0] == 0
-    np.testing.assert_allclose(h.series("fc", "min")[1], float(m2.fc(x).detach().min()), rtol=1e-6)
-    assert any("changed in place" in n for n in h.notes)
+    # reduced in its hook, before F.relu_ overwrites it: the pre-ReLU values, every step
+    pre2 = m2.fc(x).detach()
+    np.testing.assert_allclose(h.series("fc", "min"), [float(pre2.min())] * 2, rtol=1e-6)
+    np.testing.assert_allclose(h.series("fc", "mean"), [float(pre2.double().mean())] * 2, rtol=1e-5)
 
 
 def test_bn_mode_series_for_bn307():
@@ -335,7 +338,7 @@ def test_exports_round_trip(tmp_path):
     assert back.bn_modes("1").num_batches_tracked.tolist() == [1, 2, 3]
     h.to_json(tmp_path / "h.json")
     data = json.loads((tmp_path / "h.json").read_text())
-    assert data["schema"] == "bnaudit.history/1" and data["steps"] == [0, 1, 2]
+    assert data["schema"] == "bnaudit.history/2" and data["steps"] == [0, 1, 2]
     assert len(data["layers"]["0"]["channel_mean"]) == 3 and data["batchnorm"]["1"]["training"] == [True] * 3
     h.to_csv(tmp_path / "h.csv")
     lines = (tmp_path / "h.csv").read_text().splitlines()
@@ -431,26 +434,10 @@ def _assert_nc_rows_match(h, acts: dict[str, list[torch.Tensor]]) -> None:
         np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-7)
 
 
-def test_hold_budget_and_mixed_widths_keep_exact_stats(monkeypatch):
-    # Widths 7, 7, 13, 13, 3 share one held group until the per-step budget runs out; the rest are reduced in
-    # their hooks. Either way each layer's row equals a direct computation.
-    import bnaudit.recording as recording
-
-    monkeypatch.setattr(recording, "_HOLD_MAX", 16 * 7 + 16 * 7 + 16 * 13)
+def test_mixed_widths_keep_exact_stats():
+    # Widths 7, 7, 13, 13, 3: each layer's row equals a direct computation.
     g = torch.Generator().manual_seed(4)
     h, acts = _train_captured(_mlp_5_7_13_3(), [torch.randn(16, 5, generator=g) for _ in range(3)])
-    _assert_nc_rows_match(h, acts)
-
-
-def test_held_groups_split_into_runs_keep_exact_stats(monkeypatch):
-    # With a small run size the held tensors (16 x 7, 16 x 7, 16 x 13, 16 x 13, 16 x 3) are reduced in several
-    # runs of one structure, step after step; every layer's row still equals a direct computation.
-    from bnaudit import recording
-
-    monkeypatch.setattr(recording, "_RUN_MAX", 16 * 16)
-    g = torch.Generator().manual_seed(5)
-    h, acts = _train_captured(_mlp_5_7_13_3(), [torch.randn(16, 5, generator=g) for _ in range(4)])
-    assert len(h) == 4
     _assert_nc_rows_match(h, acts)
 
 
@@ -470,15 +457,6 @@ def test_reduce_outside_a_process_group_changes_nothing():
         np.testing.assert_array_equal(hs[0].series(name, "channel_var"), hs[1].series(name, "channel_var"))
 
 
-def _async(monkeypatch, on: bool) -> None:
-    # Whether held tensors go to the recorder's thread: forced, whatever this machine's cores and threads.
-    from bnaudit import recording
-
-    monkeypatch.setattr(recording, "_spare_core", lambda: on)
-    monkeypatch.setattr(recording, "_ASYNC_MIN", 0)
-    monkeypatch.setattr(recording, "_RUN_MAX", 2000)  # several runs per step there, as on a large model
-
-
 def _mlp_run(steps: int = 5):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Tanh(),
@@ -487,202 +465,10 @@ def _mlp_run(steps: int = 5):
     return model, [torch.randn(24, 20, generator=g) * 3 + 1 for _ in range(steps)]
 
 
-def test_recorders_thread_writes_what_inline_reduction_writes(monkeypatch):
-    # The same training recorded with the held tensors reduced on the recorder's thread and inline: every
-    # statistic of every step agrees, and every row equals a direct computation.
-    _async(monkeypatch, True)
-    model, batches = _mlp_run()
-    acts, handles = _capture(model)
-    seen = []
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with record(model) as rec:
-        for x in batches:
-            model(x).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            rec.step()
-            seen.append(rec._worker is not None)
-            # readable mid-recording: the rows of every step so far are there
-            assert len(rec.history.series("0", "mean")) == len(seen)
-    threaded = rec.history
-    for hd in handles:
-        hd.remove()
-    assert all(seen)
-    assert not [t for t in threading.enumerate() if t.name == "bnaudit-record"]
-    _async(monkeypatch, False)
-    model, batches = _mlp_run()
-    inline = _train(model, batches)
-    assert threaded.layers == inline.layers
-    for name in inline.layers:
-        for stat in ("channel_mean", "channel_var", "min", "max", "zero_frac", "nonfinite_frac", "count", "calls"):
-            np.testing.assert_allclose(threaded.series(name, stat), inline.series(name, stat), rtol=1e-6, atol=1e-7,
-                                       err_msg=f"{name} {stat}")
-    np.testing.assert_array_equal(threaded.series("3", "running_mean"), inline.series("3", "running_mean"))
-    for name in ("0", "1", "5"):
-        np.testing.assert_allclose(threaded.series(name, "channel_mean"),
-                                   np.stack([r.double().mean(0) for r in acts[name]]), rtol=1e-5, atol=1e-6)
-
-
-def test_error_on_the_recorders_thread_reaches_the_caller(monkeypatch):
-    from bnaudit import recording
-
-    _async(monkeypatch, True)
-    calls = []
-    real = recording.group_stats
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("reduction failed on purpose")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recording, "group_stats", failing)
-    model, batches = _mlp_run(4)
-    with pytest.raises(RuntimeError, match="on purpose"):
-        _train(model, batches)
-    _no_hooks(model)
-    assert not [t for t in threading.enumerate() if t.name == "bnaudit-record"]
-
-
-@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "recorders-thread"])
-def test_small_steps_reduced_in_batches_stay_exact_and_catch_late_inplace_changes(monkeypatch, threaded):
-    # Small steps wait to be reduced together (inline, or on the recorder's thread when it has a core of its
-    # own); reads, a change of structure and the end of the block reduce what waits. A held tensor changed in
-    # place after its step() (here: the model's output) is dropped for that step.
-    from bnaudit import recording
-
-    monkeypatch.setattr(recording, "_spare_core", lambda: threaded)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    g = torch.Generator().manual_seed(8)
-    batches = [torch.randn(16, 6, generator=g) for _ in range(5)] + [torch.randn(10, 6, generator=g)]
-    acts, handles = _capture(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with record(model) as rec:
-        for i, x in enumerate(batches):
-            out = model(x)
-            out.pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            rec.step()
-            if i == 1:
-                out.detach().add_(1.0)  # after step(), before its batch is reduced
-            if i == 3:
-                assert len(rec._batch) == 4
-                assert len(rec.history.series("0", "mean")) == 4 and not rec._batch  # a read reduces what waits
-                assert (rec._worker is not None) == threaded
-            elif i < 3:
-                assert len(rec._batch) == i + 1  # waiting, not yet reduced
-    for hd in handles:
-        hd.remove()
-    h = rec.history
-    assert h.series("2", "calls").tolist() == [1, 0, 1, 1, 1, 1]
-    assert any("step 1: 2's tensor was changed in place" in n for n in h.notes)
-    for name in h.layers:
-        ref = acts[name]
-        keep = [i for i in range(6) if not (name == "2" and i == 1)]
-        got = h.series(name, "channel_mean")[keep]
-        np.testing.assert_allclose(got, np.stack([ref[i].double().mean(0) for i in keep]), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(h.series(name, "channel_var")[keep],
-                                   np.stack([ref[i].double().var(0, unbiased=False) for i in keep]), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(h.series(name, "max")[keep], [ref[i].max() for i in keep], rtol=1e-6)
-        np.testing.assert_allclose(h.series(name, "zero_frac")[keep], [(ref[i] == 0).double().mean() for i in keep],
-                                   atol=1e-7)
-
-
-@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "recorders-thread"])
-def test_failed_batch_reads_back_as_not_called(monkeypatch, threaded):
-    # A batch whose reduction fails leaves rows that read as "not called" (NaN), never uninitialised memory.
-    from bnaudit import recording
-
-    monkeypatch.setattr(recording, "_spare_core", lambda: threaded)
-    monkeypatch.setattr(recording, "group_stats", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    model, batches = _mlp_run(3)
-    rec = record(model)
-    with pytest.raises(RuntimeError, match="boom"), rec:
-        for x in batches:
-            model(x).pow(2).mean().backward()
-            rec.step()
-    h = rec.history
-    assert len(h) == 3
-    for name in h.layers:
-        assert (h.series(name, "calls") == 0).all(), name
-        assert np.isnan(h.series(name, "mean")).all(), name
-    _no_hooks(model)
-
-
-class Branchy(nn.Module):
-    """A model whose structure changes between steps: a shared activation called twice, a skipped layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2, self.extra, self.head = (nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8),
-                                                               nn.Linear(8, 8), nn.Linear(8, 3))
-
-    def forward(self, x, twice=False, skip=False):
-        h = self.act(self.fc1(x))
-        if twice:
-            h = self.act(self.fc2(h))
-        if not skip:
-            h = self.extra(h)
-        return self.head(h)
-
-
-def test_hooks_fast_path_follows_every_change_of_structure(monkeypatch):
-    # Once steps repeat one structure, hooks hold tensors as the step before did without re-deciding how; a
-    # step of another batch size, a layer called twice or a layer skipped must each be recorded exactly.
-    from bnaudit import recording
-
-    monkeypatch.setattr(recording, "_spare_core", lambda: False)
-    torch.manual_seed(0)
-    model = Branchy()
-    g = torch.Generator().manual_seed(9)
-    plan = [(16, {}), (16, {}), (16, {}), (10, {}), (16, {}), (16, {"twice": True}), (16, {}), (16, {"skip": True}),
-            (16, {}), (16, {})]
-    acts, handles = _capture(model)
-    fast = []
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with record(model) as rec:
-        for n, kw in plan:
-            model(torch.randn(n, 6, generator=g), **kw).pow(2).mean().backward()
-            fast.append(rec._fast)
-            opt.step()
-            opt.zero_grad()
-            rec.step()
-    for hd in handles:
-        hd.remove()
-    # Tensors held by the fast path per step: none on the first step or right after a change of structure,
-    # every hook's (fc2 does not run) once a structure repeats; a layer called twice or skipped falls back.
-    assert fast == [0, 4, 4, 0, 0, 4, 0, 3, 3, 4]
-    h = rec.history
-    assert h.series("act", "calls").tolist() == [1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
-    assert h.series("extra", "calls").tolist() == [1] * 7 + [0, 1, 1]
-    assert h.series("fc2", "calls").tolist() == [0] * 5 + [1] + [0] * 4
-    for name in ("fc1", "head", "extra"):
-        ref = iter(acts[name])
-        rows = [i for i, c in enumerate(h.series(name, "calls")) if c]
-        want = [next(ref) for _ in rows]
-        np.testing.assert_allclose(h.series(name, "channel_mean")[rows], np.stack([r.double().mean(0) for r in want]),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(h.series(name, "channel_var")[rows],
-                                   np.stack([r.double().var(0, unbiased=False) for r in want]), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(h.series(name, "min")[rows], [r.min() for r in want], rtol=1e-6)
-    # the shared activation: both calls merged in step 5, one call elsewhere
-    act = acts["act"]
-    per_step = [[act[0]], [act[1]], [act[2]], [act[3]], [act[4]], [act[5], act[6]], *[[a] for a in act[7:]]]
-    np.testing.assert_allclose(h.series("act", "channel_mean"), np.stack([torch.cat(c).double().mean(0) for c in per_step]),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(h.series("act", "max"), [torch.cat(c).max() for c in per_step], rtol=1e-6)
-
-
-@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "recorders-thread"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_other_dtypes_are_recorded_exactly(monkeypatch, dtype, threaded):
-    # Half precision is reduced in float32 (batched, held and in-hook alike), double in double: the recorded
-    # statistics (kept in float32) equal a float64 computation on the very values the model produced.
-    from bnaudit import recording
-
-    monkeypatch.setattr(recording, "_spare_core", lambda: threaded)
+def test_other_dtypes_are_recorded_exactly(dtype):
+    # Half precision is reduced in float32, double in double: the recorded statistics (kept in float32) equal a
+    # float64 computation on the very values the model produced.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
     g = torch.Generator().manual_seed(3)
@@ -705,9 +491,8 @@ def test_other_dtypes_are_recorded_exactly(monkeypatch, dtype, threaded):
         np.testing.assert_allclose(h.series(name, "zero_frac"), [(r == 0).double().mean() for r in ref], atol=1e-12)
 
 
-def test_torch_thread_count_is_restored():
-    # Small reductions run with torch's intra-op threads switched off for the call; the user's setting is back
-    # after every hook and step, and after the block.
+def test_torch_thread_count_is_never_touched():
+    # The recorder changes no process-wide setting: torch's thread count is the user's throughout.
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -722,3 +507,71 @@ def test_torch_thread_count_is_restored():
         assert torch.get_num_threads() == 2 and len(rec.history) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_module_called_at_two_widths_in_one_step_is_merged_as_whole_tensors():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 4), nn.Linear(3, 6), nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.a(x)).sum(1) + self.act(self.b(x)).sum(1)
+
+    torch.manual_seed(0)
+    m = Shared()
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        both = torch.cat([m.act(m.a(x)).reshape(-1), m.act(m.b(x)).reshape(-1)]).double()
+        with record(m) as rec:
+            m(x)
+            rec.step()
+            m.a(x)  # a step where the activation is not called: NaN there, and one width again
+            rec.step()
+    h = rec.history
+    assert h.series("act", "calls").tolist() == [2, 0]
+    np.testing.assert_allclose(h.series("act", "mean")[0], both.mean(), rtol=1e-6)
+    np.testing.assert_allclose(h.series("act", "var")[0], both.var(unbiased=False), rtol=1e-5)
+    assert h.series("act", "count")[0] == both.numel()
+    np.testing.assert_allclose(h.series("act", "zero_frac")[0], 0.0, atol=1e-12)
+    assert np.isnan(h.series("act", "channel_mean")[0]).all()  # no channel is the same across widths
+    assert np.isnan(h.series("act", "mean")[1])
+    assert any("several widths" in n for n in h.notes)
+
+
+def test_same_tensor_changed_in_place_between_two_hooks_is_reduced_again():
+    # The recorder reuses a reduction when the very same tensor comes to the next hook unchanged (a Conv output
+    # read by its BatchNorm); a change in place in between (its version counter moves) must not be missed.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.mul_(2.0).add_(1.0)
+            return self.bn(y)
+
+    torch.manual_seed(0)
+    m = Scaled().eval()
+    x = torch.randn(4, 2, 6, 6)
+    with torch.no_grad():
+        conv_out = m.conv(x).double()
+        with record(m) as rec:
+            m(x)
+            rec.step()
+    h = rec.history
+    np.testing.assert_allclose(h.series("conv", "channel_mean")[0], conv_out.mean((0, 2, 3)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h.series("bn", "channel_mean")[0], (2 * conv_out + 1).mean((0, 2, 3)), rtol=1e-5)
+
+
+def test_recording_package_keeps_no_thread_address_key_or_global_toggle():
+    # The rules the recorder was rebuilt under (see the package docstring), read off its source: no background
+    # thread, nothing keyed on a storage address, no process-wide torch setting changed.
+    import bnaudit.recording as pkg
+
+    root = Path(pkg.__file__).parent
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        for banned in ("threading", "data_ptr", "set_num_threads", "queue", "atexit"):
+            assert banned not in text, f"{path.name} uses {banned}"
