@@ -181,6 +181,7 @@ class Recorder:
         self._last: tuple | None = None  # (tensor, version, view shape, results) of the last reduction
         self._zero: dict[tuple, torch.Tensor] = {}  # a 1-element zero per (dtype, device): "no NaN/Inf"
         self._pending: tuple | None = None  # (event, host copy, finish) of a row still in flight
+        self._layouts: dict[tuple, Layout] = {}
         self._versions = self._nbt = 0
         self._open = False
         self._group = group
@@ -448,7 +449,10 @@ class Recorder:
                 parts += [m.running_mean.reshape(-1), m.running_var.reshape(-1)]
             parts.append(m.num_batches_tracked.reshape(1))
             bns.append((name, c if self.per_channel else 0))
-        layout = Layout(tuple(entries), tuple(bns))
+        key = (tuple(entries), tuple(bns))
+        layout = self._layouts.get(key)
+        if layout is None:  # keyed on the structure itself; a model has a handful of them
+            layout = self._layouts[key] = Layout(*key)
         values, ints, flags = self.history.append(layout, self._step, updated)
         for k, (s, calls, collapse_it, _) in enumerate(plan):
             ints[k] = (len(calls), sum(n * c if collapse_it else n for n, c in calls))
