@@ -102,22 +102,22 @@ def default_layers(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def reduce_call(x3: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One call's statistics of an ``(A, C, B)`` or ``(A, C)`` view, as device tensors: per-channel mean and
-    population variance, min, max, nonzero count, and the NaN/Inf count (a 1-element tensor, or None on CPU
-    when the range shows there are none)."""
+def reduce_call(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One call's statistics of an ``(A, C, B)`` or ``(A, C)`` view: per-channel mean and population variance
+    (device tensors), then ``min, max, nonzero count, NaN/Inf count``: on CPU as host floats (reading a CPU
+    value is a memory read), elsewhere as one 4-element device tensor (never read here: no host sync)."""
     if x3.dtype in _HALF:
         x3 = x3.float()
     mean, var = torch.batch_norm_update_stats(x3, None, None, 0.0)
     mn, mx = torch.aminmax(x3)
     nonzero = torch.count_nonzero(x3)
-    if x3.device.type != "cpu":
-        nonfinite = x3.numel() - torch.isfinite(x3).sum()
-    elif math.isfinite(mx.item() - mn.item()):
-        nonfinite = None
-    else:
-        nonfinite = x3.numel() - torch.isfinite(x3).sum()
-    return mean, var, mn, mx, nonzero, nonfinite
+    if x3.device.type == "cpu":
+        lo, hi = mn.item(), mx.item()
+        # The range is finite exactly when no value is NaN/Inf: count them only then.
+        nonfinite = 0 if math.isfinite(hi - lo) else int(x3.numel() - torch.isfinite(x3).sum())
+        return mean, var, (lo, hi, float(nonzero), float(nonfinite))
+    nonfinite = x3.numel() - torch.isfinite(x3).sum()
+    return mean, var, torch.stack((mn, mx, nonzero.to(mn.dtype), nonfinite.to(mn.dtype)))
 
 
 class _Slot:
@@ -128,7 +128,7 @@ class _Slot:
     def __init__(self, name: str, module: nn.Module, where: str, units: tuple[int, ...]):
         self.name, self.module, self.where, self.units = name, module, where, units
         self.cd: Any = "auto"  # channel dim: "auto" until the first call, then an int or None (whole tensor)
-        self.calls: list[tuple[int, tuple[torch.Tensor, ...]]] = []  # this step's (values per channel, results)
+        self.calls: list[tuple[int, int, tuple]] = []  # this step's (values per channel, channels, results)
         self.quant: torch.Tensor | None = None
         self.index = -1  # order of first call, -1 until then
         self.note = ""
@@ -179,7 +179,6 @@ class Recorder:
         self._fired_total = self._fired_step = 0
         self._last_cd: int | None = 1
         self._last: tuple | None = None  # (tensor, version, view shape, results) of the last reduction
-        self._zero: dict[tuple, torch.Tensor] = {}  # a 1-element zero per (dtype, device): "no NaN/Inf"
         self._pending: tuple | None = None  # (event, host copy, finish) of a row still in flight
         self._layouts: dict[tuple, Layout] = {}
         self._versions = self._nbt = 0
@@ -285,7 +284,6 @@ class Recorder:
             self._remove()
             for s in self._slots:
                 s.calls, s.quant = [], None
-            self._zero = {}
             self._open = False
 
     def _remove(self) -> None:
@@ -338,7 +336,7 @@ class Recorder:
             self._last = (x, x._version, x3.shape, got)
         if slot.units and not slot.calls:
             slot.quant = self._quantiles(slot, x3)
-        slot.calls.append((x3.numel() // x3.shape[1], got))
+        slot.calls.append((x3.numel() // x3.shape[1], x3.shape[1], got))
 
     def _quantiles(self, slot: _Slot, x3: torch.Tensor) -> torch.Tensor:
         """The watched units' quantiles (``(Q * U,)``, level-major) by torch.quantile's linear interpolation:
@@ -406,13 +404,6 @@ class Recorder:
                 "compiled model, or record the uncompiled module"
             )
 
-    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.dtype, like.device)
-        z = self._zero.get(key)
-        if z is None:
-            z = self._zero[key] = torch.zeros(1, dtype=like.dtype, device=like.device)
-        return z
-
     def _write_row(self) -> None:
         """Append this step's row: everything measured goes to the host in one copy, and the row is written
         now (CPU) or once that copy has landed (accelerators: see ``_settle``)."""
@@ -420,62 +411,59 @@ class Recorder:
         versions = self._param_versions()
         updated = versions != self._versions
         self._versions, self._nbt = versions, self._bn_counter()
-        parts: list[torch.Tensor] = []
-        entries, plan = [], []  # layout entries; per layer (calls, widths, collapse?, quantile values)
+        parts: list = []  # device tensors, or tuples of host floats (CPU)
+        entries, plan, counts = [], [], []  # layout entries; per layer (calls, collapse?, quantiles); ints
         for s in self._order:
             if not s.calls:
                 continue
-            widths = {got[0].numel() for _, got in s.calls}
+            widths = {c for _, c, _ in s.calls}
             mixed = len(widths) > 1
-            collapse_it = mixed or not self.per_channel
+            whole = mixed or not self.per_channel
             if mixed and not s.note:
                 s.note = "called at several widths in one step; recorded as whole-tensor summaries there"
                 self.history.notes.append(f"{s.name}: {s.note}")
-            for _, (mean, var, mn, mx, nz, nf) in s.calls:
-                parts += [mean, var, mn.reshape(1), mx.reshape(1), nz.reshape(1),
-                          self._zeros(mn) if nf is None else nf.reshape(1)]
+            for _, _, got in s.calls:
+                parts += got
             qu = 0 if s.quant is None else s.quant.numel()
             if qu:
                 parts.append(s.quant)
-            entries.append((s.name, 1 if collapse_it else widths.pop(), qu, mixed))
-            plan.append((s, [(n, got[0].numel()) for n, got in s.calls], collapse_it, qu))
+            entries.append((s.name, 1 if whole else s.calls[0][1], qu, mixed))
+            plan.append(([(n, c) for n, c, _ in s.calls], whole, qu))
+            counts.append((len(s.calls), sum(n * c if whole else n for n, c, _ in s.calls)))
+            s.calls, s.quant = [], None
+        self._last = None
         bns = []
         for name, m in self._bns:
             c = self.history.bn_info[name]["channels"]
-            if not c:
-                bns.append((name, -1))
-                continue
-            if self.per_channel:
-                parts += [m.running_mean.reshape(-1), m.running_var.reshape(-1)]
-            parts.append(m.num_batches_tracked.reshape(1))
-            bns.append((name, c if self.per_channel else 0))
+            bns.append((name, -1 if not c else c if self.per_channel else 0))
+            if c:
+                if self.per_channel:
+                    parts += [m.running_mean.reshape(-1), m.running_var.reshape(-1)]
+                nbt = m.num_batches_tracked
+                parts.append((float(nbt),) if nbt.device.type == "cpu" else nbt.reshape(1))
         key = (tuple(entries), tuple(bns))
         layout = self._layouts.get(key)
         if layout is None:  # keyed on the structure itself; a model has a handful of them
             layout = self._layouts[key] = Layout(*key)
         values, ints, flags = self.history.append(layout, self._step, updated)
-        for k, (s, calls, collapse_it, _) in enumerate(plan):
-            ints[k] = (len(calls), sum(n * c if collapse_it else n for n, c in calls))
+        if counts:
+            ints[:] = counts
         for k, (_, m) in enumerate(self._bns):
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
             flags[k] = (m.training, (isinstance(w, torch.Tensor) and w.requires_grad)
                         or (isinstance(b, torch.Tensor) and b.requires_grad))
-        for s in self._order:
-            s.calls, s.quant = [], None
-        self._last = None
-        if not parts:
-            return
-        device = parts[0].device
-        raw = torch.cat([p if p.device == device else p.to(device) for p in parts])
 
         def finish(host: np.ndarray) -> None:
             _fill_row(values, host, plan)
             if self._reduce:
                 reduce_row(values, ints, layout, group=self._group)
 
-        if device.type == "cpu":
-            finish(raw.numpy())
+        device = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
+        if device.type == "cpu":  # a CPU step's values are in host memory already: gathered by numpy
+            if parts:
+                finish(np.concatenate([p if isinstance(p, tuple) else _numpy(p) for p in parts]))
             return
+        raw = torch.cat([p.reshape(-1).to(device) for p in parts])
         host = torch.empty(raw.shape, dtype=raw.dtype, pin_memory=True)
         host.copy_(raw, non_blocking=True)
         event = torch.cuda.Event() if device.type == "cuda" else None
@@ -495,21 +483,25 @@ class Recorder:
             finish(host.numpy())
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return (t.float() if t.dtype in _HALF else t).numpy().reshape(-1)
+
+
 def _fill_row(values: np.ndarray, raw: np.ndarray, plan: list) -> None:
     """Write a step's row from its raw host vector: per call ``mean (C) | var (C) | min | max | nonzero |
     nonfinite``, then the layer's quantiles, then the BatchNorm buffers (already laid out as the row is).
     A layer's calls are merged (and collapsed to one channel where asked) in float64 by Chan's update."""
-    if all(len(calls) == 1 and not col for _, calls, col, _ in plan):
+    if all(len(calls) == 1 and not whole for calls, whole, _ in plan):
         values[:] = raw  # one call per layer, per channel: the raw vector is the row
         return
     out: list[np.ndarray] = []
     at = 0
-    for _, calls, collapse_it, qu in plan:
+    for calls, whole, qu in plan:
         merged = None
         for n, c in calls:
             block = raw[at: at + 2 * c + EXTRA].astype(np.float64)
             at += 2 * c + EXTRA
-            if collapse_it:
+            if whole:
                 n, block = collapse(n, block, c)
             merged = (n, block) if merged is None else merge_blocks(*merged, n, block)
         out += [merged[1], raw[at: at + qu]]
