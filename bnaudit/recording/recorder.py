@@ -460,10 +460,11 @@ class Recorder:
 
         device = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
         if device.type == "cpu":  # a CPU step's values are in host memory already: gathered by numpy
-            if parts:
-                finish(np.concatenate([p if isinstance(p, tuple) else _numpy(p) for p in parts]))
+            finish(np.concatenate([p if isinstance(p, tuple) else _numpy(p) for p in parts]) if parts else np.zeros(0))
             return
-        raw = torch.cat([p.reshape(-1).to(device) for p in parts])
+        # (a tuple comes from a layer left on the CPU of a model spread over devices)
+        raw = torch.cat([torch.tensor(p, device=device) if isinstance(p, tuple) else p.reshape(-1).to(device)
+                         for p in parts])
         host = torch.empty(raw.shape, dtype=raw.dtype, pin_memory=True)
         host.copy_(raw, non_blocking=True)
         event = torch.cuda.Event() if device.type == "cuda" else None
