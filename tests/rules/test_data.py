@@ -3,6 +3,9 @@ probe leaves the audited model bit-identical. The generic must/must-not cases ru
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -128,3 +131,41 @@ def test_every_data_rule_documents_its_options():
         for option in rule.defaults:
             assert f"{option}:" in doc, (rule.code, option)
         assert "Bad:" in doc and "Good:" in doc
+
+
+def _bn_input_means(model, batches):
+    """The oracle: each BatchNorm's per-channel input mean per batch, from plain pre-hooks, in float64."""
+    import copy
+
+    from bnaudit.layers import is_batchnorm
+
+    model = copy.deepcopy(model).eval()
+    means: dict[str, list] = {}
+    for name, m in model.named_modules():
+        if is_batchnorm(m):
+            m.train()
+            m.register_forward_pre_hook(
+                lambda mod, args, name=name: means.setdefault(name, []).append(
+                    args[0].double().mean(dim=[d for d in range(args[0].dim()) if d != 1]).numpy()))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return {k: np.stack(v) for k, v in means.items()}
+
+
+def test_data_probe_gives_every_batchnorm_its_own_input_on_a_resnet():
+    # A shortcut conv's output has the shape, and after the conv output before it is freed often the address,
+    # of the main path's: the probe once recorded one layer's statistics for the other, at random.
+    from bnaudit.loading import load_data
+    from bnaudit.probes.data import run_data_probe
+    from tests.fixtures.architectures import resnet_basic
+
+    model = resnet_basic()
+    x = torch.randn(512, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = _bn_input_means(model, [b.inputs for b in load_data(x, batch_size=64).batches(limit=8)])
+    assert "layers.1.0.downsample.1" in expected
+    for _ in range(3):
+        probe = run_data_probe(copy.deepcopy(model), load_data(x, batch_size=64).batches(limit=8))
+        for name, want in expected.items():
+            got = probe.history.series(name, "channel_mean")
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=name)
