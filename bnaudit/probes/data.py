@@ -176,7 +176,8 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
     named = dict(model.named_modules())
     for name, where in default_layers(model).items():
         m = named[name]
-        handles.append(m.register_forward_pre_hook(hold_input) if where == "input" else m.register_forward_hook(hold_output))
+        handles.append(m.register_forward_pre_hook(hold_input) if where == "input"
+                       else m.register_forward_hook(hold_output))
     for name, m in model.named_modules():
         if not name:
             continue

@@ -76,7 +76,7 @@ def _tiny_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(4, 4, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(8)]
 
 
-def _mean_noise_batches(ratio: float, batches: int = 8, size: int = 16, f: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _mean_noise_batches(ratio: float, batches: int = 8, size: int = 16, f: int = 4) -> list[tuple[torch.Tensor, ...]]:
     """Batches whose per-channel batch means spread by exactly ``ratio`` population stds (BN203's statistic).
 
     Each batch is its mean plus and minus ``sqrt(1 - ratio**2)`` in equal halves, and the batch means are
@@ -443,7 +443,8 @@ class BatchStatNoise(Rule):
     def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().resolve_options(options)
         if not 0.5 <= merged["confidence"] < 1.0:
-            raise ConfigError(f"{cls.code} option 'confidence' must be at least 0.5 and below 1, got {merged['confidence']!r}")
+            raise ConfigError(f"{cls.code} option 'confidence' must be at least 0.5 and below 1, "
+                              f"got {merged['confidence']!r}")
         if merged["min_batches"] < 2:
             raise ConfigError(f"{cls.code} option 'min_batches' must be at least 2, got {merged['min_batches']!r}")
         return merged
