@@ -3,6 +3,9 @@ probe leaves the audited model bit-identical. The generic must/must-not cases ru
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,6 +48,47 @@ def test_bn203_noise_close_to_one_over_sqrt_n():
     # batch means of 4 iid values fluctuate by about 1/sqrt(4) = 0.5 population stds
     assert 0.3 < f.evidence["mean_noise_median"] < 0.75
     assert f.evidence["values_per_channel"] == 4 and f.evidence["batches"] == 8
+    # it fires on the lower confidence bound, which still clears the threshold
+    assert 0.3 < f.evidence["mean_noise_lower"] < f.evidence["mean_noise_median"] and f.evidence["confidence"] == 0.95
+
+
+def _bn_only():
+    return nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_bn203_within_its_noise_of_the_threshold_is_silent_far_above_fires():
+    near = D._mean_noise_batches(0.33)  # 8 batches: above 0.3, but a std from 8 values is +-27%
+    assert not _run("BN203", _bn_only(), near)
+    # the bound is what silences it: at 50% confidence the same measurement is reported, at 0.33
+    (f,) = _run("BN203", _bn_only(), near, rule_config={"BN203": {"options": {"confidence": 0.5}}})
+    assert f.evidence["mean_noise_median"] == pytest.approx(0.33, abs=1e-6)
+    (g,) = _run("BN203", _bn_only(), D._mean_noise_batches(0.6))
+    ev = g.evidence
+    assert ev["mean_noise_median"] == pytest.approx(0.6, abs=1e-6) and ev["batches"] == 8 and g.layer == "0"
+    assert ev["mean_noise_lower"] == pytest.approx(0.6 * D._std_lower_factor(8, 0.95)) and ev["mean_noise_lower"] > 0.3
+    assert "95% confidence from 8 batches" in g.message
+
+
+@pytest.mark.parametrize(("k", "exact"), [(2, 5.9915), (7, 14.0671), (31, 44.9853), (63, 82.5287)])
+def test_chi2_quantile_matches_the_table(k, exact):
+    assert D._chi2_quantile(0.95, k) == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize("batches", [3, 8, 32])
+def test_bn203_bound_covers_the_true_noise_95_percent_of_the_time(batches):
+    # The oracle: normal batch means with a known spread; the bound must fall below it in 95% of draws.
+    rng = np.random.default_rng(0)
+    s = rng.normal(0.0, 0.3, size=(40_000, batches)).std(axis=1)
+    covered = float(np.mean(s * D._std_lower_factor(batches, 0.95) < 0.3))
+    assert covered == pytest.approx(0.95, abs=0.01)
+
+
+@pytest.mark.parametrize("options", [{"confidence": 1.0}, {"confidence": 0.2}, {"min_batches": 1}])
+def test_bn203_rejects_options_that_make_no_bound(options):
+    from bnaudit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="BN203 option"):
+        _run("BN203", _bn_only(), D._mean_noise_batches(0.6), rule_config={"BN203": {"options": options}})
 
 
 def test_bn204_sorted_and_grouped_labels():
@@ -128,3 +172,41 @@ def test_every_data_rule_documents_its_options():
         for option in rule.defaults:
             assert f"{option}:" in doc, (rule.code, option)
         assert "Bad:" in doc and "Good:" in doc
+
+
+def _bn_input_means(model, batches):
+    """The oracle: each BatchNorm's per-channel input mean per batch, from plain pre-hooks, in float64."""
+    import copy
+
+    from bnaudit.layers import is_batchnorm
+
+    model = copy.deepcopy(model).eval()
+    means: dict[str, list] = {}
+    for name, m in model.named_modules():
+        if is_batchnorm(m):
+            m.train()
+            m.register_forward_pre_hook(
+                lambda mod, args, name=name: means.setdefault(name, []).append(
+                    args[0].double().mean(dim=[d for d in range(args[0].dim()) if d != 1]).numpy()))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return {k: np.stack(v) for k, v in means.items()}
+
+
+def test_data_probe_gives_every_batchnorm_its_own_input_on_a_resnet():
+    # A shortcut conv's output has the shape, and after the conv output before it is freed often the address,
+    # of the main path's: the probe once recorded one layer's statistics for the other, at random.
+    from bnaudit.loading import load_data
+    from bnaudit.probes.data import run_data_probe
+    from tests.fixtures.architectures import resnet_basic
+
+    model = resnet_basic()
+    x = torch.randn(512, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = _bn_input_means(model, [b.inputs for b in load_data(x, batch_size=64).batches(limit=8)])
+    assert "layers.1.0.downsample.1" in expected
+    for _ in range(3):
+        probe = run_data_probe(copy.deepcopy(model), load_data(x, batch_size=64).batches(limit=8))
+        for name, want in expected.items():
+            got = probe.history.series(name, "channel_mean")
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=name)
