@@ -9,9 +9,7 @@ zero at each BatchNorm input (padding, BN205), units of ReLU-like activations ne
 sigmoid/tanh inputs in the flat tails (BN208). The model's inputs and targets are summarised on the way
 (BN201, BN204). The audited model, its buffers and the global RNG are untouched: the copy is thrown away
 and the RNG is forked. A batch the model rejects in train mode (a batch of one at a BatchNorm) is recorded
-as an error instead of stopping the audit. Every tensor the recorder measures is kept alive until the next
-batch has run (about what a training step keeps for its backward pass), so that no two of them share a
-storage address: the recorder takes an equal address for the same tensor."""
+as an error instead of stopping the audit."""
 
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from bnaudit.layers import is_batchnorm, is_dropout
-from bnaudit.recording import History, default_layers, record
+from bnaudit.recording import History, record
 from bnaudit.stats import Moments
 
 if TYPE_CHECKING:
@@ -158,26 +156,6 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
                 tails[name][1] += x.numel()
         return hook
 
-    # Every tensor the recorder measures stays alive until the next batch has run. The recorder
-    # reuses a reduction for the next tensor with the same storage address (a conv output the BatchNorm
-    # after it reads); under no_grad nothing else holds a finished activation, so the allocator may hand
-    # its address to the next one of the same size (a ResNet's shortcut conv after its freed conv2 output),
-    # and that layer got the other's statistics, depending on the allocator's timing. Held, no address
-    # can be reused within a batch or across two. (A training step holds as much for its backward pass.)
-    held: list[list[torch.Tensor]] = [[], []]
-
-    def hold_input(module: nn.Module, args: Any) -> None:
-        held[-1].extend(a for a in args if isinstance(a, torch.Tensor))
-
-    def hold_output(module: nn.Module, args: Any, out: Any) -> None:
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        held[-1].extend(o for o in outs if isinstance(o, torch.Tensor))
-
-    named = dict(model.named_modules())
-    for name, where in default_layers(model).items():
-        m = named[name]
-        handles.append(m.register_forward_pre_hook(hold_input) if where == "input"
-                       else m.register_forward_hook(hold_output))
     for name, m in model.named_modules():
         if not name:
             continue
@@ -226,11 +204,9 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
                     else:
                         sizes.append(int(batch.size or 0))
                     rec.step()
-                    held[:] = [held[-1], []]
     finally:
         for h in handles:
             h.remove()
-        held.clear()
     probe = DataProbe(history=rec.history, batch_sizes=sizes, errors=errors, targets=targets or None)
     if moments is not None and moments.mean is not None:
         host = moments.to_numpy()
