@@ -122,4 +122,5 @@ def collapse(n: int, block: np.ndarray, c: int) -> tuple[int, np.ndarray]:
     """A row block of ``c`` channels with ``n`` values each as one channel of ``n * c`` values: the mean of the
     channel means; the mean within-channel variance plus the variance of the channel means."""
     cm, cv = block[:c], block[c: 2 * c]
-    return n * c, np.concatenate([[cm.mean(), cv.mean() + cm.var()], block[2 * c:]])
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN/Inf channel makes the whole NaN/Inf, as it should
+        return n * c, np.concatenate([[cm.mean(), cv.mean() + cm.var()], block[2 * c:]])

@@ -349,6 +349,8 @@ class Recorder:
         if len(idx) < len(slot.units) and not slot.note:
             slot.note = f"units {[u for u in slot.units if u >= c]} beyond its {c} channels"
             self.history.notes.append(f"{slot.name}: {slot.note}")
+        if not idx:
+            return torch.full((len(self._q) * len(slot.units),), float("nan"), device=x3.device)
         vals = x3[:, idx, :].transpose(1, 2).reshape(-1, len(idx)).float()
         srt = vals.sort(dim=0).values
         last = vals.shape[0] - 1
