@@ -43,6 +43,22 @@ def move_to(value: Any, device: torch.device | str | None, dtype: torch.dtype | 
     return value
 
 
+def non_finite_at(value: Any) -> tuple[int, ...] | None:
+    """The index of the first NaN or Inf in the floating tensors of ``value`` (nested tuples, lists and dicts
+    too), or None when every value is finite."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex()):
+            return None
+        bad = ~torch.isfinite(value)
+        return tuple(int(i) for i in bad.nonzero()[0]) if bool(bad.any()) else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        found = non_finite_at(item)
+        if found is not None:
+            return found
+    return None
+
+
 @dataclass
 class Batch:
     """One batch: the model's input and, when present, the targets."""
@@ -425,6 +441,8 @@ def load_data(
     if text.endswith(ARRAY_SUFFIXES):
         return as_source(_array_file(Path(text), text, input_key), text, batch_size=batch_size, input_key=input_key, seed=seed)
     py = parse_py_spec(text)
+    if py is None and Path(text).exists() and not Path(text).is_file():
+        raise SpecError(f"{text}: {missing_file(Path(text))}")
     if py is None:
         raise SpecError(
             f"{text}: not a data spec; use PATH.py[:NAME], package.module:NAME, random:SHAPE or a .pt/.npz/.csv file"

@@ -103,6 +103,8 @@ def load_model(
             loaded = _load_model_file(Path(text), trust_pickle=trust_pickle)
         else:
             py = parse_py_spec(text)
+            if py is None and Path(text).exists() and not Path(text).is_file():
+                raise SpecError(f"{text}: {missing_file(Path(text))}")
             if py is None:
                 raise SpecError(
                     f"{text}: not a model spec; use PATH.py, PATH.py:NAME, package.module:NAME or a .pt file saved by bnaudit"
