@@ -18,8 +18,10 @@ Nothing here imports torch."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import sysconfig
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -112,18 +114,38 @@ def call(fn: Callable[..., T], *args: Any, spec: str, action: str, argv0: str | 
         sys.argv = saved
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C inside a CLI command so that the same clean-up runs (worker pools are
+    terminated, temporary files removed, nothing half-written) before bnaudit exits with status 143."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def child_signals() -> None:
+    """In a worker process bnaudit forks: SIGTERM ends it quietly (the parent terminates its workers that
+    way) and Ctrl-C is left to the parent, so neither prints a traceback per worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def session() -> Iterator[TextIO]:
     """Run a CLI command's library work with the user's code kept in its place.
 
     Yields:
         The real stdout, for the report; ``sys.stdout`` itself points at stderr until the block ends, so
-        whatever the user's code prints cannot corrupt a report on stdout.
+        whatever the user's code prints cannot corrupt a report on stdout. SIGTERM raises
+        :class:`Terminated` meanwhile (main thread only).
 
     Raises:
         UserCodeError: a ``SystemExit`` escaped from the user's code (the innermost user frame is named).
     """
     out = sys.stdout
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _terminate)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield out
@@ -132,6 +154,9 @@ def session() -> Iterator[TextIO]:
         if where is None:
             raise
         raise UserCodeError(f"{where}: your code called {_exit_text(exc)} while bnaudit ran it; {_EXIT_HINT}") from exc
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
-__all__ = ["USER_MODULE_PREFIX", "call", "describe", "session", "user_frame"]
+__all__ = ["USER_MODULE_PREFIX", "Terminated", "call", "child_signals", "describe", "session", "user_frame"]

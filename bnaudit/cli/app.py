@@ -114,7 +114,9 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
                 if _state["debug"]:
                     raise
                 raise fail(str(exc), exc.exit_code) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
+                if isinstance(exc, usercode.Terminated):
+                    raise fail("terminated", 143) from None
                 raise fail("interrupted", 130) from None
             finally:
                 _state["stdout"] = None
