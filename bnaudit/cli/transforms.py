@@ -46,8 +46,6 @@ class _Setup:
         self, model: str, *, weights: Path | None, trust_pickle: bool, data: str | None, input_shape: str | None,
         input_key: str | None, batch_size: int, device: str, predict: str | None,
     ) -> None:
-        import torch
-
         from bnaudit.audit import infer_example, resolve_device
         from bnaudit.loading import load_data, load_model, load_predict
         from bnaudit.loading.data import random_example
