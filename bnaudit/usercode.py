@@ -22,7 +22,7 @@ import signal
 import sys
 import sysconfig
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
@@ -114,6 +114,34 @@ def call(fn: Callable[..., T], *args: Any, spec: str, action: str, argv0: str | 
         sys.argv = saved
 
 
+def iterate(items: Iterable[T], *, spec: str, action: str = "reading the data") -> Iterator[T]:
+    """Yield from an iterable the user's code produces (a DataLoader over their Dataset, their generator),
+    with the errors ``call`` gives: a ``SystemExit`` or exception while the next item is made becomes a
+    :class:`UserCodeError` naming the spec, the batch and the file and line.
+
+    Raises:
+        UserCodeError: the user's code exited or raised while making an item.
+    """
+    it = iter(items)
+    index = 0
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except BnauditError:
+            raise
+        except (SystemExit, Exception) as exc:
+            where = user_frame(exc.__traceback__)
+            at = f" at {where}" if where else ""
+            what = _exit_text(exc) if isinstance(exc, SystemExit) else describe(exc)
+            verb = "called" if isinstance(exc, SystemExit) else "raised"
+            raise UserCodeError(f"{spec}: {action} (batch {index + 1}) {verb} {what}{at}; fix the data code or "
+                                "rerun with --debug") from exc
+        yield item  # outside the try: an error thrown in by the consumer is not the data's
+        index += 1
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C inside a CLI command so that the same clean-up runs (worker pools are
     terminated, temporary files removed, nothing half-written) before bnaudit exits with status 143."""
@@ -159,4 +187,4 @@ def session() -> Iterator[TextIO]:
             signal.signal(signal.SIGTERM, old)
 
 
-__all__ = ["USER_MODULE_PREFIX", "Terminated", "call", "child_signals", "describe", "session", "user_frame"]
+__all__ = ["USER_MODULE_PREFIX", "Terminated", "call", "child_signals", "describe", "iterate", "session", "user_frame"]

@@ -102,6 +102,41 @@ MODELS = {
         def build_model():
             return Net()
     """,
+    "baddata.py": """
+        import sys
+        import torch
+        from torch import nn
+        from torch.utils.data import Dataset
+
+        class Corrupt(Dataset):
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, i):
+                if i == 5:
+                    raise ValueError("corrupt record 5")
+                return torch.randn(4), 0
+
+        class Exits(Dataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                sys.exit(3)
+
+        def build_model():
+            return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+        def build_data():
+            return Corrupt()
+
+        def exits_data():
+            return Exits()
+
+        def broken_stream():
+            yield torch.randn(8, 4)
+            raise RuntimeError("stream broke")
+    """,
     "argv_model.py": """
         import argparse
         from torch import nn
@@ -296,6 +331,14 @@ CASES = [
          E + "exits_factory.py: building the model called sys.exit(0)"),
     Case("1-train-compare-exit-in-factory", ("train-compare", "exits_factory.py", "--data", "xy.pt", *TC), 2,
          E + "exits_factory.py: building the model called sys.exit(0)"),
+    Case("1-exit-in-dataset-getitem", ("inspect", "baddata.py", "--data", "baddata.py:exits_data"), 2,
+         E + "baddata.py:exits_data: reading the data (batch 1) called sys.exit(3) at {ws}/baddata.py:"),
+    Case("1-dataset-raises", ("inspect", "baddata.py"), 2,
+         E + "{ws}/baddata.py:build_data: reading the data (batch 1) raised ValueError: corrupt record 5"),
+    Case("1-generator-raises-later", ("inspect", "baddata.py", "--data", "baddata.py:broken_stream"), 2,
+         E + "baddata.py:broken_stream: reading the data (batch 2) raised RuntimeError: stream broke"),
+    Case("1-train-compare-dataset-raises", ("train-compare", "baddata.py", "-b", "8", *TC), 2,
+         E + "reading the training data raised ValueError: corrupt record 5 at {ws}/baddata.py:"),
     # 2. no output replaces an input of the run; .py is never written; --force never beats overwrite: false.
     Case("2-check-output-named-model-py", ("check", "-c", "outputs_py.yaml"), 2,
          E + "outputs[0] (json) fine.py: bnaudit never writes a Python source file", keep=("fine.py",)),

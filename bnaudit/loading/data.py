@@ -154,9 +154,11 @@ class DataSource:
         return min(self.batch_size, self.dataset_len) if self.dataset_len else None
 
     def raw_batches(self, limit: int | None = None) -> Iterator[Any]:
-        if self._one_shot:
-            yield from self._cached(limit)
-            return
+        """Up to ``limit`` raw batches; an error in the user's data code is a UserCodeError naming the batch."""
+        source = self._cached(limit) if self._one_shot else self._plain(limit)
+        return usercode.iterate(source, spec=self.spec)
+
+    def _plain(self, limit: int | None) -> Iterator[Any]:
         for i, raw in enumerate(self.origin):
             if limit is not None and i >= limit:
                 return
