@@ -477,8 +477,8 @@ def train_compare(
         raise UsageError("give steps or epochs, not both")
     if steps is not None and steps < 1:
         raise UsageError(f"steps must be at least 1, got {steps}")
-    if epochs is not None and epochs <= 0:
-        raise UsageError(f"epochs must be positive, got {epochs}")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise UsageError(f"epochs must be a positive finite number, got {epochs}")
     if explode <= 1:
         raise UsageError(f"explode must be above 1 (a multiple of the first loss), got {explode}")
     if window < 1:
@@ -521,6 +521,8 @@ def train_compare(
         target = None
     else:
         target = float(target_loss)
+        if not math.isfinite(target):
+            raise UsageError(f"--target-loss {target_loss!r}: give a finite number, auto or none")
     small = min(bs_list)
     if small * nproc > len(train):
         per = f" ({nproc} processes × per-device batch {small})" if nproc > 1 else ""
