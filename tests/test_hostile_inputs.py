@@ -34,6 +34,9 @@ from typer.testing import CliRunner
 
 from bnaudit.cli import app
 
+# FIFOs, /proc (to follow workers) and a /sys folder no user can write to: Linux only.
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the hostile workspace needs Linux")
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "bnaudit" / "presets" / "default.yaml"
 PEAK_LIMIT = 2 << 30

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from bnaudit.errors import LimitError, OutputError
 from bnaudit.io import OutputPlan, read_text_capped, spec_paths
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, /dev/zero and /sys: Linux")
 
 
 def _files(folder: Path) -> dict[str, bytes]:
