@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.findings import Report
-from bnaudit.loading import load_data, load_model, load_predict, parse_shape
+from bnaudit.loading import load_data, load_model, load_predict
+from bnaudit.loading.data import random_example
 
 __all__ = ["inspect", "load_data", "load_model"]
 
@@ -79,11 +80,10 @@ def inspect(
     source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
     predict_fn = load_predict(predict, loaded.namespace)
     example = None
+    meta: dict[str, Any] = {"weights": str(weights)} if weights else {}
     if input_shape is not None and source is None:
-        import torch
-
-        shape = parse_shape(input_shape, "--input-shape") if isinstance(input_shape, str) else tuple(input_shape)
-        example = torch.randn(min(batch_size, 4) if batch_size > 1 else 2, *shape)
+        example = random_example(input_shape, batch_size)
+        meta["example_input"] = f"random {tuple(example.shape)} from --input-shape"
     report = run_audit(
         loaded.module,
         name=name or loaded.spec,
@@ -98,7 +98,7 @@ def inspect(
         steps=steps,
         source_path=str(loaded.source_path) if loaded.source_path else None,
         prefer_graph=graph,
-        meta={"weights": str(weights)} if weights else None,
+        meta=meta or None,
     )
     if report.source_path is not None:
         from dataclasses import replace

@@ -162,7 +162,11 @@ def run_audit(
     except ValueError as exc:  # no example and fx failed
         graph, graph_note = None, f"{exc}; pass --data or --input-shape"
     except Exception as exc:  # noqa: BLE001 - the model's own forward failed on the example
-        where = "the first batch of --data" if data is not None else "an input inferred from its first layer"
+        where = (
+            "the first batch of --data" if data is not None
+            else f"its example input ({notes['example_input']})" if "example_input" in notes
+            else "an input inferred from its first layer"
+        )
         raise DataError(
             f"{name}: the model rejected {where} ({describe_exception(exc)}); check that --data matches the "
             "model's input (or give --input-shape)"

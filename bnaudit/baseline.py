@@ -15,8 +15,10 @@ from pathlib import Path
 
 from bnaudit.errors import ConfigError, UsageError
 from bnaudit.findings import Finding, Report
+from bnaudit.io import read_text_capped
 
 BASELINE_VERSION = 1
+MAX_BASELINE_BYTES = 64 << 20  # a baseline lists findings: tens of thousands fit in a few MiB
 Key = tuple[str, str, str]
 
 
@@ -84,9 +86,11 @@ def load_baseline(path: Path | str) -> Baseline:
     if not p.is_file():
         raise UsageError(f"baseline {p} not found; create it with `bnaudit check --write-baseline {p}`")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
+        doc = json.loads(read_text_capped(p, limit=MAX_BASELINE_BYTES, what="baseline"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{p}: not a bnaudit baseline ({exc}); rewrite it with --write-baseline") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(doc, dict) or doc.get("bnaudit_baseline") != BASELINE_VERSION:
         raise ConfigError(f"{p}: not a version-{BASELINE_VERSION} bnaudit baseline; rewrite it with --write-baseline")
     rows = doc.get("findings")

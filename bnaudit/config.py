@@ -21,6 +21,7 @@ import yaml
 
 from bnaudit.errors import BnauditError, ConfigError
 from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
+from bnaudit.io import read_text_capped
 from bnaudit.report import FORMATS
 
 CONFIG_NAMES = ("bnaudit.yaml", "bnaudit.yml", ".bnaudit.yaml")
@@ -116,6 +117,7 @@ class Config:
         outputs: report files to write.
         baseline: a baseline file of accepted findings, or None.
         extends: the chain of presets/files merged under this one, outermost first.
+        sources: every file read to build it: this file and the YAML files it extends (never an output).
     """
 
     path: Path | None = None
@@ -127,6 +129,7 @@ class Config:
     outputs: tuple[OutputSpec, ...] = ()
     baseline: Path | None = None
     extends: tuple[str, ...] = ()
+    sources: tuple[Path, ...] = ()
 
     def override(
         self,
@@ -330,7 +333,7 @@ def _hint(word: Any, candidates: Iterable[str]) -> str:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_text_capped(path, what="config file")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; run `bnaudit init` to write one") from None
     except IsADirectoryError:
@@ -350,6 +353,7 @@ class _Merged:
     origin: dict[Path_, tuple[str, int]]
     base: dict[Path_, Path]  # folder that relative paths under this key are relative to
     chain: list[str]
+    files: list[Path] = field(default_factory=list)  # YAML files extended (not presets)
 
 
 def _merge_into(dst: dict, src: dict, path: Path_) -> None:
@@ -390,6 +394,8 @@ def _load_chain(text: str, file: str, base: Path, seen: tuple[str, ...]) -> _Mer
             raise ConfigError(f"{file}:{line}: extends: {parent!r} extends itself in a cycle; remove one link")
         merged = _load_chain(parent_text, parent_file, parent_base, (*seen, parent_file))
         merged.chain.append(parent)
+        if parent not in preset_names():
+            merged.files.append(Path(parent_file))
     _merge_into(merged.data, {k: v for k, v in doc.data.items() if k != "extends"}, ())
     _record_origin(merged, doc, base)
     return merged
@@ -500,7 +506,9 @@ class _Validator:
         baseline = None
         if data.get("baseline") is not None:
             baseline = self.m.base[("baseline",)] / self.string(data["baseline"], ("baseline",))
-        return Config(self.path, fail_on, select, ignore, rules, audits, outputs, baseline, tuple(self.m.chain))
+        sources = (*([self.path] if self.path is not None else []), *self.m.files)
+        return Config(self.path, fail_on, select, ignore, rules, audits, outputs, baseline, tuple(self.m.chain),
+                      sources)
 
     def rules(self, section: dict) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, RuleSettings]]:
         from bnaudit.rules.base import all_rules, matches

@@ -16,6 +16,11 @@ class SpecError(BnauditError):
     raises, or something that is not what the spec must name (e.g. not an nn.Module)."""
 
 
+class UserCodeError(SpecError):
+    """The user's own code (a model file at import, a factory, a data builder, a predict function, a forward
+    pass) called ``sys.exit`` or raised while bnaudit ran it; the message names the file and line."""
+
+
 class WeightsError(BnauditError):
     """A weights or checkpoint file cannot be read safely (missing, corrupt, pickled module without
     --trust-pickle, keys that do not match the model)."""
@@ -34,7 +39,14 @@ class UsageError(BnauditError):
 
 
 class OutputError(BnauditError):
-    """An output path cannot be written (exists without --force, or its folder is missing)."""
+    """An output path cannot be written: it exists without --force (or its config entry says
+    ``overwrite: false``), it is an input of the same run or a ``.py`` file, it is not a regular file, its
+    folder is missing or not writable."""
+
+
+class LimitError(BnauditError):
+    """An input would need more memory or bytes than bnaudit allows itself (a generated batch, a config file,
+    processes); the message says what would be needed, the limit, and how to change either."""
 
 
 class TransformError(BnauditError):

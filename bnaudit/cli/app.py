@@ -1,5 +1,6 @@
 """The Typer application and what every command shares: the --debug switch, the error boundary that turns a
-BnauditError into one line on stderr and exit status 2, and safe output writing.
+BnauditError (or a command-line usage error) into one line on stderr and exit status 2, the user-code session
+(``bnaudit.usercode.session``: the user's prints go to stderr, stdout keeps the report), and the output plan.
 
 Command modules (``bnaudit/cli/<command>.py``) register themselves on ``app`` with ``@command()``; each is
 a docstring, option parsing and one call into the library. torch is never imported here."""
@@ -9,16 +10,55 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any, TextIO, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from bnaudit import __version__
 from bnaudit.errors import BnauditError, OutputError
 
+
+# Typer >= 0.20 vendors click (its errors derive from typer.TyperException); older Typer raises click's own.
+_CLI_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+_ABORTS = tuple({click.Abort, typer.Abort})
+
+
+class _Group(TyperGroup):
+    """Typer's group with command-line errors (a bad option value, an unknown option) printed as the one
+    ``bnaudit: error:`` line every other input error gets, instead of a boxed usage block."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLI_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `bnaudit` alone: the help text, as Typer shows it
+                return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)
+            ctx = getattr(exc, "ctx", None)
+            sub = ctx.command.name if ctx is not None and ctx.parent is not None else None
+            exit_code = int(getattr(exc, "exit_code", 2))
+            hint = f" (see `bnaudit{' ' + sub if sub else ''} --help`)" if exit_code == 2 else ""
+            click.echo(f"bnaudit: error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
+            sys.exit(exit_code)
+        except _ABORTS:
+            click.echo("bnaudit: error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="bnaudit",
     help="Audit a PyTorch model's normalization: lint the wiring, probe it on real batches, and measure "
     "whether BatchNorm helps.",
@@ -29,7 +69,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "stdout": None}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -56,20 +96,29 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """``app.command`` plus the error boundary: a BnauditError (or a KeyboardInterrupt) becomes one line
-    and exit 2; with --debug the traceback is shown instead."""
+    """``app.command`` plus the error boundary: the command runs in a ``usercode.session`` (the user's prints
+    go to stderr, a ``sys.exit`` in the user's code is an error naming the file), and a BnauditError (or a
+    KeyboardInterrupt) becomes one line and exit 2 (130); with --debug the traceback is shown instead."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
+            from bnaudit import usercode
+
             try:
-                return fn(*a, **kw)
+                with usercode.session() as out:
+                    _state["stdout"] = out
+                    return fn(*a, **kw)
             except BnauditError as exc:
                 if _state["debug"]:
                     raise
                 raise fail(str(exc), exc.exit_code) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
+                if isinstance(exc, usercode.Terminated):
+                    raise fail("terminated", 143) from None
                 raise fail("interrupted", 130) from None
+            finally:
+                _state["stdout"] = None
 
         app.command(*args, **kwargs)(wrapper)
         return fn
@@ -81,19 +130,39 @@ def debug_enabled() -> bool:
     return bool(_state["debug"])
 
 
-def write_text_output(path: Path, text: str, *, force: bool) -> None:
-    """Write ``text`` to ``path`` atomically; refuse to overwrite without ``force``.
-
-    Raises:
-        OutputError: the file exists and ``force`` is false, or its folder does not exist.
-    """
-    from bnaudit.io import atomic_write_text
-
-    atomic_write_text(path, text, force=force)
+def stdout() -> TextIO:
+    """Where the report goes: the real stdout (inside a command ``sys.stdout`` is the user's, sent to stderr)."""
+    return _state["stdout"] or sys.stdout
 
 
 def print_stdout(text: str) -> None:
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    out = stdout()
+    out.write(text if text.endswith("\n") else text + "\n")
+    out.flush()
 
 
-__all__ = ["OutputError", "app", "command", "debug_enabled", "fail", "print_stdout", "write_text_output"]
+def stdout_console(**kwargs: Any) -> Any:
+    """A rich Console on the report's stdout."""
+    from rich.console import Console
+
+    return Console(file=stdout(), **kwargs)
+
+
+def plan_outputs(inputs: Iterable[Any] = ()) -> Any:
+    """A ``bnaudit.io.OutputPlan`` that protects ``inputs`` (spec strings or paths the run reads)."""
+    from bnaudit.io import OutputPlan, spec_paths
+
+    return OutputPlan(inputs=spec_paths(*inputs))
+
+
+__all__ = [
+    "OutputError",
+    "app",
+    "command",
+    "debug_enabled",
+    "fail",
+    "plan_outputs",
+    "print_stdout",
+    "stdout",
+    "stdout_console",
+]

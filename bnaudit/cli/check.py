@@ -7,13 +7,12 @@ config or input). torch is imported only once a command runs."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from bnaudit.cli.app import command, print_stdout, write_text_output
+from bnaudit.cli.app import command, plan_outputs, print_stdout, stdout
 from bnaudit.cli.options import ForceOpt, split_list
 from bnaudit.errors import UsageError
 from bnaudit.findings import FAIL_ON_CHOICES
@@ -78,14 +77,19 @@ def check_cmd(
         fail_on=fail_on, select=split_list(select), ignore=split_list(ignore), baseline=baseline,
         audits=split_list(audit),
     )
-    # Refuse before the audits run, not after minutes of work.
-    from bnaudit.io import check_writable
-
-    for target, overwrite in [(output, force), (write_baseline, force)]:
-        if target is not None:
-            check_writable(target, force=overwrite)
-    for spec in cfg.outputs:
-        check_writable(spec.path, force=spec.overwrite or force)
+    # Every output is checked before the audits run, not after minutes of work, and none may replace a file
+    # this run reads: the config and what it extends, the models and data, the baseline being read.
+    use_baseline = not no_baseline and write_baseline is None
+    plan = plan_outputs([x for a in cfg.audits for x in (a.model, a.data, a.predict, a.weights)])
+    plan.protect(*cfg.sources, cfg.baseline if use_baseline else None)
+    plan.file(output, label="--output", replace=force)
+    plan.file(write_baseline, label="--write-baseline", replace=force)
+    if write_baseline is None:
+        for i, spec in enumerate(cfg.outputs):
+            plan.file(spec.path, label=f"outputs[{i}] ({spec.format})", replace=spec.overwrite,
+                      why_not="its outputs: entry says overwrite: false, which --force does not change; remove "
+                      "the file or the entry's overwrite: false" if not spec.overwrite else "")
+    plan.check()
 
     from bnaudit.checking import run_checks
 
@@ -93,13 +97,13 @@ def check_cmd(
         from bnaudit.baseline import render_baseline
 
         result = run_checks(cfg, use_baseline=False)
-        write_text_output(write_baseline, render_baseline(result.reports), force=force)
+        plan.commit({write_baseline: render_baseline(result.reports)})
         n = len(result.findings)
         typer.echo(f"wrote {write_baseline}: {n} finding{'s' if n != 1 else ''} accepted; later runs of "
                    f"`bnaudit check --baseline {write_baseline}` fail only on new ones", err=True)
         return
 
-    result = run_checks(cfg, use_baseline=not no_baseline)
+    result = run_checks(cfg, use_baseline=use_baseline)
     from bnaudit.report.sarif import artifact_uri
 
     opts = {
@@ -109,13 +113,13 @@ def check_cmd(
         "extra": {"check": {"fail_on": cfg.fail_on, "failed": result.failed, "accepted": len(result.accepted),
                             "stale_baseline_entries": result.stale}},
     }
-    for spec in cfg.outputs:
-        write_text_output(spec.path, render(result.reports, spec.format, **opts), force=spec.overwrite or force)
-    color = output is None and concrete == "rich" and sys.stdout.isatty()
+    files = {spec.path: render(result.reports, spec.format, **opts) for spec in cfg.outputs}
+    color = output is None and concrete == "rich" and stdout().isatty()
     text = render(result.reports, concrete, color=color, **opts)
     if output is not None:
-        write_text_output(output, text, force=force)
-    else:
+        files[output] = text
+    plan.commit(files)  # the report files as one set: all written or none
+    if output is None:
         print_stdout(text)
     typer.echo(result.summary(), err=True)
     if result.failed:
@@ -134,5 +138,9 @@ def init_cmd(
     """
     from bnaudit.config import starter_config
 
-    write_text_output(path, starter_config(preset), force=force)
+    text = starter_config(preset)
+    plan = plan_outputs()
+    plan.file(path, label="PATH", replace=force)
+    plan.check()
+    plan.commit({path: text})
     typer.echo(f"wrote {path}; edit its audits: entry, then run `bnaudit check`", err=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from bnaudit.cli.app import command, print_stdout, write_text_output
+from bnaudit.cli.app import command, plan_outputs, print_stdout, stdout
 from bnaudit.cli.options import (
     BatchSizeOpt,
     DataOpt,
@@ -62,10 +61,9 @@ def inspect_cmd(
     from bnaudit.report import render, resolve_format
 
     concrete = resolve_format(fmt)  # validate before the (slow) audit runs
-    if output is not None:
-        from bnaudit.io import check_writable
-
-        check_writable(output, force=force)
+    plan = plan_outputs([model, data, predict, weights])
+    plan.file(output, label="--output", replace=force)
+    plan.check()
 
     from bnaudit.api import inspect
 
@@ -74,10 +72,10 @@ def inspect_cmd(
         select=split_list(select), ignore=split_list(ignore), input_shape=input_shape, input_key=input_key,
         batch_size=batch_size, steps=steps, device=device, graph=graph,
     )
-    color = output is None and concrete == "rich" and sys.stdout.isatty()
+    color = output is None and concrete == "rich" and stdout().isatty()
     text = render(report, concrete, color=color, width=width, layers=not no_layers)
     if output is not None:
-        write_text_output(output, text, force=force)
+        plan.commit({output: text})
         typer.echo(f"wrote {output} ({report.summary['total']} findings)", err=True)
     else:
         print_stdout(text)

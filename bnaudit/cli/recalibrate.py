@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from bnaudit.cli.app import command
+from bnaudit.cli.app import command, plan_outputs, stdout_console
 from bnaudit.cli.options import (
     BatchSizeOpt,
     DataOpt,
@@ -93,11 +93,10 @@ def recalibrate_cmd(
     """
     if output is None:
         raise UsageError("give -o OUT.pt for the recalibrated model")
-    from bnaudit.io import check_writable
+    plan = plan_outputs([model, data, weights])
+    plan.file(output, label="--output", replace=force)
+    plan.check()  # fail before the (slow) load and data pass
 
-    check_writable(output, force=force)  # fail before the (slow) load and data pass
-
-    from rich.console import Console
     from rich.text import Text
 
     from bnaudit.audit import resolve_device
@@ -127,7 +126,7 @@ def recalibrate_cmd(
                 m.training = flag
     new, table = recalibrate(module, source, batches=batches, device=dev)
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = stdout_console(highlight=False, soft_wrap=True)
     console.print(Text(f"recalibrate: {model}", style="bold"))
     console.print(
         Text(f"data: {source.spec} ({table.batches} batches, {table.samples} samples"
@@ -145,10 +144,8 @@ def recalibrate_cmd(
         # before its first call (which bnaudit's model files need): store the weights for `--weights`.
         import torch
 
-        from bnaudit.io import atomic_write
-
         state = {k: v.detach().cpu().clone() for k, v in new.state_dict().items()}
-        path = atomic_write(output, lambda tmp: torch.save(state, tmp), force=force)
+        path = plan.commit({output: lambda tmp: torch.save(state, tmp)})[0]
         console.print(Text(f"wrote {path} (a plain state_dict: load it with --weights or model.load_state_dict)"))
         console.print(Text("next:", style="bold"))
         weights_arg = f"--weights {shlex.quote(str(path))}"
@@ -156,14 +153,18 @@ def recalibrate_cmd(
         console.print(Text(f"  bnaudit inspect {shlex.quote(model)}{trust} {weights_arg}{data_arg}"))
         return
 
-    from bnaudit.transforms import TransformResult, save_model
+    import torch
+
+    from bnaudit.transforms import TransformResult
+    from bnaudit.transforms.saving import saved_dict
 
     result = TransformResult(
         name="recalibrate",
         model=new,
         options={"data": source.spec, "batches": batches, "batches_used": table.batches, "samples": table.samples},
     )
-    path = save_model(result, output, source=model, force=force)
+    payload = saved_dict(result, model)
+    path = plan.commit({output: lambda tmp: torch.save(payload, tmp)})[0]
     console.print(Text(f"wrote {path}"))
     console.print(Text("next:", style="bold"))
     console.print(Text(f"  bnaudit inspect {shlex.quote(str(path))}{data_arg}"))

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bnaudit.cli.app import command, print_stdout
+from bnaudit.cli.app import command, print_stdout, stdout_console
 
 
 @command("rules")
@@ -40,7 +40,6 @@ def rules_cmd(
             for r in rules
         ], indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(header_style="bold", pad_edge=False)
@@ -48,5 +47,5 @@ def rules_cmd(
         table.add_column(col, overflow="fold")
     for r in rules:
         table.add_row(r.code, r.name, r.severity, r.summary)
-    Console(highlight=False).print(table)
-    typer.echo("`bnaudit rules CODE` prints a rule's documentation.")
+    stdout_console(highlight=False).print(table)
+    print_stdout("`bnaudit rules CODE` prints a rule's documentation.")

@@ -5,13 +5,12 @@ torch, rich's live display and matplotlib are imported inside the command only."
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from bnaudit.cli.app import command, print_stdout, write_text_output
+from bnaudit.cli.app import command, plan_outputs, print_stdout, stdout
 from bnaudit.cli.options import (
     DataOpt,
     DeviceOpt,
@@ -190,17 +189,21 @@ def train_compare_cmd(
     lrs = _floats(lr, "--lr")
     batch_sizes = _ints(batch_size, "--batch-size") or [64]
     target = _target(target_loss)
-    from bnaudit.io import check_writable
+    # Every output is checked before training (a refusal after minutes of work helps no one) and written
+    # together at the end: all of them or none.
+    plan = plan_outputs([model, data, val_data, user_model, weights])
+    plan.file(output, label="--output", replace=force)
+    plan.file(html, label="--html", replace=force)
+    if plot is not None:
+        from bnaudit.report.plots import FIGURES
 
-    for path in (output, html):
-        if path is not None:
-            check_writable(path, force=force)
-    if plot is not None and plot.exists() and not plot.is_dir():
-        raise UsageError(f"--plot {plot} is a file; give a folder")
+        # Which figures a run draws depends on its results; any of them may be written.
+        plan.folder(plot, [f"{name}.png" for name in FIGURES], label="--plot", replace=force)
+    plan.check()
     if plot is not None or html is not None:
-        from bnaudit.report.plots import _matplotlib
+        from bnaudit.report.plots import require_matplotlib
 
-        _matplotlib()  # fail before training when the plot extra is missing
+        require_matplotlib()  # fail before training when the plot extra is missing
 
     from bnaudit.loading import load_data, load_model
 
@@ -247,27 +250,29 @@ def train_compare_cmd(
     if fmt == "json":
         text = result.to_json()
     else:
-        text = _render_table(result, color=output is None and sys.stdout.isatty())
+        text = _render_table(result, color=output is None and stdout().isatty())
+    files: dict[Path, Any] = {}
     if output is not None:
-        write_text_output(output, text, force=force)
-        typer.echo(f"wrote {output}", err=True)
-    else:
-        print_stdout(text)
-    pngs = None
+        files[output] = text
     if plot is not None or html is not None:
         from bnaudit.report.plots import figures
 
         pngs = figures(result)  # drawn once for both the PNG files and the HTML report
+        if plot is not None:
+            files.update({plot / f"{name}.png": data for name, data in pngs.items()})
+        if html is not None:
+            from bnaudit.report.html import render
+
+            files[html] = render(result, pngs=pngs)
+    plan.commit(files)
+    if output is None:
+        print_stdout(text)
+    for path in (output, html):
+        if path is not None:
+            typer.echo(f"wrote {path}", err=True)
     if plot is not None:
-        from bnaudit.report.plots import write_plots
-
-        paths = write_plots(result, plot, force=force, pngs=pngs)
-        typer.echo(f"wrote {len(paths)} plots to {plot}/ ({', '.join(p.name for p in paths)})", err=True)
-    if html is not None:
-        from bnaudit.report.html import render
-
-        write_text_output(html, render(result, pngs=pngs), force=force)
-        typer.echo(f"wrote {html}", err=True)
+        names = [f"{name}.png" for name in pngs]
+        typer.echo(f"wrote {len(names)} plots to {plot}/ ({', '.join(names)})", err=True)
 
 
 def _progress(quiet: bool) -> tuple[Any, Any]:

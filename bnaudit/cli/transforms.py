@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from bnaudit.cli.app import command
+from bnaudit.cli.app import command, plan_outputs, stdout_console
 from bnaudit.cli.options import (
     BatchSizeOpt,
     DataOpt,
@@ -46,10 +46,9 @@ class _Setup:
         self, model: str, *, weights: Path | None, trust_pickle: bool, data: str | None, input_shape: str | None,
         input_key: str | None, batch_size: int, device: str, predict: str | None,
     ) -> None:
-        import torch
-
         from bnaudit.audit import infer_example, resolve_device
-        from bnaudit.loading import load_data, load_model, load_predict, parse_shape
+        from bnaudit.loading import load_data, load_model, load_predict
+        from bnaudit.loading.data import random_example
 
         self.device = resolve_device(device)
         self.loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
@@ -60,9 +59,7 @@ class _Setup:
         self.example: Any = None
         self.example_note = ""
         if input_shape is not None:
-            shape = parse_shape(input_shape, "--input-shape")
-            gen = torch.Generator().manual_seed(0)
-            self.example = torch.randn(min(batch_size, 4) if batch_size > 1 else 2, *shape, generator=gen)
+            self.example = random_example(input_shape, batch_size)
             self.example_note = f"random {tuple(self.example.shape)} from --input-shape"
             self.data_spec = data or f"random:{input_shape}"
         if data is not None or self.example is None:
@@ -101,9 +98,7 @@ def _text(text: str, style: str = "") -> Any:
 
 
 def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
+    return stdout_console(highlight=False, soft_wrap=True)
 
 
 def _show(setup: _Setup, result: TransformResult, *, title: str) -> None:
@@ -135,15 +130,18 @@ def _show(setup: _Setup, result: TransformResult, *, title: str) -> None:
     console.print(_text(result.summary(), style="bold"))
 
 
-def _finish(setup: _Setup, result: TransformResult, output: Path | None, *, force: bool, dry_run: bool) -> None:
-    from bnaudit.transforms import save_model
+def _finish(setup: _Setup, result: TransformResult, output: Path | None, plan: Any) -> None:
+    import torch
+
+    from bnaudit.transforms.saving import saved_dict
 
     console = _console()
-    if dry_run:
+    if plan is None:
         console.print(_text("dry run: nothing written"))
         return
     assert output is not None
-    path = save_model(result, output, source=setup.spec, force=force)
+    payload = saved_dict(result, setup.spec)
+    path = plan.commit({output: lambda tmp: torch.save(payload, tmp)})[0]
     out = shlex.quote(str(path))
     console.print(_text(f"wrote {path}"))
     data = f" --data {shlex.quote(setup.data_spec)}" if setup.data_spec else " --data DATA"
@@ -156,13 +154,16 @@ def _finish(setup: _Setup, result: TransformResult, output: Path | None, *, forc
     ))
 
 
-def _need_output(output: Path | None, dry_run: bool, force: bool) -> None:
-    if output is None and not dry_run:
+def _need_output(output: Path | None, dry_run: bool, force: bool, inputs: list[Any]) -> Any:
+    """The output plan for ``-o`` (None with --dry-run), checked before the (slow) load and transform."""
+    if dry_run:
+        return None
+    if output is None:
         raise UsageError("give -o OUT.pt for the new model (or --dry-run to only show the changes)")
-    if output is not None and not dry_run:
-        from bnaudit.io import check_writable
-
-        check_writable(output, force=force)  # fail before the (slow) load and transform
+    plan = plan_outputs(inputs)
+    plan.file(output, label="--output", replace=force)
+    plan.check()
+    return plan
 
 
 @command("insert-bn")
@@ -210,7 +211,7 @@ def insert_bn_cmd(
 
     [bold]Example[/]: bnaudit insert-bn model.py -o model_bn.pt --calibrate model.py:build_data
     """
-    _need_output(output, dry_run, force)
+    plan = _need_output(output, dry_run, force, [model, data, calibrate, predict, weights])
     from bnaudit.loading import load_data
     from bnaudit.transforms import insert_bn
 
@@ -231,7 +232,7 @@ def insert_bn_cmd(
     if result.max_abs_error is not None:
         err = result.max_abs_error
         _console().print(_text(f"calibrated: max abs eval-output difference to the original {err:.3g}"))
-    _finish(setup, result, output, force=force, dry_run=dry_run)
+    _finish(setup, result, output, plan)
 
 
 @command("fold-bn")
@@ -260,7 +261,7 @@ def fold_bn_cmd(
 
     [bold]Example[/]: bnaudit fold-bn model_bn.pt --eval -o model_folded.pt --input-shape 3x32x32
     """
-    _need_output(output, dry_run, force)
+    plan = _need_output(output, dry_run, force, [model, data, predict, weights])
     from bnaudit.transforms import fold_bn
 
     setup = _Setup(model, weights=weights, trust_pickle=trust_pickle, data=data, input_shape=input_shape,
@@ -271,7 +272,7 @@ def fold_bn_cmd(
     _show(setup, result, title="fold-bn")
     if result.max_abs_error is None:
         _console().print(_text("max abs error not measured: no example input (pass --data or --input-shape)"))
-    _finish(setup, result, output, force=force, dry_run=dry_run)
+    _finish(setup, result, output, plan)
 
 
 @command("swap-norm")
@@ -306,11 +307,11 @@ def swap_norm_cmd(
 
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
-    _need_output(output, dry_run, force)
+    plan = _need_output(output, dry_run, force, [model, data, predict, weights])
     from bnaudit.transforms import swap_norm
 
     setup = _Setup(model, weights=weights, trust_pickle=trust_pickle, data=data, input_shape=input_shape,
                    input_key=input_key, batch_size=batch_size, device=device, predict=predict)
     result = setup.call(swap_norm, to=to, groups=groups)
     _show(setup, result, title=f"swap-norm --to {to}")
-    _finish(setup, result, output, force=force, dry_run=dry_run)
+    _finish(setup, result, output, plan)

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
+from bnaudit import usercode
 from bnaudit.errors import DataError, SpecError
-from bnaudit.loading.specs import describe_exception, import_target, lookup, parse_py_spec
+from bnaudit.limits import BATCH_SHARE, check_allocation
+from bnaudit.loading.specs import describe_exception, import_target, lookup, missing_file, parse_py_spec
 
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "input_ids", "features", "data")
 TARGET_KEYS = ("target", "targets", "label", "labels", "y")
@@ -39,6 +41,22 @@ def move_to(value: Any, device: torch.device | str | None, dtype: torch.dtype | 
     if isinstance(value, dict):
         return {k: move_to(v, device, dtype) for k, v in value.items()}
     return value
+
+
+def non_finite_at(value: Any) -> tuple[int, ...] | None:
+    """The index of the first NaN or Inf in the floating tensors of ``value`` (nested tuples, lists and dicts
+    too), or None when every value is finite."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex()):
+            return None
+        bad = ~torch.isfinite(value)
+        return tuple(int(i) for i in bad.nonzero()[0]) if bool(bad.any()) else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        found = non_finite_at(item)
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass
@@ -136,9 +154,11 @@ class DataSource:
         return min(self.batch_size, self.dataset_len) if self.dataset_len else None
 
     def raw_batches(self, limit: int | None = None) -> Iterator[Any]:
-        if self._one_shot:
-            yield from self._cached(limit)
-            return
+        """Up to ``limit`` raw batches; an error in the user's data code is a UserCodeError naming the batch."""
+        source = self._cached(limit) if self._one_shot else self._plain(limit)
+        return usercode.iterate(source, spec=self.spec)
+
+    def _plain(self, limit: int | None) -> Iterator[Any]:
         for i, raw in enumerate(self.origin):
             if limit is not None and i >= limit:
                 return
@@ -195,7 +215,10 @@ def _make_loader(dataset: Dataset, batch_size: int, seed: int, spec: str) -> Dat
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError(f"{spec}: the dataset is empty; check the data spec")
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
+    # A batch size above the dataset's length gives the same single batch; clamped, it also stays within what
+    # the sampler can count (a batch size above sys.maxsize would fail inside itertools.islice).
+    size = min(batch_size, len(dataset))  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=size, shuffle=True, generator=gen)
 
 
 def as_source(obj: Any, spec: str, *, batch_size: int = 32, input_key: str | None = None, seed: int = 0) -> DataSource:
@@ -218,9 +241,10 @@ def as_source(obj: Any, spec: str, *, batch_size: int = 32, input_key: str | Non
         and len(obj) == 2
         and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj)
         and getattr(obj[0], "ndim", 0) > 0
+        and getattr(obj[1], "ndim", 0) > 0
         and len(obj[0]) == len(obj[1])
-        and len(obj[0]) != 1
     ):
+        # Two arrays of equal length are (inputs, targets), one sample long or a million.
         x, y = (_as_tensor(v) if isinstance(v, np.ndarray) else v for v in obj)
         source = _from_loader(spec, _make_loader(TensorDataset(x, y), batch_size, seed, spec), input_key)
     elif isinstance(obj, Dataset) and hasattr(obj, "__len__"):
@@ -256,17 +280,48 @@ def parse_shape(text: str, what: str = "shape") -> tuple[int, ...]:
     return dims
 
 
+def random_example(shape: str | tuple[int, ...], batch_size: int, what: str = "--input-shape") -> torch.Tensor:
+    """A small seeded random batch (at most 4 samples, at least 2 for BatchNorm) of one sample's ``shape``.
+
+    Raises:
+        SpecError: ``shape`` is not a shape. LimitError: the batch would not fit the memory limit.
+    """
+    dims = parse_shape(shape, what) if isinstance(shape, str) else tuple(int(d) for d in shape)
+    n = min(batch_size, 4) if batch_size > 1 else 2
+    label = "x".join(map(str, dims))
+    check_allocation(f"{what} {label} ({n} samples)", n, dims, 4, share=BATCH_SHARE, hint="check the shape")
+    return torch.randn(n, *dims, generator=torch.Generator().manual_seed(0))
+
+
+class RandomBatches:
+    """``random:SHAPE``: standard-normal batches drawn on demand from a seeded generator, so only the batches a
+    command reads are ever made (and each is freed when the next is drawn); every pass draws the same ones."""
+
+    def __init__(self, shape: tuple[int, ...], batch_size: int, seed: int, batches: int) -> None:
+        self.shape, self.batch_size, self.seed, self.batches = shape, batch_size, seed, batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.batches):
+            yield [torch.randn(self.batch_size, *self.shape, generator=gen)]
+
+
 def _random_source(spec: str, batch_size: int, seed: int, batches: int = 8) -> DataSource:
     shape = parse_shape(spec.split(":", 1)[1], "random:SHAPE")
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size * batches, *shape, generator=gen)
-    loader = DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)
-    return _from_loader(spec, loader, None)
+    check_allocation(
+        f"{spec} at batch size {batch_size}", batch_size, shape, 4, share=BATCH_SHARE,
+        hint="lower --batch-size or the shape",
+    )
+    origin = RandomBatches(shape, batch_size, seed, batches)
+    return DataSource(spec, origin, batch_size, batch_size * batches, False, False, None)
 
 
-def _array_file(path: Path, spec: str) -> Any:
+def _array_file(path: Path, spec: str, input_key: str | None = None) -> Any:
     if not path.is_file():
-        raise SpecError(f"{spec}: file {path} not found")
+        raise SpecError(f"{spec}: {missing_file(path)}")
     suffix = path.suffix
     try:
         if suffix in (".pt", ".pth"):
@@ -278,35 +333,56 @@ def _array_file(path: Path, spec: str) -> Any:
                     "save plain tensors, an (inputs, targets) tuple or a dict of tensors"
                 ) from exc
             if isinstance(obj, dict):
-                x = next((obj[k] for k in INPUT_KEYS if k in obj), None)
-                y = next((obj[k] for k in TARGET_KEYS if k in obj), None)
-                if x is None:
-                    raise SpecError(f"{spec}: dict with keys {sorted(obj)}; store the inputs under 'x' or 'inputs'")
-                return (x, y) if y is not None else x
+                xk = _input_name(list(obj), spec, input_key)
+                y = next((obj[k] for k in TARGET_KEYS if k in obj and k != xk), None)
+                return (obj[xk], y) if y is not None else obj[xk]
             return tuple(obj) if isinstance(obj, list) else obj
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as arrays:
                 names = list(arrays.files)
-                xk = next((k for k in INPUT_KEYS if k in names), names[0] if names else None)
-                yk = next((k for k in TARGET_KEYS if k in names), None)
-                if xk is None:
+                if not names:
                     raise SpecError(f"{spec}: the .npz file holds no arrays")
+                xk = _input_name(names, spec, input_key)
+                yk = next((k for k in TARGET_KEYS if k in names and k != xk), None)
                 x = arrays[xk]
                 return (x, arrays[yk]) if yk else x
         if suffix == ".csv":
             return _read_csv(path, spec)
+    except MemoryError:
+        raise SpecError(f"{spec}: {path} holds more data than fits in memory; give a smaller file") from None
     except (OSError, ValueError) as exc:
         raise SpecError(f"{spec}: cannot read {path} ({describe_exception(exc)})") from exc
     raise SpecError(f"{spec}: unsupported data file type {suffix}")
 
 
+def _input_name(names: list[Any], spec: str, input_key: str | None) -> Any:
+    """Which entry of a dict/.npz file holds the inputs: --input-key, a usual input name, or the only one."""
+    if input_key is not None:
+        if input_key not in names:
+            raise SpecError(f"{spec}: no entry named {input_key!r} for --input-key; it holds {sorted(map(str, names))}")
+        return input_key
+    found = next((k for k in INPUT_KEYS if k in names), None)
+    if found is not None:
+        return found
+    if len(names) == 1:
+        return names[0]
+    raise SpecError(
+        f"{spec}: holds {sorted(map(str, names))} and none is named like inputs ({', '.join(INPUT_KEYS[:4])}, ...); "
+        "pass --input-key NAME or rename the inputs to 'x'"
+    )
+
+
 def _read_csv(path: Path, spec: str) -> Any:
+    import warnings
+
     with path.open(encoding="utf-8") as fh:
         header = fh.readline().strip().split(",")
     has_header = any(not _is_number(h) for h in header)
-    table = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, ndmin=2, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below as an error
+        table = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, ndmin=2, dtype=np.float64)
     if table.size == 0:
-        raise SpecError(f"{spec}: {path} has no rows")
+        raise SpecError(f"{spec}: {path} has no rows of numbers")
     if has_header:
         names = [h.strip().lower() for h in header]
         target = next((names.index(k) for k in TARGET_KEYS if k in names), None)
@@ -365,8 +441,10 @@ def load_data(
     if text.startswith("random:"):
         return _random_source(text, batch_size, seed)
     if text.endswith(ARRAY_SUFFIXES):
-        return as_source(_array_file(Path(text), text), text, batch_size=batch_size, input_key=input_key, seed=seed)
+        return as_source(_array_file(Path(text), text, input_key), text, batch_size=batch_size, input_key=input_key, seed=seed)
     py = parse_py_spec(text)
+    if py is None and Path(text).exists() and not Path(text).is_file():
+        raise SpecError(f"{text}: {missing_file(Path(text))}")
     if py is None:
         raise SpecError(
             f"{text}: not a data spec; use PATH.py[:NAME], package.module:NAME, random:SHAPE or a .pt/.npz/.csv file"
@@ -380,10 +458,7 @@ def _produce(obj: Any, spec: str) -> Any:
     """Call a data factory; leave data objects (datasets, loaders, tensors) as they are."""
     if isinstance(obj, (torch.Tensor, np.ndarray, Dataset, DataLoader, tuple, list)) or not callable(obj):
         return obj
-    try:
-        return obj()
-    except Exception as exc:
-        raise SpecError(f"{spec}: building the data raised {describe_exception(exc)}; rerun with --debug") from exc
+    return usercode.call(obj, spec=spec, action="building the data")
 
 
 def load_predict(spec: Any, namespace: types.ModuleType | None = None) -> Any:

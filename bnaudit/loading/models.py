@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnaudit import usercode
 from bnaudit.errors import SpecError, WeightsError
-from bnaudit.loading.specs import describe_exception, import_target, lookup, parse_py_spec
+from bnaudit.loading.specs import describe_exception, import_target, lookup, missing_file, parse_py_spec
 
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -43,17 +44,34 @@ def _call_factory(obj: Any, spec: str) -> Any:
         return obj
     if not callable(obj):
         raise SpecError(f"{spec}: names a {type(obj).__name__}, not an nn.Module or a function returning one")
+    needs = required_arguments(obj)
+    if needs:
+        raise SpecError(
+            f"{spec}: calling it with no arguments failed (it needs {', '.join(needs)}); point the spec at a "
+            "zero-argument function, e.g. "
+            "def build_model(): return MyNet(num_features=64)"
+        )
+    return usercode.call(obj, spec=spec, action="building the model", argv0=_file_of(obj) or spec)
+
+
+def required_arguments(fn: Any) -> list[str]:
+    """Names of the parameters ``fn()`` would be missing (empty when it can be called with no arguments, or
+    when its signature cannot be read)."""
+    import inspect
+
     try:
-        return obj()
-    except TypeError as exc:
-        if "argument" in str(exc):
-            raise SpecError(
-                f"{spec}: calling it with no arguments failed ({describe_exception(exc)}); point the spec at a "
-                "zero-argument function, e.g. def build_model(): return MyNet(num_features=64)"
-            ) from exc
-        raise SpecError(f"{spec}: building the model raised {describe_exception(exc)}; rerun with --debug") from exc
-    except Exception as exc:
-        raise SpecError(f"{spec}: building the model raised {describe_exception(exc)}; rerun with --debug") from exc
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name for p in sig.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _file_of(obj: Any) -> str | None:
+    code = getattr(obj, "__code__", None) or getattr(getattr(obj, "__init__", None), "__code__", None)
+    return getattr(code, "co_filename", None)
 
 
 def load_model(
@@ -85,6 +103,8 @@ def load_model(
             loaded = _load_model_file(Path(text), trust_pickle=trust_pickle)
         else:
             py = parse_py_spec(text)
+            if py is None and Path(text).exists() and not Path(text).is_file():
+                raise SpecError(f"{text}: {missing_file(Path(text))}")
             if py is None:
                 raise SpecError(
                     f"{text}: not a model spec; use PATH.py, PATH.py:NAME, package.module:NAME or a .pt file saved by bnaudit"
@@ -107,13 +127,26 @@ def _module_file(namespace: types.ModuleType) -> Path | None:
 
 def _torch_load_safe(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise WeightsError(f"{what} file {path} not found")
+        raise WeightsError(f"{what} {missing_file(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for unsafe or corrupt files
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in type(exc).__name__:
+        # Only a pickle that names Python classes or functions (GLOBAL) needs --trust-pickle; anything else
+        # torch cannot read (random bytes, a truncated file, a text file) is simply not a torch file.
+        if "Unsupported global" in str(exc):
             raise _UnsafePickle(str(exc)) from exc
-        raise WeightsError(f"{path}: cannot read it as a torch file ({describe_exception(exc)})") from exc
+        raise WeightsError(
+            f"{path}: not a file torch.save wrote, or a damaged one ({_torch_error(exc)}); check the path"
+        ) from exc
+
+
+def _torch_error(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("WeightsUnpickler error:", "Unpickler error:"):
+        if marker in text:
+            detail = text.split(marker, 1)[1].strip().splitlines()
+            return f"{type(exc).__name__}: {detail[0].strip()}" if detail else type(exc).__name__
+    return describe_exception(exc)
 
 
 class _UnsafePickle(Exception):

@@ -2,7 +2,9 @@
 
 A user's model file is imported once per process under a private module name (its folder is put on
 sys.path while it runs, so it can import its neighbours), so MODEL, DATA and PREDICT specs pointing into the
-same file share one namespace: ``build_data`` and ``predict`` are found beside ``build_model``."""
+same file share one namespace: ``build_data`` and ``predict`` are found beside ``build_model``. Imports run
+through ``bnaudit.usercode.call``: ``sys.argv`` is ``[the file]`` while the file runs, and ``sys.exit`` or an
+exception at import becomes one clear error naming the file."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnaudit.errors import SpecError
+from bnaudit import usercode
+from bnaudit.errors import SpecError, UserCodeError
+from bnaudit.usercode import USER_MODULE_PREFIX
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _loaded: dict[Path, types.ModuleType] = {}
@@ -53,11 +57,11 @@ def import_file(path: Path, spec_text: str) -> types.ModuleType:
     """
     path = path.expanduser()
     if not path.is_file():
-        raise SpecError(f"{spec_text}: file {path} not found; check the path (relative to {Path.cwd()})")
+        raise SpecError(f"{spec_text}: {missing_file(path)}")
     key = path.resolve()
     if key in _loaded:
         return _loaded[key]
-    name = "bnaudit_user_" + hashlib.sha1(str(key).encode()).hexdigest()[:12]
+    name = USER_MODULE_PREFIX + hashlib.sha1(str(key).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, key)
     if spec is None or spec.loader is None:
         raise SpecError(f"{spec_text}: cannot import {path} as Python")
@@ -68,10 +72,10 @@ def import_file(path: Path, spec_text: str) -> types.ModuleType:
         sys.path.insert(0, folder)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
+        usercode.call(spec.loader.exec_module, module, spec=spec_text, action=f"importing {path}", argv0=path)
+    except BaseException:
         sys.modules.pop(name, None)
-        raise SpecError(f"{spec_text}: importing {path} raised {_describe(exc)}; fix the file or rerun with --debug") from exc
+        raise
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
@@ -89,11 +93,14 @@ def import_target(spec: PySpec) -> types.ModuleType:
         return import_file(spec.path, spec.text)
     assert spec.module is not None
     try:
-        return importlib.import_module(spec.module)
-    except ModuleNotFoundError as exc:
-        raise SpecError(f"{spec.text}: no module named {exc.name!r}; check the spec or install the package") from exc
-    except Exception as exc:
-        raise SpecError(f"{spec.text}: importing {spec.module} raised {_describe(exc)}; rerun with --debug") from exc
+        return usercode.call(importlib.import_module, spec.module, spec=spec.text, action=f"importing {spec.module}")
+    except UserCodeError as exc:
+        missing = exc.__cause__
+        if isinstance(missing, ModuleNotFoundError) and missing.name and (spec.module + ".").startswith(missing.name + "."):
+            raise SpecError(
+                f"{spec.text}: no module named {missing.name!r}; check the spec or install the package"
+            ) from missing
+        raise
 
 
 def lookup(module: types.ModuleType, attr: str, spec_text: str, what: str) -> object:
@@ -114,9 +121,14 @@ def lookup(module: types.ModuleType, attr: str, spec_text: str, what: str) -> ob
     return obj
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def missing_file(path: Path) -> str:
+    """Why ``path`` cannot be read as a file: missing, a folder, or a special file (a FIFO, a device)."""
+    if not path.exists():
+        return f"file {path} not found; check the path (relative to {Path.cwd()})"
+    if path.is_dir():
+        return f"{path} is a folder; give a file"
+    return f"{path} is not a regular file (a pipe, socket or device); give a file saved on disk"
 
 
-describe_exception = _describe
+describe_exception = usercode.describe
+_describe = usercode.describe

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bnaudit.errors import OutputError, UsageError
-from bnaudit.io import atomic_write
+from bnaudit.errors import UsageError
+from bnaudit.io import OutputPlan
 
 if TYPE_CHECKING:
     from bnaudit.training.results import CompareResult, RunResult
@@ -33,6 +33,15 @@ def _matplotlib() -> Any:
     except ImportError:
         raise UsageError("plots need matplotlib: pip install 'bnaudit[plot]'") from None
     return Figure
+
+
+def require_matplotlib() -> None:
+    """Check that plots can be drawn.
+
+    Raises:
+        UsageError: matplotlib is not installed (``pip install 'bnaudit[plot]'``).
+    """
+    _matplotlib()
 
 
 def _np() -> Any:
@@ -329,7 +338,7 @@ def figures(result: CompareResult) -> dict[str, bytes]:
 def write_plots(
     result: CompareResult, folder: Path | str, *, force: bool = False, pngs: dict[str, bytes] | None = None
 ) -> list[Path]:
-    """Write every figure as ``<folder>/<name>.png`` (the folder is created when its parent exists).
+    """Write every figure as ``<folder>/<name>.png`` (the folder is created, with its parents, when missing).
 
     Args:
         result: the comparison.
@@ -342,21 +351,11 @@ def write_plots(
 
     Raises:
         UsageError: matplotlib is missing. OutputError: a PNG exists without ``force``, or the folder cannot
-        be created.
+        be created or written.
     """
     out_dir = Path(folder)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} is a file; --plot takes a folder")
-    if not out_dir.exists():
-        if not out_dir.parent.exists():
-            raise OutputError(f"folder {out_dir.parent} does not exist; create it first")
-        out_dir.mkdir()
     pngs = figures(result) if pngs is None else pngs
-    if not force:  # refuse before writing anything, so a refusal leaves no half-updated folder
-        for name in pngs:
-            if (out_dir / f"{name}.png").exists():
-                raise OutputError(f"{out_dir / (name + '.png')} already exists; pass --force to overwrite it")
-    written = []
-    for name, data in pngs.items():
-        written.append(atomic_write(out_dir / f"{name}.png", lambda tmp, data=data: tmp.write_bytes(data), force=force))
-    return written
+    plan = OutputPlan()
+    plan.folder(out_dir, [f"{name}.png" for name in pngs], label="--plot", replace=force)
+    plan.check()  # refuse before writing anything, so a refusal leaves no half-updated folder
+    return plan.commit({out_dir / f"{name}.png": data for name, data in pngs.items()})

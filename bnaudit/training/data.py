@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from bnaudit.errors import DataError
+from bnaudit.errors import BnauditError, DataError
+from bnaudit.usercode import describe, user_frame
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ def _dataset_of(data: Any) -> Any:
 def as_tensor_data(data: Any) -> TensorData:
     """Turn what the user passed as ``data`` into a :class:`TensorData` on the CPU.
 
+    An exception raised by the user's data code while it is read (a Dataset's ``__getitem__``, a generator)
+    becomes a DataError naming the file and line.
+
     Args:
         data: an ``(inputs, targets)`` pair of tensors or numpy arrays; a map-style Dataset returning
             ``(x, y)``; a DataLoader or other iterable of ``(inputs, targets)`` batches; or a bnaudit
@@ -110,15 +114,29 @@ def as_tensor_data(data: Any) -> TensorData:
         The whole dataset in memory.
 
     Raises:
-        DataError: no targets, non-tensor inputs, empty data, or inputs and targets of different lengths.
+        DataError: no targets, non-tensor inputs, empty data, inputs and targets of different lengths, or the
+            user's data code raised.
     """
+    try:
+        return _read(data)
+    except BnauditError:
+        raise
+    except Exception as exc:
+        where = user_frame(exc.__traceback__)
+        raise DataError(
+            f"reading the training data raised {describe(exc)}{f' at {where}' if where else ''}; fix the data "
+            "code or rerun with --debug"
+        ) from exc
+
+
+def _read(data: Any) -> TensorData:
     dataset = _dataset_of(data)
     if isinstance(data, TensorData):
         out = data
     elif dataset is not None:
         # A loader over a map-style dataset: read the dataset in index order, so the split and the batches
         # do not depend on the loader's own shuffling (train-compare draws its own order from each seed).
-        out = as_tensor_data(dataset)
+        out = _read(dataset)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
         out = TensorData(_as_tensor(data[0], "inputs").cpu(), _as_tensor(data[1], "targets").cpu())
     elif hasattr(data, "batches") and callable(data.batches):

@@ -250,6 +250,9 @@ def _rank_entry(rank: int, launch: _Launch | None) -> None:
     """The process entry point (``start_processes`` passes the rank first)."""
     launch = launch if launch is not None else _LAUNCH
     assert launch is not None
+    from bnaudit.usercode import child_signals
+
+    child_signals()  # the parent stops its ranks with SIGTERM; Ctrl-C is the parent's to handle
     code = 0
     try:
         _rank_main(rank, launch)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import DataError, TransformError
+from bnaudit.loading.data import non_finite_at
 from bnaudit.probes.modes import (
     ChannelMoments,
     batch_size,
@@ -211,11 +212,18 @@ def recalibrate(
             m.reset_running_stats()
             m.momentum = None  # cumulative average: every batch weighs the same, as in update_bn
         with bn_statistics_mode(new), torch.no_grad():
-            for batch in source.batches(limit=batches, device=run_on, dtype=dtype):
+            for index, batch in enumerate(source.batches(limit=batches, device=run_on, dtype=dtype), start=1):
                 n = batch_size_of(batch.inputs)
                 if n < 2:
                     dropped += 1
                     continue
+                bad = non_finite_at(batch.inputs)
+                if bad is not None:
+                    raise DataError(
+                        f"{source.spec}: batch {index} holds a non-finite input (NaN or Inf at index {bad}); its "
+                        "statistics would be NaN and poison every eval-mode prediction: clean the data. Nothing "
+                        "was written"
+                    )
                 try:
                     forward(new, batch.inputs)
                 except Exception as exc:  # noqa: BLE001 - the model's own error, reported with the data named
@@ -236,6 +244,12 @@ def recalibrate(
         raise DataError(
             f"{source.spec}: no batch of two or more samples to estimate statistics from; use a batch size of 2 or more"
         )
+    for name, m in new_layers.items():
+        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+            raise DataError(
+                f"{source.spec}: the recalibrated statistics of {name} are not finite (the model's activations "
+                "overflow or its weights hold NaN/Inf on this data); nothing was written"
+            )
     rows = []
     for name, m in new_layers.items():
         mom = moments[name]

@@ -153,7 +153,7 @@ def swap_norm(
         reason, ``.max_abs_error`` as above (None without an example).
 
     Raises:
-        UsageError: an unknown target or a non-positive group count.
+        UsageError: an unknown target, a non-positive group count, or one that divides no layer's channels.
         DataError: the model rejects the example input.
     """
     if to not in TARGETS:
@@ -188,6 +188,14 @@ def swap_norm(
         pending.append((name, module))
         changes.append(Change("swap", name, f"{describe(module)} -> {describe(new)}", note, new=name))
 
+    if to == "group" and groups is not None and skipped and not changes:
+        channels = sorted({int(getattr(m, "num_features", 0)) for n, m in work.named_modules() if is_batchnorm(m)})
+        divisors = sorted({g for c in channels for g in range(2, min(c, 32) + 1) if c % g == 0 and c // g >= 2})
+        raise UsageError(
+            f"--groups {groups} divides none of the BatchNorm channel counts ({', '.join(map(str, channels))}), so "
+            f"nothing would change; choose a divisor ({', '.join(map(str, divisors[-4:])) or '1'}) or leave "
+            "--groups out for a per-layer choice"
+        )
     reference = pristine_copy(work) if example is not None and plan else None
     apply_plan(work, plan)
     for name, old in pending:

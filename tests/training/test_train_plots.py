@@ -50,8 +50,12 @@ def test_write_plots_refuses_to_overwrite(result, pngs, tmp_path: Path):
     with pytest.raises(OutputError, match="already exists"):
         write_plots(result, tmp_path / "p", pngs=pngs)
     assert len(write_plots(result, tmp_path / "p", force=True, pngs=pngs)) == 6
-    with pytest.raises(OutputError, match="does not exist"):
-        write_plots(result, tmp_path / "missing" / "p", pngs=pngs)
+    # A missing plot folder is created, parents and all (issue #15).
+    assert len(write_plots(result, tmp_path / "missing" / "p", pngs=pngs)) == 6
+    assert (tmp_path / "missing" / "p" / "loss.png").read_bytes() == pngs["loss"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        write_plots(result, tmp_path / "file", pngs=pngs)
 
 
 def test_html_is_self_contained(result, pngs):
