@@ -248,7 +248,8 @@ def _hook_pass(
             node = nodes.setdefault(name, Node(name, module))
             node.calls += 1
             if len(node.input_shapes) < 4:
-                node.input_shapes.append(tuple(_shape_list(args)[0]) if _shape_list(args) else ())
+                shapes = _shape_list(args)
+                node.input_shapes.append(tuple(shapes[0]) if shapes else ())
             if prov is not None:
                 edges.extend(Edge(src, name, via) for src, via in prov.sources(args))
 
@@ -257,8 +258,8 @@ def _hook_pass(
     def post_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             node = nodes[name]
-            shapes = _shape_list(output)
             if len(node.output_shapes) < 4:
+                shapes = _shape_list(output)
                 node.output_shapes.append(shapes[0] if shapes else ())
             if prov is not None:
                 prov.tag(output, frozenset({(name, ())}))

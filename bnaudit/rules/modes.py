@@ -272,11 +272,18 @@ def _recalibrate_cmd(ctx: RuleContext) -> str:
 
 def _batches(ctx: RuleContext, limit: int | None = None) -> Iterator[Any]:
     """The audit's batches on its device, floating inputs cast to the model's dtype (a bfloat16 model gets
-    bfloat16 batches, as the graph pass gave it)."""
+    bfloat16 batches, as the graph pass gave it). Read from the data once per audit and shared, so that every
+    experiment sees the same batches (a shuffling loader would deal each reader others) and BN304 can pair
+    its eval-mode outputs with the train-mode pass BN302 ran."""
     if ctx.data is None:
         return iter(())
-    dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), None)
-    return ctx.data.batches(limit=ctx.steps if limit is None else limit, device=ctx.device, dtype=dtype)
+
+    def read() -> list[Any]:
+        dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), None)
+        return list(ctx.data.batches(limit=ctx.steps, device=ctx.device, dtype=dtype))
+
+    batches = ctx.cached("modes.batches", read)
+    return iter(batches if limit is None else batches[:limit])
 
 
 def _predict_error(exc: BaseException) -> DataError:
@@ -288,10 +295,32 @@ def _predict_error(exc: BaseException) -> DataError:
     )
 
 
-def _fit(ctx: RuleContext) -> Any:
-    from bnaudit.probes.modes import running_stats_fit
+def _state(ctx: RuleContext) -> Any:
+    from bnaudit.probes.state import audit_state
 
-    return ctx.cached("modes.fit", lambda: running_stats_fit(ctx.model, _batches(ctx)))
+    return audit_state(ctx)
+
+
+def _train_pass(ctx: RuleContext) -> Any:
+    """The one train-mode pass over the audit's batches that BN302, BN303 and BN304 read."""
+    from bnaudit.probes.modes import train_mode_pass
+
+    return ctx.cached("modes.train_pass", lambda: train_mode_pass(ctx.model, _batches(ctx), state=_state(ctx)))
+
+
+def _fit(ctx: RuleContext) -> Any:
+    from bnaudit.probes.modes import FitResult, layer_fit
+
+    def compute() -> Any:
+        passes = _train_pass(ctx)
+        layers = {}
+        for name, m in ctx.model.named_modules():
+            mom = passes.moments.get(name)
+            if is_batchnorm(m) and mom is not None and mom.calls:
+                layers[name] = layer_fit(name, m, mom)
+        return FitResult(layers, passes.batches, passes.samples, passes.skipped)
+
+    return ctx.cached("modes.fit", compute)
 
 
 def _model_trained(model: nn.Module) -> bool:
@@ -385,7 +414,9 @@ class BatchDependentInference(Rule):
 
         def probe() -> Any:
             try:
-                return cobatch_invariance(ctx.model, _batches(ctx), ctx.predict, cobatch_size=size, device=ctx.device)
+                return cobatch_invariance(
+                    ctx.model, _batches(ctx), ctx.predict, cobatch_size=size, device=ctx.device, state=_state(ctx)
+                )
             except Exception as exc:  # noqa: BLE001 - the user's predict or forward failing on real data
                 if ctx.predict is not None:
                     raise _predict_error(exc) from exc
@@ -501,7 +532,7 @@ class InferenceMutatesStats(Rule):
 
         def probe() -> Any:
             try:
-                return predict_mutations(ctx.model, _batches(ctx), ctx.predict, device=ctx.device)
+                return predict_mutations(ctx.model, _batches(ctx), ctx.predict, device=ctx.device, state=_state(ctx))
             except Exception as exc:  # noqa: BLE001
                 if ctx.predict is not None:
                     raise _predict_error(exc) from exc
@@ -768,7 +799,10 @@ class TrainEvalGap(Rule):
 
         if not _model_trained(ctx.model):
             return
-        res = ctx.cached("modes.gap", lambda: train_eval_gap(ctx.model, _batches(ctx)))
+        res = ctx.cached(
+            "modes.gap",
+            lambda: train_eval_gap(ctx.model, _batches(ctx), state=_state(ctx), train_pass=_train_pass(ctx)),
+        )
         if res.note:
             return
         cmd = _recalibrate_cmd(ctx)
@@ -876,7 +910,7 @@ class FrozenBNDrifts(Rule):
 
         def probe() -> Any:
             batch = next(iter(_batches(ctx, limit=1)), None) if ctx.data is not None else None
-            return frozen_bn_drift(ctx.model, batch, device=ctx.device)
+            return frozen_bn_drift(ctx.model, batch, device=ctx.device, state=_state(ctx))
 
         res = ctx.cached("modes.frozen", probe)
         for layer in res.layers:
