@@ -144,6 +144,25 @@ def tracks_running_stats(m: nn.Module) -> bool:
     return bool(getattr(m, "track_running_stats", False)) and getattr(m, "running_mean", None) is not None
 
 
+def _varies(t: torch.Tensor) -> bool:
+    flat = t.detach().reshape(-1)
+    return flat.numel() > 1 and bool((flat != flat[0]).any())
+
+
+def affine_trained(m: nn.Module) -> bool | None:
+    """Whether a normalization layer's affine parameters show training: None without affine parameters.
+
+    Initialisation sets each of gamma and beta to one constant per layer: 1 and 0 by default, but gamma = 0
+    for the last BatchNorm of a residual branch (torchvision's ``zero_init_residual``, timm's
+    ``zero_init_last`` in resnet26t, resnetrs, regnet, repvit) and other constants elsewhere; DCGAN-style
+    code draws gamma around 1 but keeps beta at 0. Gradient steps move the channels of both apart, so they
+    count as trained only when every one of them varies from channel to channel."""
+    params = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(p, torch.Tensor)]
+    if not params:
+        return None
+    return all(_varies(p) for p in params)
+
+
 def affine_frozen(m: nn.Module) -> bool:
     """True when the layer has affine parameters and none of them requires grad."""
     params = list(m.parameters(recurse=False))
@@ -493,7 +512,8 @@ class LayerFit:
         tracks: whether the layer keeps running statistics at all.
         at_init: running_mean is all 0 and running_var all 1 (the values a fresh layer starts with).
         num_batches_tracked: the layer's counter, when it has one.
-        affine_trained: whether weight/bias moved from their initial 1/0 (None without affine).
+        affine_trained: whether weight and bias vary across channels, as training makes them and no
+            initialisation does (``affine_trained``; None without affine).
         mean, var: the data's per-channel statistics (float64, CPU), for transforms that need them.
     """
 
@@ -564,14 +584,7 @@ def layer_fit(name: str, m: nn.Module, moments: ChannelMoments) -> LayerFit:
     tracks = tracks_running_stats(m)
     nbt_buf = getattr(m, "num_batches_tracked", None)
     nbt = int(nbt_buf) if isinstance(nbt_buf, torch.Tensor) else None
-    params = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(p, torch.Tensor)]
-    affine_trained = None
-    if params:
-        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-        affine_trained = bool(
-            (isinstance(w, torch.Tensor) and not torch.all(w.detach() == 1))
-            or (isinstance(b, torch.Tensor) and not torch.all(b.detach() == 0))
-        )
+    trained = affine_trained(m)
     at_init = False
     z = r = z_max = r_min = r_max = None
     mean = moments.mean.cpu() if moments.mean is not None else None
@@ -599,7 +612,7 @@ def layer_fit(name: str, m: nn.Module, moments: ChannelMoments) -> LayerFit:
         tracks=tracks,
         at_init=at_init,
         num_batches_tracked=nbt,
-        affine_trained=affine_trained,
+        affine_trained=trained,
         mean=mean,
         var=var,
     )
@@ -1086,6 +1099,7 @@ __all__ = [
     "GapResult",
     "LayerFit",
     "MutationResult",
+    "affine_trained",
     "batch_size",
     "bn_layers",
     "bn_statistics_mode",

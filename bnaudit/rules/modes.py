@@ -131,6 +131,26 @@ def _untrained_mlp() -> nn.Module:
         return _mlp()
 
 
+def _zero_init_last_mlp() -> nn.Module:
+    """A fresh MLP whose last BatchNorm starts at gamma = 0, as torchvision's ``zero_init_residual`` and timm's
+    ``zero_init_last`` set the last BatchNorm of each residual branch: weights that differ from 1 by design."""
+    model = _untrained_mlp()
+    nn.init.zeros_(model[4].weight)
+    return model
+
+
+def _dcgan_init_mlp() -> nn.Module:
+    """A fresh MLP initialised as DCGAN-style code does: BatchNorm gamma drawn from N(1, 0.02), beta 0."""
+    model = _untrained_mlp()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                m.weight.copy_(1.0 + 0.02 * torch.randn(m.weight.shape, generator=gen))
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _untracked_mlp() -> nn.Module:
     """BatchNorm built with ``track_running_stats=False``: batch statistics in eval mode too."""
     with torch.random.fork_rng():
@@ -324,20 +344,24 @@ def _fit(ctx: RuleContext) -> Any:
 
 
 def _model_trained(model: nn.Module) -> bool:
-    """Whether the model's normalization layers show any sign of training: affine parameters moved from
-    their initial 1/0, or running buffers moved from their initial 0/1."""
+    """Whether the model's BatchNorm layers show any sign of training: running buffers moved from their
+    initial 0/1 or a batch counted, or affine parameters that vary from channel to channel
+    (``probes.modes.affine_trained``: a gamma initialised to a constant, 0 included, is no sign of training).
+    A fresh model, zero-initialised residual gammas and all, has neither."""
+    from bnaudit.probes.modes import affine_trained
+
     for m in model.modules():
         if not is_batchnorm(m):
             continue
-        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-        if isinstance(w, torch.Tensor) and not torch.all(w.detach() == 1):
-            return True
-        if isinstance(b, torch.Tensor) and not torch.all(b.detach() == 0):
+        if affine_trained(m):
             return True
         rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
         if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
             if not (torch.all(rm == 0) and torch.all(rv == 1)):
                 return True
+        nbt = getattr(m, "num_batches_tracked", None)
+        if isinstance(nbt, torch.Tensor) and int(nbt) > 0:
+            return True
     return False
 
 
@@ -676,10 +700,13 @@ class UninitializedRunningStats(Rule):
     copies the source model's buffers instead, which are stale for the averaged weights: BN302/BN304 catch
     that, and ``update_bn`` is the fix for both.)
 
-    Fires for a layer whose buffers sit exactly at their initial values while the model's normalization
-    layers show training (affine parameters or other buffers moved) and the data's train-mode statistics do
-    not match the initial values (z or r outside the BN302 thresholds, so data that happens to be N(0, 1)
-    passes). A fresh, untrained model is not reported.
+    Fires for a layer whose buffers sit exactly at their initial values while the model's BatchNorm layers
+    show training (other running buffers moved, or affine parameters that vary from channel to channel) and
+    the data's train-mode statistics do not match the initial values (z or r outside the BN302 thresholds, so
+    data that happens to be N(0, 1) passes). A fresh, untrained model is not reported: initialisation sets
+    gamma and beta to one constant per layer, which need not be 1 and 0 (torchvision's
+    ``zero_init_residual`` and timm's ``zero_init_last`` start the last BatchNorm of each residual branch at
+    gamma = 0), so a constant gamma is no sign of training.
 
     Options:
         ```yaml
@@ -711,6 +738,8 @@ class UninitializedRunningStats(Rule):
     valid = (
         Example(_ema_with_update_bn, _digits, note="the same EMA followed by update_bn"),
         Example(_untrained_mlp, _digits, note="a fresh model: nothing was trained yet"),
+        Example(_zero_init_last_mlp, _digits, note="a fresh model with a zero-initialised gamma"),
+        Example(_dcgan_init_mlp, _digits, note="a fresh model with gamma drawn around 1"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:

@@ -13,6 +13,7 @@ import bnaudit
 from bnaudit.rules import get_rule
 from bnaudit.rules import modes as R
 from bnaudit.transforms.recalibrate import recalibrate
+from tests.fixtures.architectures import BY_NAME
 
 
 def _snapshot(model):
@@ -127,9 +128,36 @@ def test_bn303_ema_without_buffers_then_update_bn():
 def test_bn303_data_that_matches_initial_values_is_not_reported():
     # standard-normal input straight into a BatchNorm whose buffers are 0/1: nothing to fix there
     first = torch.nn.Sequential(torch.nn.BatchNorm1d(64))
-    first[0].weight.data.fill_(2.0)  # trained-looking affine
-    report = bnaudit.inspect(first, torch.randn(256, 64, generator=torch.Generator().manual_seed(0)), select=["BN303"])
+    gen = torch.Generator().manual_seed(1)
+    first[0].weight.data.uniform_(1.5, 2.5, generator=gen)  # trained-looking affine: channels apart
+    first[0].bias.data.uniform_(-0.1, 0.1, generator=gen)
+    data = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    report = bnaudit.inspect(first, data, select=["BN303"])
     assert "BN303" in report.rules_run and not report.findings
+    shifted = bnaudit.inspect(first, data * 3 + 1, select=["BN303"])  # the same layer on other data: reported
+    assert [f.layer for f in shifted.findings] == ["0"]
+
+
+@pytest.mark.parametrize("name", ["resnet_zero_init", "resnet_bottleneck_zero_init"])
+def test_fresh_resnet_with_zero_initialised_gammas_is_not_trained(name):
+    # torchvision's zero_init_residual (timm's zero_init_last): gamma = 0 on each block's last BatchNorm. The
+    # model is fresh: its statistics were never estimated because nothing was trained, which is no bug.
+    arch = BY_NAME[name]
+    model = arch.build()
+    assert any(float(m.weight.detach().abs().max()) == 0 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    report = bnaudit.inspect(model, arch.example(), select=["BN302", "BN303", "BN304"])
+    assert {"BN302", "BN303", "BN304"} <= set(report.rules_run)
+    assert not report.findings, [(f.code, f.layer) for f in report.findings]
+    # the same architecture after one optimizer step is trained, and its never-estimated statistics are BN303's
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    nn.functional.cross_entropy(model(arch.example()), torch.arange(4)).backward()
+    opt.step()
+    model.load_state_dict(buffers, strict=False)  # weights stepped, buffers as they were (an EMA of parameters)
+    trained = bnaudit.inspect(model, arch.example() * 2 + 1, select=["BN303"])
+    assert trained.findings and all(f.severity == "error" for f in trained.findings)
 
 
 def test_bn305_frozen_backbone_evidence_and_fixes():
