@@ -1,4 +1,4 @@
-"""The experiments behind the eval-mode and running-statistics rules (BN301-BN307).
+"""The experiments behind the eval-mode and running-statistics rules (BN301-BN308).
 
 Each probe takes a model, batches and (where it matters) the user's ``predict(model, inputs)``, runs on the
 model itself and puts it back afterwards (``probes.state.ModelState``: modes, buffers, parameters; an audit
@@ -7,6 +7,8 @@ small frozen record of numbers that a rule turns into a finding:
 
 - ``cobatch_invariance``: one sample's output through the inference path alone and inside different
   co-batches (BN301); a correct inference path gives the same answer whatever else is in the batch.
+- ``predict_train_mode_layers``: the BatchNorm layers a ``predict`` leaves in train mode when it is handed a
+  model straight out of its training loop (BN308).
 - ``predict_mutations``: every buffer hashed before and after ``predict`` (BN306).
 - ``running_stats_fit``: per BatchNorm layer, the train-mode statistics of the data against the running
   buffers, as ``z`` (mean shift in running standard deviations) and ``r`` (variance ratio) (BN302, BN303,
@@ -18,9 +20,9 @@ small frozen record of numbers that a rule turns into a finding:
 - ``eval_mode_steps``: over a recorded training history, the optimizer steps during which a trainable
   BatchNorm sat in eval mode (BN307), written over plain per-step series so any recorder can feed it.
 
-The inference path is the user's ``predict`` called on the model put in train mode first (the state a model
-is in right after a training loop, so a predict() that forgets ``model.eval()`` shows), or, without a
-predict, an eval-mode forward. Train-mode statistics are collected with BatchNorm layers in train
+The inference path is the user's ``predict`` called on the model in the modes it was given in (a model left
+in train mode after its training loop, or one evaluated once at load: each is judged as it will be used), or,
+without a predict, an eval-mode forward. Train-mode statistics are collected with BatchNorm layers in train
 mode and every other module (dropout above all) in eval mode, so they describe the data rather than dropout
 noise."""
 
@@ -279,8 +281,9 @@ def cobatch_invariance(
 ) -> CobatchResult:
     """Run one sample through the inference path alone and inside two disjoint co-batches of real samples.
 
-    Each call gets the model put in train mode (as after a training loop) and the same RNG seed, so the only
-    thing that differs between calls is what else is in the batch; the model is put back afterwards.
+    Every call starts from the model exactly as given (its modes included: a model evaluated once at load
+    is judged in eval mode, a model left in train mode after its training loop in train mode) with the same
+    RNG seed, so the only thing that differs between calls is what else is in the batch.
 
     Args:
         model: the model to probe; put back as it was afterwards.
@@ -311,7 +314,6 @@ def cobatch_invariance(
     def run(index: list[int], position: int = 0) -> torch.Tensor:
         handles = []
         with state.restoring():
-            model.train()
             for name, m in model.named_modules():
                 if is_batchnorm(m):
                     handles.append(m.register_forward_pre_hook(_bn_spy(name, seen)))
@@ -376,6 +378,38 @@ def _dropout_spy(name: str, seen: dict[str, set[str]]):
     return hook
 
 
+def predict_train_mode_layers(
+    model: nn.Module, batch: Any, predict: Predict, *, seed: int = 0, device: torch.device | str | None = None,
+    state: ModelState | None = None,
+) -> tuple[str, ...]:
+    """The BatchNorm layers that normalize with batch statistics when ``predict`` is called on the model
+    right after ``model.train()`` (as at the end of a training loop): empty when predict() puts the model in
+    eval mode itself. One call, on the first two samples of ``batch``; the model is put back afterwards.
+
+    Raises:
+        Exception: whatever predict() raises; callers turn it into DataError.
+    """
+    state = state_for(model, state)
+    inputs = getattr(batch, "inputs", batch)
+    n = batch_size(inputs) or 0
+    if n < 2:
+        return ()
+    seen: dict[str, set[str]] = {"batch": set(), "train": set(), "untracked": set(), "dropout": set()}
+    handles = []
+    with state.restoring():
+        model.train()
+        for name, m in model.named_modules():
+            if is_batchnorm(m) and tracks_running_stats(m):
+                handles.append(m.register_forward_pre_hook(_bn_spy(name, seen)))
+        try:
+            with seeded(seed, device), torch.no_grad():
+                predict(model, take(inputs, [0, 1]))
+        finally:
+            for h in handles:
+                h.remove()
+    return tuple(sorted(seen["train"]))
+
+
 # --------------------------------------------------------------------------------------------- BN306
 
 
@@ -427,9 +461,9 @@ def predict_mutations(
 ) -> MutationResult:
     """Hash every buffer of the model, run the inference path on a few batches, hash again.
 
-    The model is put in train mode first, as after a training loop: a predict() that relies on the caller
-    having called ``model.eval()`` leaks its inputs into the running statistics then. It is put back
-    afterwards.
+    The model is used as given (a model left in train mode after its training loop leaks its inputs into
+    the running statistics through a predict() that does not call ``model.eval()``; a model evaluated once
+    at load does not), and put back afterwards.
 
     Args:
         model: the model to probe; put back as it was afterwards.
@@ -445,7 +479,6 @@ def predict_mutations(
     """
     state = state_for(model, state)
     with state.restoring():
-        model.train()
         before_hash = buffer_hashes(model)
         before = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
         calls = samples = 0
@@ -1115,6 +1148,7 @@ __all__ = [
     "history_eval_mode_steps",
     "predict_mutations",
     "running_stats_fit",
+    "predict_train_mode_layers",
     "sample_output",
     "seeded",
     "take",

@@ -1,4 +1,5 @@
-"""BN3xx: eval mode and running statistics, each finding backed by an experiment on copies of the model.
+"""BN3xx: eval mode and running statistics, each finding backed by an experiment on the audit's copy of the
+model (put back after each experiment).
 
 The BatchNorm failures users report most are not architectural: inference run in train mode, test data
 leaking into the running statistics, SWA/EMA weights paired with buffers that were never estimated, frozen
@@ -202,7 +203,8 @@ def _frozen_backbone_kept_eval() -> nn.Module:
 
 
 def _deployed() -> nn.Module:
-    """An inference-only copy: every parameter frozen and the model in eval mode."""
+    """An inference-only copy, as a serving script loads one: ``model.requires_grad_(False)`` and
+    ``model.eval()`` once, right after loading."""
     model = _trained_mlp()
     model.requires_grad_(False)
     return model.eval()
@@ -385,11 +387,13 @@ class BatchDependentInference(Rule):
     composition, a batch of one fails ("Expected more than 1 value per channel when training") and served
     predictions differ from offline ones.
 
-    Experiment: the first sample of the data goes through the inference path (the user's ``predict`` on a copy
-    put in train mode, as after training; without ``--predict``, an eval-mode forward) inside two disjoint
-    co-batches of real samples and alone, with the same RNG seed each time. The finding reports the largest
-    change of that sample's output relative to its scale (max |output|), the layers that normalized with
-    batch statistics and any dropout that was active.
+    Experiment: the first sample of the data goes through the inference path (the user's ``predict``; without
+    ``--predict``, an eval-mode forward) inside two disjoint co-batches of real samples and alone, with the
+    same RNG seed each time. The model is judged in the modes it is given in: one left in train mode after
+    its training loop is probed in train mode, one evaluated once at load (``model.eval()`` then serving) in
+    eval mode, where a ``predict()`` without ``model.eval()`` of its own is correct (BN308 notes that it
+    relies on its caller). The finding reports the largest change of that sample's output relative to its
+    scale (max |output|), the layers that normalized with batch statistics and any dropout that was active.
 
     Options:
         ```yaml
@@ -425,6 +429,8 @@ class BatchDependentInference(Rule):
     valid = (
         Example(_trained_mlp, _digits, predict=_predict_eval, note="the same predict() with model.eval()"),
         Example(_trained_mlp, _digits, note="no predict(): the eval-mode forward"),
+        Example(_deployed, _digits, predict=_predict_no_eval,
+                note="evaluated once at load: a predict() without model.eval() of its own is right here"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -521,10 +527,12 @@ class InferenceMutatesStats(Rule):
     contaminates the statistics (test data leaks into the model), later predictions depend on what was
     predicted before, and a model saved after evaluation is not the model that was validated.
 
-    Experiment: every buffer of a copy of the model (put in train mode, as after a training loop) is hashed
-    (sha256 of its bytes) before and after ``predict()`` runs on two batches of the data; without
-    ``--predict`` the inference path is an eval-mode forward. The finding names each layer whose buffers
-    changed, with ``num_batches_tracked`` before/after and the largest change.
+    Experiment: every buffer of the model, in the modes it is given in (as after a training loop, or
+    evaluated once at load), is hashed (sha256 of its bytes) before and after ``predict()`` runs on two
+    batches of the data; without ``--predict`` the inference path is an eval-mode forward. The finding names
+    each layer whose buffers changed, with ``num_batches_tracked`` before/after and the largest change. A
+    model given in eval mode moves no statistics, whatever its ``predict()`` (BN308 notes a ``predict()``
+    that relies on that).
 
     Options: none.
 
@@ -549,6 +557,8 @@ class InferenceMutatesStats(Rule):
     valid = (
         Example(_trained_mlp, _digits, predict=_predict_eval, note="the same predict() with model.eval()"),
         Example(_trained_mlp, _digits, note="no predict(): the eval-mode forward"),
+        Example(_deployed, _digits, predict=_predict_no_eval,
+                note="evaluated once at load: nothing moves, whatever predict() does about modes"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -1067,10 +1077,87 @@ class TrainingInEvalMode(Rule):
             )
 
 
+@register
+class PredictReliesOnEvalMode(Rule):
+    """``predict()`` never calls ``model.eval()``: it is right only while its caller has.
+
+    The serving recipe evaluates a model once at load (``model.eval(); model.requires_grad_(False)``) and
+    calls a ``predict()`` that runs ``torch.inference_mode()`` without switching modes itself. BN301 and BN306
+    judge such a model in eval mode, as given, and find nothing wrong. The same ``predict()`` handed a model
+    straight out of its training loop (still in train mode) would normalize with batch statistics and write
+    its inputs into the running statistics: the errors BN301 and BN306 report on such a model. This is a
+    note, not an error: whether any caller can pass a model in train mode is the user's call.
+
+    Experiment: only for a model given with BatchNorm layers (tracking running statistics) in eval mode and
+    a ``--predict``: ``predict()`` is called once more, on the first two samples, after ``model.train()``,
+    and the layers that then normalize with batch statistics are named. The model is put back afterwards.
+
+    Options: none.
+
+    Bad:
+        def predict(model, x):                   # right only if the caller called model.eval()
+            with torch.inference_mode():
+                return model(x).softmax(1)
+    Good:
+        def predict(model, x):
+            model.eval()
+            with torch.inference_mode():
+                return model(x).softmax(1)
+    """
+
+    code = "BN308"
+    name = "predict-relies-on-eval-mode"
+    severity = "info"
+    summary = "predict() never calls model.eval(): it is right only on a model its caller put in eval mode"
+    fix = "call model.eval() at the start of predict(), so it is right whatever mode its caller leaves the model in"
+    family = "modes"
+    requires = frozenset({"predict"})
+    invalid = (
+        Example(_deployed, _digits, predict=_predict_no_eval, layer=None,
+                note="evaluated once at load; predict() without model.eval()"),
+    )
+    valid = (
+        Example(_deployed, _digits, predict=_predict_eval, note="the same model, predict() with model.eval()"),
+        Example(_trained_mlp, _digits, predict=_predict_no_eval,
+                note="given in train mode: BN301 and BN306 report it, this note does not"),
+        Example(_deployed, _digits, note="no predict(): nothing relies on anything"),
+    )
+
+    def check(self, ctx: RuleContext) -> Iterator[Finding]:
+        from bnaudit.probes.modes import predict_train_mode_layers, tracks_running_stats
+
+        if ctx.predict is None:
+            return
+        evaluated = [
+            n for n, m in ctx.model.named_modules() if is_batchnorm(m) and tracks_running_stats(m) and not m.training
+        ]
+        batch = next(iter(_batches(ctx, limit=1)), None)
+        if not evaluated or batch is None:
+            return
+
+        def probe() -> Any:
+            try:
+                return predict_train_mode_layers(ctx.model, batch, ctx.predict, device=ctx.device, state=_state(ctx))
+            except Exception as exc:  # noqa: BLE001
+                raise _predict_error(exc) from exc
+
+        layers = [n for n in ctx.cached("modes.predict_train_mode", probe) if n in evaluated]
+        if not layers:
+            return
+        yield self.finding(
+            None,
+            f"predict() never calls model.eval(): it is right on this model, given in eval mode, but on a model "
+            f"in train mode (as after its training loop) BatchNorm {_names(layers)} would normalize with batch "
+            "statistics and update their running statistics",
+            {"train_mode_layers": layers, "eval_mode_layers_given": len(evaluated)},
+        )
+
+
 __all__ = [
     "BatchDependentInference",
     "FrozenBNDrifts",
     "InferenceMutatesStats",
+    "PredictReliesOnEvalMode",
     "StaleRunningStats",
     "TrainEvalGap",
     "TrainingInEvalMode",

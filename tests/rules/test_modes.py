@@ -61,6 +61,25 @@ def test_bn301_and_bn306_predict_without_eval():
     assert "test data leaks" in bn306.message
 
 
+def test_model_evaluated_at_load_is_judged_in_eval_mode():
+    # The serving recipe: model.eval(); model.requires_grad_(False) once at load, and a predict() under
+    # torch.inference_mode() that never calls eval() itself. Nothing is wrong with it as served.
+    arch = BY_NAME["served_cnn"]
+    model = arch.build()
+    snap = _snapshot(model)
+    report = bnaudit.inspect(model, arch.example(), predict=arch.predict, select=["BN3"])
+    _assert_unchanged(model, snap)
+    assert {"BN301", "BN306", "BN308"} <= set(report.rules_run)
+    assert not [f for f in report.findings if f.severity != "info"], [(f.code, f.message) for f in report.findings]
+    (note,) = _hits(report, "BN308")
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert note.severity == "info" and note.evidence["train_mode_layers"] == bns and "model.eval()" in note.fix
+    # the same predict() on the same model straight out of training: there the errors are real
+    trained = bnaudit.inspect(arch.build().train(), arch.example(), predict=arch.predict, select=["BN301", "BN306", "BN308"])
+    assert sorted(f.code for f in trained.findings) == ["BN301", "BN306"]
+    assert all(f.severity == "error" for f in trained.findings)
+
+
 def test_bn301_bn306_corrected_predict_and_tolerance_option():
     clean = bnaudit.inspect(R._trained_mlp(), R._digits(), predict=R._predict_eval, select=["BN301", "BN306"])
     assert set(clean.rules_run) == {"BN301", "BN306"} and not clean.findings
@@ -222,7 +241,7 @@ def test_bn307_counts_a_batchnorm_without_affine_parameters():
 
 
 def test_every_bn3_rule_documents_options_and_cases():
-    for code in ("BN301", "BN302", "BN303", "BN304", "BN305", "BN306", "BN307"):
+    for code in ("BN301", "BN302", "BN303", "BN304", "BN305", "BN306", "BN307", "BN308"):
         rule = get_rule(code)
         doc = rule.doc()
         assert "Bad:" in doc and "Good:" in doc, code
