@@ -6,7 +6,8 @@ keeps one snapshot of its private copy for all of them), restores the global RNG
 small frozen record of numbers that a rule turns into a finding:
 
 - ``cobatch_invariance``: one sample's output through the inference path alone and inside different
-  co-batches (BN301); a correct inference path gives the same answer whatever else is in the batch.
+  co-batches, with the model's own numerical noise measured where a change needs explaining (BN301); a
+  correct inference path gives the same answer whatever else is in the batch.
 - ``predict_train_mode_layers``: the BatchNorm layers a ``predict`` leaves in train mode when it is handed a
   model straight out of its training loop (BN308).
 - ``predict_mutations``: every buffer hashed before and after ``predict`` (BN306).
@@ -219,6 +220,11 @@ class CobatchResult:
         active_dropout: dropout layers that were in train mode during inference.
         single_sample_error: the error inference raised on a batch of one sample, if it did.
         used_predict: whether the user's predict() was the inference path.
+        noise: the model's own numerical noise on this path, relative to ``scale``, where it was measured
+            (only when a change exceeded the tolerance asked for): the largest change of the sample between
+            co-batches that no batch dependence can tell apart (see ``cobatch_invariance``); else None.
+        changed: with a tolerance asked for, whether some change exceeded both the tolerance and
+            ``noise_margin`` times the noise measured for that comparison; else None.
         note: why the experiment could not run, when it could not (then the numbers are 0).
     """
 
@@ -232,7 +238,14 @@ class CobatchResult:
     active_dropout: tuple[str, ...] = ()
     single_sample_error: str | None = None
     used_predict: bool = False
+    noise: float | None = None
+    changed: bool | None = None
     note: str = ""
+
+
+# A change counts as batch dependence only when it is this many times the noise measured for its comparison:
+# on a batch-independent model the noise pair and the compared pair differ by rounding alone, of one size.
+NOISE_MARGIN = 4.0
 
 
 def _inference(model: nn.Module, inputs: Any, predict: Predict | None) -> Any:
@@ -277,6 +290,8 @@ def cobatch_invariance(
     cobatch_size: int = 8,
     seed: int = 0,
     device: torch.device | str | None = None,
+    tolerance: float | None = None,
+    noise_margin: float = NOISE_MARGIN,
     state: ModelState | None = None,
 ) -> CobatchResult:
     """Run one sample through the inference path alone and inside two disjoint co-batches of real samples.
@@ -285,6 +300,13 @@ def cobatch_invariance(
     is judged in eval mode, a model left in train mode after its training loop in train mode) with the same
     RNG seed, so the only thing that differs between calls is what else is in the batch.
 
+    A change can also be rounding: kernels pick their blocking, and on GPUs even their precision, by batch
+    size. When ``tolerance`` is given and a change exceeds it, the model's own noise is measured on the same
+    path with co-batches that no batch dependence through batch statistics can tell apart from the compared
+    ones: for the two co-batches of one size, the reference co-batch with the sample moved to its end; for
+    the sample alone, the sample repeated to the co-batch's size (its batch mean and variance are its own).
+    A comparison then counts only when its change also exceeds ``noise_margin`` times its noise.
+
     Args:
         model: the model to probe; put back as it was afterwards.
         batches: batches (``Batch`` objects or raw inputs); the first ones are pooled for samples.
@@ -292,6 +314,8 @@ def cobatch_invariance(
         cobatch_size: samples per co-batch, the probed sample included.
         seed: RNG seed set before every call.
         device: the device the batches live on (for seeding its RNG).
+        tolerance: the relative change tolerated; None: measure no noise and leave ``changed`` None.
+        noise_margin: how many times the measured noise a change must exceed.
         state: the model's ModelState when the caller keeps one (an audit does); else one is taken here.
 
     Returns:
@@ -342,6 +366,20 @@ def cobatch_invariance(
     same_delta = max((_delta(out, ref) for out in same), default=0.0)
     single_delta = _delta(single, ref) if single is not None else 0.0
     delta = max(same_delta, single_delta)
+    noise, changed = None, None
+    if tolerance is not None:
+        changed = False
+        noises = []
+        if same and rel(same_delta) > tolerance:
+            moved = [*reference[1:], 0]  # the same co-batch, the sample last
+            floor = rel(_delta(run(moved, len(moved) - 1), ref))
+            noises.append(floor)
+            changed = rel(same_delta) > max(tolerance, noise_margin * floor)
+        if single is not None and rel(single_delta) > tolerance:
+            floor = rel(_delta(run([0] * len(reference)), single))
+            noises.append(floor)
+            changed = changed or rel(single_delta) > max(tolerance, noise_margin * floor)
+        noise = max(noises) if noises else None
     return CobatchResult(
         max_abs_delta=delta,
         scale=scale,
@@ -353,6 +391,8 @@ def cobatch_invariance(
         active_dropout=tuple(sorted(seen["dropout"])),
         single_sample_error=single_error,
         used_predict=used_predict,
+        noise=noise,
+        changed=changed,
     )
 
 
@@ -1123,6 +1163,7 @@ def history_eval_mode_steps(history: Any) -> list[EvalModeSpan]:
 
 
 __all__ = [
+    "NOISE_MARGIN",
     "BufferChange",
     "CobatchResult",
     "EvalModeSpan",

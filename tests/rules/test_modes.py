@@ -92,6 +92,37 @@ def test_bn301_bn306_corrected_predict_and_tolerance_option():
     assert "fails on a batch of one sample" in f.message
 
 
+def test_bn301_batch_dependence_that_only_co_batches_show():
+    # BatchNorm2d left in train mode: a batch of one sample runs (64 values per channel), so only the change
+    # between co-batches decides. It is far above the noise and well below 1: a tolerance raised to 1.0, or a
+    # probe that ran this model in eval mode instead of the mode it was given in, would miss it.
+    from bnaudit.probes.modes import cobatch_invariance
+
+    x, _ = R._digits()
+    res = cobatch_invariance(R._trained_cnn(), [x[:32]], R._predict_no_eval, tolerance=1e-4)
+    assert res.single_sample_error is None and res.compared == (8, 8, 1)
+    assert 1e-2 < res.relative < 0.8 and res.noise is not None and res.noise < 1e-5 and res.changed
+    report = bnaudit.inspect(R._trained_cnn(), R._digits(), predict=R._predict_no_eval, select=["BN301"])
+    (f,) = _hits(report, "BN301")
+    assert f.evidence["train_mode_layers"] == ["2"] and "single_sample_error" not in f.evidence
+    assert f.evidence["numerical_noise"] < 1e-5 and f.evidence["noise_margin"] == 4
+
+
+def test_bn301_weighs_changes_against_the_models_own_numerical_noise():
+    # A 12-block pre-norm transformer whose Linear layers round as a GPU's TF32 tensor cores do above 32 rows
+    # and not below: the same sample alone and in a co-batch differs by more than 1e-4 with no batch
+    # dependence at all. The noise the probe measures explains it; the rule stays silent.
+    from bnaudit.probes.modes import cobatch_invariance
+
+    arch = BY_NAME["vit_prenorm_tf32"]
+    res = cobatch_invariance(arch.build(), [arch.example()], tolerance=1e-4)
+    assert res.relative > 1e-4 and res.noise >= res.relative / 4 and res.changed is False
+    report = bnaudit.inspect(arch.build(), arch.example(), select=["BN301"])
+    assert "BN301" in report.rules_run and not report.findings, [f.message for f in report.findings]
+    exact = cobatch_invariance(BY_NAME["vit_prenorm"].build(), [arch.example()], tolerance=1e-4)
+    assert exact.relative < 1e-6 and exact.noise is None  # the float32 twin: nothing to explain
+
+
 def test_bn301_untracked_layer_names_the_layer_and_the_repairs():
     report = bnaudit.inspect(R._untracked_mlp(), R._digits(), select=["BN301"])
     (f,) = _hits(report, "BN301")
