@@ -28,6 +28,15 @@ def test_inspect_correct_architectures_raise_no_warning(arch):
     assert flags == [m.training for m in model.modules()]
 
 
+@pytest.mark.parametrize(("name", "kind"), [("rmsnorm_cnn", "rms"), ("evonorm_cnn", "evo"), ("evonorm_b0_cnn", "evo")])
+def test_models_normalized_by_classes_torch_does_not_define(name, kind):
+    # timm's RmsNorm2d and EvoNorm layers: six convolutions, each normalized, so no BN110 "no normalization"
+    arch = BY_NAME[name]
+    report = bnaudit.inspect(arch.build(), arch.example(), select=["BN1"])
+    assert "BN110" in report.rules_run and not report.findings, [(f.code, f.message) for f in report.findings]
+    assert [layer.normalization for layer in report.layers if layer.normalization] == [kind] * 6
+
+
 def test_unnormalized_vgg_is_told_about_batchnorm():
     report = bnaudit.inspect(BY_NAME["vgg11"].build(), BY_NAME["vgg11"].example(), select=["BN110"])
     assert [f.code for f in report.findings] == ["BN110"]

@@ -76,6 +76,48 @@ class _SharedBN(nn.Module):
         return h
 
 
+class _RmsNorm(nn.Module):
+    """RMS normalization over the last axis as a third-party library writes it (timm's RmsNorm): not a torch
+    class, known by its name."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _BatchVarianceScale(nn.Module):
+    """An EvoNorm-B0-like layer under another name: divides by the batch standard deviation in training and
+    by a running one in eval mode; known as a normalization layer by its ``running_var`` buffer."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var = x.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_var.lerp_(var, self.momentum)
+        else:
+            var = self.running_var
+        return x / (var + self.eps).sqrt() * self.weight + self.bias
+
+
+def _deep(norm: type[nn.Module] | None) -> nn.Module:
+    """Four hidden Linear layers with ReLUs, each normalized by ``norm`` when given."""
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(10, 10, bias=norm is None), *([norm(10)] if norm else []), nn.ReLU()]
+    return _mlp(*layers, nn.Linear(10, 2))
+
+
 def _half_bn(eps: float) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, eps=eps), nn.ReLU(), nn.Linear(8, 2)).to(torch.bfloat16)
 
@@ -598,6 +640,11 @@ class WrongAxis(Rule):
 class NoNormalization(Rule):
     """A network with at least ``min_hidden_layers`` hidden Linear/Conv layers and no normalization layer.
 
+    Normalization layers are torch's (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, RMSNorm,
+    LocalResponseNorm) and any other class named like one (timm's RmsNorm2d, LayerNorm2d, EvoNorm2dB0/S0,
+    FilterResponseNormTlu2d; FrozenBatchNorm2d) or keeping running statistics (``running_mean`` or
+    ``running_var`` buffers); a module holding a Linear/Conv is not one, whatever its name.
+
     Deep, unnormalized networks are where the seeds say BatchNorm "becomes essential": it allows higher
     learning rates, converges faster and depends less on initialization (Ioffe & Szegedy 2015). This is a
     suggestion; measure it with ``bnaudit train-compare``.
@@ -621,12 +668,12 @@ class NoNormalization(Rule):
     requires = frozenset()
     options = {"min_hidden_layers": int}
     defaults = {"min_hidden_layers": 4}
-    invalid = (
-        Example(lambda: _mlp(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.ReLU())], nn.Linear(10, 2)), _x),
-    )
+    invalid = (Example(lambda: _deep(None), _x),)
     valid = (
         Example(lambda: _mlp(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2)), _x, note="shallow"),
-        Example(lambda: _mlp(*[m for _ in range(4) for m in (nn.Linear(10, 10, bias=False), nn.BatchNorm1d(10), nn.ReLU())], nn.Linear(10, 2)), _x),
+        Example(lambda: _deep(nn.BatchNorm1d), _x),
+        Example(lambda: _deep(_RmsNorm), _x, note="a third-party RmsNorm, known by its class name"),
+        Example(lambda: _deep(_BatchVarianceScale), _x, note="a normalization layer known by its running_var"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
