@@ -35,6 +35,15 @@ ACTIVATION_FUNCTIONS = frozenset({
     "hardtanh", "hardtanh_", "softplus", "softsign", "logsigmoid", "threshold", "glu",
 })
 DROPOUT_FUNCTIONS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
+# Functional spellings of normalization, as they appear on graph edges when a module normalizes inside its
+# own forward (F.layer_norm in a block that is not itself a normalization layer).
+NORM_FUNCTIONS = frozenset({
+    "layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm", "local_response_norm", "normalize",
+})
+# Softmax divides by its own sum: what enters it comes out as weights of a convex combination, whatever its
+# scale. Scaled dot-product attention applies one to its logits (queries, keys and its bias/mask).
+SOFTMAXES: tuple[type[nn.Module], ...] = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+SOFTMAX_FUNCTIONS = frozenset({"softmax", "softmin", "log_softmax", "scaled_dot_product_attention"})
 # Operations that move values around without mixing channels or adding anything: a per-channel constant
 # survives them unchanged, so a bias before them is still cancelled by a following BatchNorm.
 RESHAPE_FUNCTIONS = frozenset({
