@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if timed:
         print(f"median multiple over all {len(timed)} timed models: "
               f"{statistics.median(r['multiple'] for r in timed):.1f}x")
-    print(f"crashes: {', '.join(crashes) or 'none'}; error-level findings on fresh models: {', '.join(errors) or 'none'}")
+    print(f"crashes: {', '.join(crashes) or 'none'}; "
+          f"error-level findings on fresh models: {', '.join(errors) or 'none'}")
     for r in rows:
         if "trace" in r:
             print(f"\n{r['name']}:\n{r['trace']}")

@@ -719,11 +719,14 @@ def running_stats_fit(
     Raises:
         Exception: whatever the model's forward raises on a batch; callers turn it into DataError.
     """
-    passes = train_mode_pass(model, batches, state=state)
-    # compare with the untouched buffers: the model's moved during the train-mode passes and were put back
-    ref_layers = bn_layers(reference if reference is not None else model)
+    return fit_from_pass(train_mode_pass(model, batches, state=state), reference if reference is not None else model)
+
+
+def fit_from_pass(passes: TrainModePass, reference: nn.Module) -> FitResult:
+    """Compare the moments a ``train_mode_pass`` collected with ``reference``'s running buffers (the model's
+    own, put back after the pass, or another model with the same BatchNorm layer names)."""
     out = {}
-    for name, m in ref_layers.items():
+    for name, m in bn_layers(reference).items():
         mom = passes.moments.get(name)
         if mom is None or mom.calls == 0:
             continue
@@ -1183,6 +1186,7 @@ __all__ = [
     "cobatch_invariance",
     "concat",
     "eval_mode_steps",
+    "fit_from_pass",
     "forward",
     "layer_fit",
     "frozen_bn_drift",

@@ -349,18 +349,9 @@ def _train_pass(ctx: RuleContext) -> Any:
 
 
 def _fit(ctx: RuleContext) -> Any:
-    from bnaudit.probes.modes import FitResult, layer_fit
+    from bnaudit.probes.modes import fit_from_pass
 
-    def compute() -> Any:
-        passes = _train_pass(ctx)
-        layers = {}
-        for name, m in ctx.model.named_modules():
-            mom = passes.moments.get(name)
-            if is_batchnorm(m) and mom is not None and mom.calls:
-                layers[name] = layer_fit(name, m, mom)
-        return FitResult(layers, passes.batches, passes.samples, passes.skipped)
-
-    return ctx.cached("modes.fit", compute)
+    return ctx.cached("modes.fit", lambda: fit_from_pass(_train_pass(ctx), ctx.model))
 
 
 def _model_trained(model: nn.Module) -> bool:

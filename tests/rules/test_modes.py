@@ -75,7 +75,9 @@ def test_model_evaluated_at_load_is_judged_in_eval_mode():
     bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert note.severity == "info" and note.evidence["train_mode_layers"] == bns and "model.eval()" in note.fix
     # the same predict() on the same model straight out of training: there the errors are real
-    trained = bnaudit.inspect(arch.build().train(), arch.example(), predict=arch.predict, select=["BN301", "BN306", "BN308"])
+    trained = bnaudit.inspect(
+        arch.build().train(), arch.example(), predict=arch.predict, select=["BN301", "BN306", "BN308"]
+    )
     assert sorted(f.code for f in trained.findings) == ["BN301", "BN306"]
     assert all(f.severity == "error" for f in trained.findings)
 
