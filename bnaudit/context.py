@@ -1,12 +1,12 @@
 """RuleContext: everything a rule may look at during one audit.
 
-The audit builds it once: a private copy of the model (the user's object is never touched), its layer
-graph, the data source and predict function when given, a recorded training history when one exists, and a
-cache so that probes shared by several rules (one train-mode pass, one co-batch experiment) run once."""
+The audit builds it once: a private copy of the model (the user's object is never touched; probes run on
+the copy and put it back after each experiment), its layer graph, the data source and predict function when
+given, a recorded training history when one exists, and a cache so that probes shared by several rules (one
+train-mode pass, one co-batch experiment) run once."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,10 @@ class RuleContext:
     """What rules see.
 
     Attributes:
-        model: the audit's pristine copy of the user's model, on ``device``. Rules and probes must not change
-            it: call ``working_copy()`` for anything that runs train-mode passes or touches buffers.
+        model: the audit's private copy of the user's model, on ``device``, as the user gave it. A probe that
+            runs train-mode passes, switches modes or touches buffers does it inside
+            ``probes.state.audit_state(ctx).restoring()``, which puts the model back afterwards, so every
+            rule sees the model as given.
         graph: the layer graph (dataflow, shapes, call counts).
         data: the data source, or None (rules that require ``data`` are skipped then).
         predict: the user's ``predict(model, inputs)``, or None.
@@ -51,10 +53,6 @@ class RuleContext:
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
-
-    def working_copy(self) -> nn.Module:
-        """A fresh deep copy of the audited model that a probe may train, switch modes on, or break."""
-        return copy.deepcopy(self.model)
 
     @property
     def steps(self) -> int:

@@ -11,7 +11,7 @@ from producer to consumer and carry ``via``: the functional ops between them (``
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +103,27 @@ class LayerGraph:
             yield src, path
             if through(self.nodes[src]):
                 stack.extend((e.src, (*path, src)) for e in self.parents(src))
+
+    def downstream(
+        self,
+        name: str,
+        through: Callable[[Node], bool],
+        follow: Callable[[Edge], bool] | None = None,
+    ) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """Walk consumers forwards from ``name``, nearest first, yielding ``(node, path)`` for every node
+        reached (``path``: the nodes between, on a shortest way there), continuing past a node only while
+        ``through(node)`` is true and along an edge only while ``follow(edge)`` is (default: every edge)."""
+        seen = {name}
+        queue = deque((e, ()) for e in self.children(name))
+        while queue:
+            edge, path = queue.popleft()
+            dst = edge.dst
+            if dst in seen or dst not in self.nodes or (follow is not None and not follow(edge)):
+                continue
+            seen.add(dst)
+            yield dst, path
+            if through(self.nodes[dst]):
+                queue.extend((e, (*path, dst)) for e in self.children(dst))
 
     def output_producers(self) -> list[Edge]:
         return self.parents(OUTPUT)
@@ -248,7 +269,8 @@ def _hook_pass(
             node = nodes.setdefault(name, Node(name, module))
             node.calls += 1
             if len(node.input_shapes) < 4:
-                node.input_shapes.append(tuple(_shape_list(args)[0]) if _shape_list(args) else ())
+                shapes = _shape_list(args)
+                node.input_shapes.append(tuple(shapes[0]) if shapes else ())
             if prov is not None:
                 edges.extend(Edge(src, name, via) for src, via in prov.sources(args))
 
@@ -257,8 +279,8 @@ def _hook_pass(
     def post_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             node = nodes[name]
-            shapes = _shape_list(output)
             if len(node.output_shapes) < 4:
+                shapes = _shape_list(output)
                 node.output_shapes.append(shapes[0] if shapes else ())
             if prov is not None:
                 prov.tag(output, frozenset({(name, ())}))

@@ -1,9 +1,17 @@
 """What kind of layer a module is: normalization, BatchNorm, activation, dropout, Linear/Conv.
 
-One place for these isinstance checks so that every rule and transform agrees, and third-party subclasses
-(SyncBatchNorm, LazyBatchNorm, a vendor's BatchNorm2d subclass) are recognised the same way everywhere."""
+One place for these checks so that every rule and transform agrees, and third-party subclasses
+(SyncBatchNorm, LazyBatchNorm, a vendor's BatchNorm2d subclass) are recognised the same way everywhere.
+
+Normalization is recognised beyond torch's classes (``is_norm``): much of the model zoo normalizes with
+classes of its own (timm's RmsNorm2d, LayerNorm2d, EvoNorm2dB0/S0, FilterResponseNormTlu2d; torchvision's and
+detectron2's FrozenBatchNorm2d; apex's FusedLayerNorm), known by a class name with "Norm" in it or by running
+statistics among their buffers. Where a rule needs BatchNorm's own semantics (running buffers updated by
+momentum, ``track_running_stats``, train/eval behaviour), ``is_batchnorm`` stays the strict isinstance check."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -27,6 +35,15 @@ ACTIVATION_FUNCTIONS = frozenset({
     "hardtanh", "hardtanh_", "softplus", "softsign", "logsigmoid", "threshold", "glu",
 })
 DROPOUT_FUNCTIONS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
+# Functional spellings of normalization, as they appear on graph edges when a module normalizes inside its
+# own forward (F.layer_norm in a block that is not itself a normalization layer).
+NORM_FUNCTIONS = frozenset({
+    "layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm", "local_response_norm", "normalize",
+})
+# Softmax divides by its own sum: what enters it comes out as weights of a convex combination, whatever its
+# scale. Scaled dot-product attention applies one to its logits (queries, keys and its bias/mask).
+SOFTMAXES: tuple[type[nn.Module], ...] = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+SOFTMAX_FUNCTIONS = frozenset({"softmax", "softmin", "log_softmax", "scaled_dot_product_attention"})
 # Operations that move values around without mixing channels or adding anything: a per-channel constant
 # survives them unchanged, so a bias before them is still cancelled by a following BatchNorm.
 RESHAPE_FUNCTIONS = frozenset({
@@ -39,8 +56,21 @@ def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm)
 
 
+# "Norm" in a class name, but not "Normal..." (Normalize transforms, initialisers).
+_NORM_NAME = re.compile(r"Norm(?!al)")
+# Buffers only a normalization layer keeps.
+_NORM_BUFFERS = frozenset({"running_mean", "running_var"})
+
+
 def is_norm(m: nn.Module) -> bool:
-    return isinstance(m, NORMS) or type(m).__name__.startswith("FrozenBatchNorm")
+    """Whether ``m`` is a normalization layer: one of torch's, or a class of its own named like one (…Norm…,
+    FrozenBatchNorm…) or keeping running statistics among its buffers. A module that holds a Linear/Conv
+    (timm's NormMlpClassifierHead, a weight-normalized Linear) is a block or a weight layer, not a norm."""
+    if isinstance(m, NORMS):
+        return True
+    if not (_NORM_NAME.search(type(m).__name__) or _NORM_BUFFERS & set(m._buffers)):
+        return False
+    return not any(is_weight_layer(sub) for sub in m.modules())
 
 
 def is_activation(m: nn.Module) -> bool:
@@ -91,9 +121,15 @@ def norm_kind(m: nn.Module) -> str | None:
         return "rms"
     if isinstance(m, nn.LocalResponseNorm):
         return "local-response"
-    if type(m).__name__.startswith("FrozenBatchNorm"):
-        return "frozen-batch"
-    return None
+    if not is_norm(m):
+        return None
+    name = type(m).__name__
+    for part, kind in (("FrozenBatchNorm", "frozen-batch"), ("BatchNorm", "batch"), ("GroupNorm", "group"),
+                       ("LayerNorm", "layer"), ("InstanceNorm", "instance"), ("RmsNorm", "rms"), ("RMSNorm", "rms"),
+                       ("EvoNorm", "evo"), ("FilterResponseNorm", "filter-response")):
+        if part in name:
+            return kind
+    return "batch" if _NORM_BUFFERS & set(m._buffers) else "other"
 
 
 def param_count(m: nn.Module) -> int:

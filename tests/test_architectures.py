@@ -11,7 +11,7 @@ from bnaudit.graph import OUTPUT, build_graph
 from tests.fixtures.architectures import ARCHITECTURES, BY_NAME
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a.correct], ids=lambda a: a.name)
 def test_inspect_correct_architectures_raise_no_warning(arch):
     model = arch.build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -26,6 +26,35 @@ def test_inspect_correct_architectures_raise_no_warning(arch):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert flags == [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_inspect_with_data_on_fresh_models(arch):
+    # Every fixture is freshly initialised, so no error-level finding is ever right, and on a correct model
+    # no warning about the model either (BN1xx wiring, BN3xx modes and statistics; BN2xx judge the batch,
+    # here 4 random samples, and may well find it small). The served model is inspected with its predict().
+    model = arch.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    report = bnaudit.inspect(model, arch.example(), predict=arch.predict)
+    assert not [c for c, why in report.rules_skipped.items() if "internal error" in why], report.rules_skipped
+    errors = [(f.code, f.layer, f.message) for f in report.findings if f.severity == "error"]
+    assert not errors
+    if arch.correct:
+        loud = [(f.code, f.layer, f.message) for f in report.findings
+                if f.severity == "warning" and f.code.startswith(("BN1", "BN3"))]
+        assert not loud
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and flags == [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("rmsnorm_cnn", "rms"), ("evonorm_cnn", "evo"), ("evonorm_b0_cnn", "evo")])
+def test_models_normalized_by_classes_torch_does_not_define(name, kind):
+    # timm's RmsNorm2d and EvoNorm layers: six convolutions, each normalized, so no BN110 "no normalization"
+    arch = BY_NAME[name]
+    report = bnaudit.inspect(arch.build(), arch.example(), select=["BN1"])
+    assert "BN110" in report.rules_run and not report.findings, [(f.code, f.message) for f in report.findings]
+    assert [layer.normalization for layer in report.layers if layer.normalization] == [kind] * 6
 
 
 def test_unnormalized_vgg_is_told_about_batchnorm():

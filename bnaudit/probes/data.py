@@ -1,14 +1,15 @@
 """The ``inspect --data`` dynamic probe behind the data rules (BN201-BN209).
 
-One pass over a few batches (``ctx.steps``) of the user's data through a private copy of the model, with
+One pass over a few batches (``ctx.steps``) of the user's data through the audit's copy of the model, with
 BatchNorm layers in train mode (so they use, and we see, batch statistics) and everything else in eval mode
 (dropout off, so the numbers describe the data rather than dropout noise); no gradient, no optimizer step.
 ``bnaudit.record`` collects per-layer, per-channel statistics batch by batch (one recorded step per batch),
 and a few extra hooks measure what moments cannot: the fraction of positions whose whole channel vector is
 zero at each BatchNorm input (padding, BN205), units of ReLU-like activations never positive (BN208) and
 sigmoid/tanh inputs in the flat tails (BN208). The model's inputs and targets are summarised on the way
-(BN201, BN204). The audited model, its buffers and the global RNG are untouched: the copy is thrown away
-and the RNG is forked. A batch the model rejects in train mode (a batch of one at a BatchNorm) is recorded
+(BN201, BN204). The audited model, its buffers and the global RNG are untouched: the probe runs on the
+audit's copy, which is put back afterwards (``probes.state.ModelState``), and the RNG is forked. A batch the
+model rejects in train mode (a batch of one at a BatchNorm) is recorded
 as an error instead of stopping the audit."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from bnaudit.layers import is_batchnorm, is_dropout
+from bnaudit.probes.state import audit_state
 from bnaudit.recording import History, record
 from bnaudit.stats import Moments
 
@@ -69,7 +71,8 @@ def data_probe(ctx: RuleContext) -> DataProbe:
     """The probe for this audit, run once and shared by every data rule."""
 
     def compute() -> DataProbe:
-        probe = run_data_probe(ctx.working_copy(), ctx.batches(), device=ctx.device)
+        with audit_state(ctx).restoring() as model:
+            probe = run_data_probe(model, ctx.batches(), device=ctx.device)
         if ctx.data is not None and ctx.data.shuffled is not True:
             probe.order_targets = _loader_targets(ctx.data)
         return probe
@@ -106,10 +109,11 @@ def _loader_targets(data: Any) -> np.ndarray | None:
 
 
 def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.device | str | None = None) -> DataProbe:
-    """Run the probe on ``model`` (which it changes: pass a copy) over ``batches`` (Batch objects).
+    """Run the probe on ``model`` (whose modes and buffers it changes: pass a copy, or put it back after)
+    over ``batches`` (Batch objects).
 
     Args:
-        model: a private copy of the audited model, on its device.
+        model: the audited model (a private copy), on its device.
         batches: ``Batch(inputs, targets)`` objects on that device.
         device: the device, for the forked RNG.
 

@@ -1,29 +1,34 @@
-"""The experiments behind the eval-mode and running-statistics rules (BN301-BN307).
+"""The experiments behind the eval-mode and running-statistics rules (BN301-BN308).
 
-Each probe takes a model, batches and (where it matters) the user's ``predict(model, inputs)``, works on
-deep copies so the audited model never moves, restores the global RNG it seeds, and returns a small frozen
-record of numbers that a rule turns into a finding:
+Each probe takes a model, batches and (where it matters) the user's ``predict(model, inputs)``, runs on the
+model itself and puts it back afterwards (``probes.state.ModelState``: modes, buffers, parameters; an audit
+keeps one snapshot of its private copy for all of them), restores the global RNG it seeds, and returns a
+small frozen record of numbers that a rule turns into a finding:
 
 - ``cobatch_invariance``: one sample's output through the inference path alone and inside different
-  co-batches (BN301); a correct inference path gives the same answer whatever else is in the batch.
+  co-batches, with the model's own numerical noise measured where a change needs explaining (BN301); a
+  correct inference path gives the same answer whatever else is in the batch.
+- ``predict_train_mode_layers``: the BatchNorm layers a ``predict`` leaves in train mode when it is handed a
+  model straight out of its training loop (BN308).
 - ``predict_mutations``: every buffer hashed before and after ``predict`` (BN306).
 - ``running_stats_fit``: per BatchNorm layer, the train-mode statistics of the data against the running
   buffers, as ``z`` (mean shift in running standard deviations) and ``r`` (variance ratio) (BN302, BN303,
   and the before/after table of ``bnaudit recalibrate``).
-- ``train_eval_gap``: train-mode vs eval-mode loss (or output) on the same batches (BN304).
+- ``train_eval_gap``: train-mode vs eval-mode loss (or output) on the same batches (BN304); its train-mode
+  half is the same ``train_mode_pass`` that ``running_stats_fit`` reads.
 - ``frozen_bn_drift``: BatchNorm layers whose affine parameters are frozen but that run, or will run after
   ``model.train()``, in train mode, and how far one train-mode forward moves their buffers (BN305).
 - ``eval_mode_steps``: over a recorded training history, the optimizer steps during which a trainable
   BatchNorm sat in eval mode (BN307), written over plain per-step series so any recorder can feed it.
 
-The inference path is the user's ``predict`` called on a copy put in train mode first (the state a model is
-in right after a training loop, so a predict() that forgets ``model.eval()`` shows), or, without a predict,
-an eval-mode forward. Train-mode statistics are collected with BatchNorm layers in train mode and every
-other module (dropout above all) in eval mode, so they describe the data rather than dropout noise."""
+The inference path is the user's ``predict`` called on the model in the modes it was given in (a model left
+in train mode after its training loop, or one evaluated once at load: each is judged as it will be used), or,
+without a predict, an eval-mode forward. Train-mode statistics are collected with BatchNorm layers in train
+mode and every other module (dropout above all) in eval mode, so they describe the data rather than dropout
+noise."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from bnaudit.graph import default_run as forward  # model(inputs), as the audit's graph pass calls it
 from bnaudit.layers import is_batchnorm, is_dropout
+from bnaudit.probes.state import ModelState, state_for
 
 Predict = Callable[[nn.Module, Any], Any]
 
@@ -141,6 +147,25 @@ def tracks_running_stats(m: nn.Module) -> bool:
     return bool(getattr(m, "track_running_stats", False)) and getattr(m, "running_mean", None) is not None
 
 
+def _varies(t: torch.Tensor) -> bool:
+    flat = t.detach().reshape(-1)
+    return flat.numel() > 1 and bool((flat != flat[0]).any())
+
+
+def affine_trained(m: nn.Module) -> bool | None:
+    """Whether a normalization layer's affine parameters show training: None without affine parameters.
+
+    Initialisation sets each of gamma and beta to one constant per layer: 1 and 0 by default, but gamma = 0
+    for the last BatchNorm of a residual branch (torchvision's ``zero_init_residual``, timm's
+    ``zero_init_last`` in resnet26t, resnetrs, regnet, repvit) and other constants elsewhere; DCGAN-style
+    code draws gamma around 1 but keeps beta at 0. Gradient steps move the channels of both apart, so they
+    count as trained only when every one of them varies from channel to channel."""
+    params = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(p, torch.Tensor)]
+    if not params:
+        return None
+    return all(_varies(p) for p in params)
+
+
 def affine_frozen(m: nn.Module) -> bool:
     """True when the layer has affine parameters and none of them requires grad."""
     params = list(m.parameters(recurse=False))
@@ -195,6 +220,11 @@ class CobatchResult:
         active_dropout: dropout layers that were in train mode during inference.
         single_sample_error: the error inference raised on a batch of one sample, if it did.
         used_predict: whether the user's predict() was the inference path.
+        noise: the model's own numerical noise on this path, relative to ``scale``, where it was measured
+            (only when a change exceeded the tolerance asked for): the largest change of the sample between
+            co-batches that no batch dependence can tell apart (see ``cobatch_invariance``); else None.
+        changed: with a tolerance asked for, whether some change exceeded both the tolerance and
+            ``noise_margin`` times the noise measured for that comparison; else None.
         note: why the experiment could not run, when it could not (then the numbers are 0).
     """
 
@@ -208,7 +238,14 @@ class CobatchResult:
     active_dropout: tuple[str, ...] = ()
     single_sample_error: str | None = None
     used_predict: bool = False
+    noise: float | None = None
+    changed: bool | None = None
     note: str = ""
+
+
+# A change counts as batch dependence only when it is this many times the noise measured for its comparison:
+# on a batch-independent model the noise pair and the compared pair differ by rounding alone, of one size.
+NOISE_MARGIN = 4.0
 
 
 def _inference(model: nn.Module, inputs: Any, predict: Predict | None) -> Any:
@@ -239,6 +276,12 @@ def _pool(batches: Iterable[Any], want: int) -> Any | None:
         return parts[0]
 
 
+def _delta(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
 def cobatch_invariance(
     model: nn.Module,
     batches: Iterable[Any],
@@ -247,23 +290,38 @@ def cobatch_invariance(
     cobatch_size: int = 8,
     seed: int = 0,
     device: torch.device | str | None = None,
+    tolerance: float | None = None,
+    noise_margin: float = NOISE_MARGIN,
+    state: ModelState | None = None,
 ) -> CobatchResult:
     """Run one sample through the inference path alone and inside two disjoint co-batches of real samples.
 
-    Each call gets a fresh copy of ``model`` put in train mode (as after a training loop) and the same RNG
-    seed, so the only thing that differs between calls is what else is in the batch.
+    Every call starts from the model exactly as given (its modes included: a model evaluated once at load
+    is judged in eval mode, a model left in train mode after its training loop in train mode) with the same
+    RNG seed, so the only thing that differs between calls is what else is in the batch.
+
+    A change can also be rounding: kernels pick their blocking, and on GPUs even their precision, by batch
+    size. When ``tolerance`` is given and a change exceeds it, the model's own noise is measured on the same
+    path with co-batches that no batch dependence through batch statistics can tell apart from the compared
+    ones: for the two co-batches of one size, the reference co-batch with the sample moved to its end; for
+    the sample alone, the sample repeated to the co-batch's size (its batch mean and variance are its own).
+    A comparison then counts only when its change also exceeds ``noise_margin`` times its noise.
 
     Args:
-        model: the model to probe; never modified.
+        model: the model to probe; put back as it was afterwards.
         batches: batches (``Batch`` objects or raw inputs); the first ones are pooled for samples.
         predict: the user's ``predict(model, inputs)``; None means an eval-mode forward.
         cobatch_size: samples per co-batch, the probed sample included.
         seed: RNG seed set before every call.
         device: the device the batches live on (for seeding its RNG).
+        tolerance: the relative change tolerated; None: measure no noise and leave ``changed`` None.
+        noise_margin: how many times the measured noise a change must exceed.
+        state: the model's ModelState when the caller keeps one (an audit does); else one is taken here.
 
     Returns:
         A CobatchResult; ``note`` is set when there were fewer than two samples to compare.
     """
+    state = state_for(model, state)
     size = max(2, int(cobatch_size))
     pool = _pool(batches, 2 * size - 1)
     used_predict = predict is not None
@@ -272,59 +330,69 @@ def cobatch_invariance(
     n = batch_size(pool) or 0
     partners = list(range(1, n))
     half = min(size - 1, max(1, len(partners) // 2))
-    variants = [[0, *partners[:half]]]
-    if len(partners) >= 2 * half:
-        variants.append([0, *partners[half : 2 * half]])
-    variants.append([0])
+    reference = [0, *partners[:half]]
+    others = [[0, *partners[half : 2 * half]]] if len(partners) >= 2 * half else []
 
     seen: dict[str, set[str]] = {"batch": set(), "train": set(), "untracked": set(), "dropout": set()}
 
-    def run(index: list[int]) -> torch.Tensor:
-        work = copy.deepcopy(model).train()
+    def run(index: list[int], position: int = 0) -> torch.Tensor:
         handles = []
-        for name, m in work.named_modules():
-            if is_batchnorm(m):
-                handles.append(m.register_forward_pre_hook(_bn_spy(name, seen)))
-            elif is_dropout(m):
-                handles.append(m.register_forward_pre_hook(_dropout_spy(name, seen)))
-        try:
-            with seeded(seed, device):
-                out = _inference(work, take(pool, index), predict)
-        finally:
-            for h in handles:
-                h.remove()
-        return sample_output(out, len(index), 0)
+        with state.restoring():
+            for name, m in model.named_modules():
+                if is_batchnorm(m):
+                    handles.append(m.register_forward_pre_hook(_bn_spy(name, seen)))
+                elif is_dropout(m):
+                    handles.append(m.register_forward_pre_hook(_dropout_spy(name, seen)))
+            try:
+                with seeded(seed, device):
+                    out = _inference(model, take(pool, index), predict)
+            finally:
+                for h in handles:
+                    h.remove()
+        return sample_output(out, len(index), position)
 
-    outputs: list[tuple[int, torch.Tensor]] = []
-    single_error = None
-    for index in variants:
-        try:
-            outputs.append((len(index), run(index)))
-        except Exception as exc:  # noqa: BLE001 - a failure on one sample is itself the evidence
-            if len(index) == 1:
-                single_error = _short_error(exc)
-            else:
-                raise
-    ref_size, ref = outputs[0]
-    delta = 0.0
-    for _, out in outputs[1:]:
-        if out.shape != ref.shape:
-            delta = math.inf
-            break
-        delta = max(delta, float((out - ref).abs().max())) if out.numel() else delta
+    ref = run(reference)
+    same = [run(index) for index in others]
+    single, single_error = None, None
+    try:
+        single = run([0])
+    except Exception as exc:  # noqa: BLE001 - a failure on one sample is itself the evidence
+        single_error = _short_error(exc)
     scale = float(ref.abs().max()) if ref.numel() else 0.0
-    relative = delta / scale if scale > 0 else (0.0 if delta == 0 else math.inf)
+
+    def rel(d: float) -> float:
+        return d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
+
+    same_delta = max((_delta(out, ref) for out in same), default=0.0)
+    single_delta = _delta(single, ref) if single is not None else 0.0
+    delta = max(same_delta, single_delta)
+    noise, changed = None, None
+    if tolerance is not None:
+        changed = False
+        noises = []
+        if same and rel(same_delta) > tolerance:
+            moved = [*reference[1:], 0]  # the same co-batch, the sample last
+            floor = rel(_delta(run(moved, len(moved) - 1), ref))
+            noises.append(floor)
+            changed = rel(same_delta) > max(tolerance, noise_margin * floor)
+        if single is not None and rel(single_delta) > tolerance:
+            floor = rel(_delta(run([0] * len(reference)), single))
+            noises.append(floor)
+            changed = changed or rel(single_delta) > max(tolerance, noise_margin * floor)
+        noise = max(noises) if noises else None
     return CobatchResult(
         max_abs_delta=delta,
         scale=scale,
-        relative=relative,
-        compared=tuple(size for size, _ in outputs),
+        relative=rel(delta),
+        compared=(len(reference), *(len(i) for i in others), *((1,) if single is not None else ())),
         batch_stat_layers=tuple(sorted(seen["batch"])),
         train_mode_layers=tuple(sorted(seen["train"])),
         untracked_layers=tuple(sorted(seen["untracked"])),
         active_dropout=tuple(sorted(seen["dropout"])),
         single_sample_error=single_error,
         used_predict=used_predict,
+        noise=noise,
+        changed=changed,
     )
 
 
@@ -348,6 +416,38 @@ def _dropout_spy(name: str, seen: dict[str, set[str]]):
             seen["dropout"].add(name)
 
     return hook
+
+
+def predict_train_mode_layers(
+    model: nn.Module, batch: Any, predict: Predict, *, seed: int = 0, device: torch.device | str | None = None,
+    state: ModelState | None = None,
+) -> tuple[str, ...]:
+    """The BatchNorm layers that normalize with batch statistics when ``predict`` is called on the model
+    right after ``model.train()`` (as at the end of a training loop): empty when predict() puts the model in
+    eval mode itself. One call, on the first two samples of ``batch``; the model is put back afterwards.
+
+    Raises:
+        Exception: whatever predict() raises; callers turn it into DataError.
+    """
+    state = state_for(model, state)
+    inputs = getattr(batch, "inputs", batch)
+    n = batch_size(inputs) or 0
+    if n < 2:
+        return ()
+    seen: dict[str, set[str]] = {"batch": set(), "train": set(), "untracked": set(), "dropout": set()}
+    handles = []
+    with state.restoring():
+        model.train()
+        for name, m in model.named_modules():
+            if is_batchnorm(m) and tracks_running_stats(m):
+                handles.append(m.register_forward_pre_hook(_bn_spy(name, seen)))
+        try:
+            with seeded(seed, device), torch.no_grad():
+                predict(model, take(inputs, [0, 1]))
+        finally:
+            for h in handles:
+                h.remove()
+    return tuple(sorted(seen["train"]))
 
 
 # --------------------------------------------------------------------------------------------- BN306
@@ -397,39 +497,44 @@ def predict_mutations(
     max_calls: int = 2,
     seed: int = 0,
     device: torch.device | str | None = None,
+    state: ModelState | None = None,
 ) -> MutationResult:
-    """Hash every buffer of a copy of ``model``, run the inference path on a few batches, hash again.
+    """Hash every buffer of the model, run the inference path on a few batches, hash again.
 
-    The copy is put in train mode first, as after a training loop: a predict() that relies on the caller
-    having called ``model.eval()`` leaks its inputs into the running statistics then.
+    The model is used as given (a model left in train mode after its training loop leaks its inputs into
+    the running statistics through a predict() that does not call ``model.eval()``; a model evaluated once
+    at load does not), and put back afterwards.
 
     Args:
-        model: the model to probe; never modified.
+        model: the model to probe; put back as it was afterwards.
         batches: batches (``Batch`` objects or raw inputs).
         predict: the user's ``predict(model, inputs)``; None means an eval-mode forward.
         max_calls: how many batches to run through it.
         seed: RNG seed for the calls.
         device: the device the batches live on (for seeding its RNG).
+        state: the model's ModelState when the caller keeps one (an audit does); else one is taken here.
 
     Returns:
         A MutationResult listing every module whose buffers changed.
     """
-    work = copy.deepcopy(model).train()
-    before_hash = buffer_hashes(work)
-    before = {name: b.detach().clone() for name, b in work.named_buffers() if b is not None}
-    calls = samples = 0
-    with seeded(seed, device):
-        for batch in batches:
-            inputs = getattr(batch, "inputs", batch)
-            _inference(work, inputs, predict)
-            calls += 1
-            samples += batch_size(inputs) or 0
-            if calls >= max_calls:
-                break
-    if calls == 0:
-        return MutationResult(used_predict=predict is not None, note="no batches")
-    after_hash = buffer_hashes(work)
-    after = dict(work.named_buffers())
+    state = state_for(model, state)
+    with state.restoring():
+        before_hash = buffer_hashes(model)
+        before = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
+        calls = samples = 0
+        with seeded(seed, device):
+            for batch in batches:
+                inputs = getattr(batch, "inputs", batch)
+                _inference(model, inputs, predict)
+                calls += 1
+                samples += batch_size(inputs) or 0
+                if calls >= max_calls:
+                    break
+        if calls == 0:
+            return MutationResult(used_predict=predict is not None, note="no batches")
+        after_hash = buffer_hashes(model)
+        after = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
+        modules = dict(model.named_modules())
     changed = sorted(
         name for name in set(before_hash) | set(after_hash) if before_hash.get(name) != after_hash.get(name)
     )
@@ -437,7 +542,6 @@ def predict_mutations(
     for name in changed:
         owner, _, _ = name.rpartition(".")
         by_module.setdefault(owner, []).append(name.rpartition(".")[2])
-    modules = dict(work.named_modules())
     changes = []
     for owner, names in sorted(by_module.items()):
         delta = 0.0
@@ -481,7 +585,8 @@ class LayerFit:
         tracks: whether the layer keeps running statistics at all.
         at_init: running_mean is all 0 and running_var all 1 (the values a fresh layer starts with).
         num_batches_tracked: the layer's counter, when it has one.
-        affine_trained: whether weight/bias moved from their initial 1/0 (None without affine).
+        affine_trained: whether weight and bias vary across channels, as training makes them and no
+            initialisation does (``affine_trained``; None without affine).
         mean, var: the data's per-channel statistics (float64, CPU), for transforms that need them.
     """
 
@@ -552,14 +657,7 @@ def layer_fit(name: str, m: nn.Module, moments: ChannelMoments) -> LayerFit:
     tracks = tracks_running_stats(m)
     nbt_buf = getattr(m, "num_batches_tracked", None)
     nbt = int(nbt_buf) if isinstance(nbt_buf, torch.Tensor) else None
-    params = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(p, torch.Tensor)]
-    affine_trained = None
-    if params:
-        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-        affine_trained = bool(
-            (isinstance(w, torch.Tensor) and not torch.all(w.detach() == 1))
-            or (isinstance(b, torch.Tensor) and not torch.all(b.detach() == 0))
-        )
+    trained = affine_trained(m)
     at_init = False
     z = r = z_max = r_min = r_max = None
     mean = moments.mean.cpu() if moments.mean is not None else None
@@ -587,7 +685,7 @@ def layer_fit(name: str, m: nn.Module, moments: ChannelMoments) -> LayerFit:
         tracks=tracks,
         at_init=at_init,
         num_batches_tracked=nbt,
-        affine_trained=affine_trained,
+        affine_trained=trained,
         mean=mean,
         var=var,
     )
@@ -598,20 +696,22 @@ def running_stats_fit(
     batches: Iterable[Any],
     *,
     reference: nn.Module | None = None,
+    state: ModelState | None = None,
 ) -> FitResult:
     """Collect each BatchNorm layer's train-mode input statistics on ``batches`` and compare them with the
     running buffers.
 
-    The statistics come from a copy of ``model`` with BatchNorm layers in train mode and everything else in
-    eval mode: every layer then sees the inputs it sees during training (upstream layers normalize with batch
-    statistics), without dropout noise, and its running buffers can be compared with what the data says
-    they should be.
+    The statistics come from the model with BatchNorm layers in train mode and everything else in eval mode:
+    every layer then sees the inputs it sees during training (upstream layers normalize with batch
+    statistics), without dropout noise, and its running buffers (as they were before these passes) can be
+    compared with what the data says they should be.
 
     Args:
-        model: the model whose data statistics are collected; never modified.
+        model: the model whose data statistics are collected; put back as it was afterwards.
         batches: batches (``Batch`` objects or raw inputs); batches of one sample are skipped.
         reference: the model whose running buffers are compared (default ``model``); it must have the same
             BatchNorm layer names. ``recalibrate`` passes the recalibrated copy here.
+        state: the model's ModelState when the caller keeps one (an audit does); else one is taken here.
 
     Returns:
         A FitResult with one LayerFit per BatchNorm layer that ran.
@@ -619,35 +719,72 @@ def running_stats_fit(
     Raises:
         Exception: whatever the model's forward raises on a batch; callers turn it into DataError.
     """
-    work = copy.deepcopy(model)
-    layers = bn_layers(work)
-    moments = {name: ChannelMoments() for name in layers}
-    handles = [m.register_forward_pre_hook(collect_moments(moments[name])) for name, m in layers.items()]
-    count = samples = 0
-    skipped = []
-    try:
-        with bn_statistics_mode(work), torch.no_grad():
-            for batch in batches:
-                inputs = getattr(batch, "inputs", batch)
-                n = batch_size(inputs) or 0
-                if n < 2:
-                    skipped.append(f"a batch of {n} sample(s) (train-mode statistics need at least 2)")
-                    continue
-                forward(work, inputs)
-                count += 1
-                samples += n
-    finally:
-        for h in handles:
-            h.remove()
-    # compare with the untouched buffers: the copy's moved during the train-mode passes
-    ref_layers = bn_layers(reference if reference is not None else model)
+    return fit_from_pass(train_mode_pass(model, batches, state=state), reference if reference is not None else model)
+
+
+def fit_from_pass(passes: TrainModePass, reference: nn.Module) -> FitResult:
+    """Compare the moments a ``train_mode_pass`` collected with ``reference``'s running buffers (the model's
+    own, put back after the pass, or another model with the same BatchNorm layer names)."""
     out = {}
-    for name, m in ref_layers.items():
-        mom = moments.get(name)
+    for name, m in bn_layers(reference).items():
+        mom = passes.moments.get(name)
         if mom is None or mom.calls == 0:
             continue
         out[name] = layer_fit(name, m, mom)
-    return FitResult(out, count, samples, tuple(skipped))
+    return FitResult(out, passes.batches, passes.samples, passes.skipped)
+
+
+@dataclass
+class TrainModePass:
+    """One pass over the batches with BatchNorm layers in train mode and everything else in eval mode.
+
+    Attributes:
+        moments: per BatchNorm layer, the per-channel mean and variance of its inputs (``ChannelMoments``).
+        outputs: per batch that ran, the model's first output tensor (detached), for BN304.
+        batches, samples: what went through.
+        skipped: batches skipped and why.
+    """
+
+    moments: dict[str, ChannelMoments]
+    outputs: list[torch.Tensor | None]
+    batches: int
+    samples: int
+    skipped: tuple[str, ...]
+
+
+def train_mode_pass(model: nn.Module, batches: Iterable[Any], *, state: ModelState | None = None) -> TrainModePass:
+    """Run ``batches`` (those of two samples or more) through the model with BatchNorm in train mode and every
+    other module in eval mode, under no_grad, collecting each BatchNorm's input moments and the outputs; the
+    model is put back afterwards. ``running_stats_fit`` and ``train_eval_gap`` read the same pass.
+
+    Raises:
+        Exception: whatever the model's forward raises on a batch; callers turn it into DataError.
+    """
+    state = state_for(model, state)
+    layers = bn_layers(model)
+    moments = {name: ChannelMoments() for name in layers}
+    outputs: list[torch.Tensor | None] = []
+    count = samples = 0
+    skipped = []
+    with state.restoring():
+        handles = [m.register_forward_pre_hook(collect_moments(moments[name])) for name, m in layers.items()]
+        try:
+            with bn_statistics_mode(model), torch.no_grad():
+                for batch in batches:
+                    inputs = getattr(batch, "inputs", batch)
+                    n = batch_size(inputs) or 0
+                    if n < 2:
+                        skipped.append(f"a batch of {n} sample(s) (train-mode statistics need at least 2)")
+                        outputs.append(None)
+                        continue
+                    out = first_output_tensor(forward(model, inputs))
+                    outputs.append(out.detach() if out is not None else None)
+                    count += 1
+                    samples += n
+        finally:
+            for h in handles:
+                h.remove()
+    return TrainModePass(moments, outputs, count, samples, tuple(skipped))
 
 
 def collect_moments(moments: ChannelMoments):
@@ -702,16 +839,26 @@ def _metric_for(out: torch.Tensor, targets: Any) -> str:
     return "output"
 
 
-def train_eval_gap(model: nn.Module, batches: Iterable[Any]) -> GapResult:
-    """Evaluate the same batches with a copy in eval mode and another copy with BatchNorm in train mode.
+def train_eval_gap(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    state: ModelState | None = None,
+    train_pass: TrainModePass | None = None,
+) -> GapResult:
+    """Evaluate the same batches in eval mode and with BatchNorm in train mode.
 
-    Two copies, so that the train-mode passes (which move running buffers) never touch what the eval-mode
-    passes normalize with. Dropout stays off in both, so the gap measures normalization alone.
+    The eval-mode passes run first, on the untouched running statistics; the train-mode pass (which moves
+    them) runs after, and the model is put back afterwards. Dropout stays off in both, so the gap measures
+    normalization alone.
 
     Args:
-        model: the model to probe; never modified.
+        model: the model to probe; put back as it was afterwards.
         batches: ``Batch`` objects (with ``targets`` for a loss) or raw inputs; batches of one sample are
             skipped (train mode cannot normalize them).
+        state: the model's ModelState when the caller keeps one (an audit does); else one is taken here.
+        train_pass: a ``train_mode_pass`` already run over the same batches (an audit shares it with BN302);
+            None runs one here.
 
     Returns:
         A GapResult; ``note`` is set when no batch could be used.
@@ -719,46 +866,52 @@ def train_eval_gap(model: nn.Module, batches: Iterable[Any]) -> GapResult:
     Raises:
         Exception: whatever the model's forward raises; callers turn it into DataError.
     """
-    eval_copy = copy.deepcopy(model).eval()
-    train_copy = copy.deepcopy(model)
+    state = state_for(model, state)
+    batches = list(batches)
+    eval_outputs: list[torch.Tensor | None] = []
+    with state.restoring(), torch.no_grad():
+        model.eval()
+        for batch in batches:
+            inputs = getattr(batch, "inputs", batch)
+            if (batch_size(inputs) or 0) < 2:
+                eval_outputs.append(None)
+                continue
+            out = first_output_tensor(forward(model, inputs))
+            eval_outputs.append(out.detach() if out is not None else None)
+    if train_pass is None:
+        train_pass = train_mode_pass(model, batches, state=state)
     metric = None
     sums = {"train": 0.0, "eval": 0.0, "diff": 0.0, "train_ok": 0.0, "eval_ok": 0.0}
     count = samples = elements = 0
-    with bn_statistics_mode(train_copy), torch.no_grad():
-        for batch in batches:
-            inputs = getattr(batch, "inputs", batch)
-            targets = getattr(batch, "targets", None)
-            n = batch_size(inputs) or 0
-            if n < 2:
-                continue
-            out_e = first_output_tensor(forward(eval_copy, inputs))
-            out_t = first_output_tensor(forward(train_copy, inputs))
-            if out_e is None or out_t is None or out_e.shape != out_t.shape:
-                continue
-            if metric is None:
-                metric = _metric_for(out_e, targets)
-            kind = metric if _metric_for(out_e, targets) == metric else "output"
-            if kind != metric:
-                continue
-            e, t = out_e.double(), out_t.double()
-            if metric == "cross_entropy":
-                sums["eval"] += float(nn.functional.cross_entropy(e, targets, reduction="sum"))
-                sums["train"] += float(nn.functional.cross_entropy(t, targets, reduction="sum"))
-                sums["eval_ok"] += float((e.argmax(1) == targets).sum())
-                sums["train_ok"] += float((t.argmax(1) == targets).sum())
-                elements += n
-            elif metric == "mse":
-                tgt = targets.double().reshape(e.shape)
-                sums["eval"] += float(((e - tgt) ** 2).sum())
-                sums["train"] += float(((t - tgt) ** 2).sum())
-                elements += e.numel()
-            else:
-                sums["eval"] += float((e**2).sum())
-                sums["train"] += float((t**2).sum())
-                sums["diff"] += float(((t - e) ** 2).sum())
-                elements += e.numel()
-            count += 1
-            samples += n
+    for batch, out_e, out_t in zip(batches, eval_outputs, train_pass.outputs):
+        targets = getattr(batch, "targets", None)
+        n = batch_size(getattr(batch, "inputs", batch)) or 0
+        if n < 2 or out_e is None or out_t is None or out_e.shape != out_t.shape:
+            continue
+        if metric is None:
+            metric = _metric_for(out_e, targets)
+        kind = metric if _metric_for(out_e, targets) == metric else "output"
+        if kind != metric:
+            continue
+        e, t = out_e.double(), out_t.double()
+        if metric == "cross_entropy":
+            sums["eval"] += float(nn.functional.cross_entropy(e, targets, reduction="sum"))
+            sums["train"] += float(nn.functional.cross_entropy(t, targets, reduction="sum"))
+            sums["eval_ok"] += float((e.argmax(1) == targets).sum())
+            sums["train_ok"] += float((t.argmax(1) == targets).sum())
+            elements += n
+        elif metric == "mse":
+            tgt = targets.double().reshape(e.shape)
+            sums["eval"] += float(((e - tgt) ** 2).sum())
+            sums["train"] += float(((t - tgt) ** 2).sum())
+            elements += e.numel()
+        else:
+            sums["eval"] += float((e**2).sum())
+            sums["train"] += float((t**2).sum())
+            sums["diff"] += float(((t - e) ** 2).sum())
+            elements += e.numel()
+        count += 1
+        samples += n
     if count == 0 or metric is None or elements == 0:
         return GapResult(note="no batch of two or more samples with a usable output")
     if metric == "output":
@@ -818,17 +971,22 @@ class FrozenResult:
 
 
 def frozen_bn_drift(
-    model: nn.Module, batch: Any | None = None, *, device: torch.device | str | None = None
+    model: nn.Module,
+    batch: Any | None = None,
+    *,
+    device: torch.device | str | None = None,
+    state: ModelState | None = None,
 ) -> FrozenResult:
     """Find BatchNorm layers whose affine parameters are frozen (``requires_grad=False``) but that run in
     train mode now, or will after ``model.train()``, and measure how far one train-mode forward moves their
     running buffers.
 
     Args:
-        model: the model to probe; never modified (``train()`` is called on a copy, which also honours a
-            ``train()`` override that keeps frozen layers in eval mode).
+        model: the model to probe; put back as it was afterwards (``train()`` is called on it, which also
+            honours a ``train()`` override that keeps frozen layers in eval mode).
         batch: one batch (``Batch`` or raw inputs) for the forward pass; None measures nothing.
         device: the device the batch lives on (its RNG is restored after the forward).
+        state: the model's ModelState when the caller keeps one (an audit does); else one is taken here.
 
     Returns:
         A FrozenResult.
@@ -838,40 +996,44 @@ def frozen_bn_drift(
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     now = {name: m.training for name, m in bn_layers(model).items()}
-    work = copy.deepcopy(model)
-    work.train()
-    layers = bn_layers(work)
-    frozen = {name: m for name, m in layers.items() if affine_frozen(m)}
-    candidates = {
-        name: m for name, m in frozen.items() if tracks_running_stats(m) and (now.get(name) or m.training)
-    }
-    if not candidates:
-        return FrozenResult((), len(frozen), trainable, False)
-    before = {
-        name: (m.running_mean.detach().clone(), m.running_var.detach().clone(), _nbt(m))
-        for name, m in candidates.items()
-    }
-    ran = False
-    inputs = getattr(batch, "inputs", batch) if batch is not None else None
-    if inputs is not None and (batch_size(inputs) or 0) >= 2:
-        # Train mode exactly as model.train() leaves it (dropout included), under no_grad: buffers still move.
-        with torch.no_grad(), seeded(0, device):
-            forward(work, inputs)
-        ran = True
-    out = []
-    for name, m in candidates.items():
-        rm0, rv0, nbt0 = before[name]
-        moved = shift = ratio = nbt = None
-        if ran:
-            rm1, rv1 = m.running_mean.detach(), m.running_var.detach()
-            eps = float(getattr(m, "eps", 1e-5))
-            shift = float(((rm1.double() - rm0.double()).abs() / torch.sqrt(rv0.double().clamp_min(0) + eps)).max())
-            a, b = rv0.double().clamp_min(0) + eps, rv1.double().clamp_min(0) + eps
-            ratio = float(torch.maximum(a / b, b / a).max())
-            moved = not (torch.equal(rm0, rm1) and torch.equal(rv0, rv1))
-            nbt1 = _nbt(m)
-            nbt = (nbt0, nbt1) if nbt0 is not None and nbt1 is not None else None
-        out.append(FrozenLayer(name, bool(now.get(name)), bool(m.training), moved, shift, ratio, nbt))
+    frozen = {name: m for name, m in bn_layers(model).items() if affine_frozen(m)}
+    if not frozen:
+        return FrozenResult((), 0, trainable, False)
+    state = state_for(model, state)
+    with state.restoring():
+        model.train()
+        layers = bn_layers(model)
+        candidates = {
+            name: m for name, m in layers.items()
+            if name in frozen and tracks_running_stats(m) and (now.get(name) or m.training)
+        }
+        if not candidates:
+            return FrozenResult((), len(frozen), trainable, False)
+        before = {
+            name: (m.running_mean.detach().clone(), m.running_var.detach().clone(), _nbt(m))
+            for name, m in candidates.items()
+        }
+        ran = False
+        inputs = getattr(batch, "inputs", batch) if batch is not None else None
+        if inputs is not None and (batch_size(inputs) or 0) >= 2:
+            # Train mode exactly as model.train() leaves it (dropout included), under no_grad: buffers still move.
+            with torch.no_grad(), seeded(0, device):
+                forward(model, inputs)
+            ran = True
+        out = []
+        for name, m in candidates.items():
+            rm0, rv0, nbt0 = before[name]
+            moved = shift = ratio = nbt = None
+            if ran:
+                rm1, rv1 = m.running_mean.detach(), m.running_var.detach()
+                eps = float(getattr(m, "eps", 1e-5))
+                shift = float(((rm1.double() - rm0.double()).abs() / torch.sqrt(rv0.double().clamp_min(0) + eps)).max())
+                a, b = rv0.double().clamp_min(0) + eps, rv1.double().clamp_min(0) + eps
+                ratio = float(torch.maximum(a / b, b / a).max())
+                moved = not (torch.equal(rm0, rm1) and torch.equal(rv0, rv1))
+                nbt1 = _nbt(m)
+                nbt = (nbt0, nbt1) if nbt0 is not None and nbt1 is not None else None
+            out.append(FrozenLayer(name, bool(now.get(name)), bool(m.training), moved, shift, ratio, nbt))
     return FrozenResult(tuple(out), len(frozen), trainable, ran)
 
 
@@ -1004,6 +1166,7 @@ def history_eval_mode_steps(history: Any) -> list[EvalModeSpan]:
 
 
 __all__ = [
+    "NOISE_MARGIN",
     "BufferChange",
     "CobatchResult",
     "EvalModeSpan",
@@ -1013,6 +1176,7 @@ __all__ = [
     "GapResult",
     "LayerFit",
     "MutationResult",
+    "affine_trained",
     "batch_size",
     "bn_layers",
     "bn_statistics_mode",
@@ -1022,14 +1186,18 @@ __all__ = [
     "cobatch_invariance",
     "concat",
     "eval_mode_steps",
+    "fit_from_pass",
     "forward",
     "layer_fit",
     "frozen_bn_drift",
     "history_eval_mode_steps",
     "predict_mutations",
     "running_stats_fit",
+    "predict_train_mode_layers",
     "sample_output",
     "seeded",
     "take",
     "train_eval_gap",
+    "train_mode_pass",
+    "TrainModePass",
 ]

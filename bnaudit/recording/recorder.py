@@ -332,6 +332,12 @@ class Recorder:
         m = slot.module
         if isinstance(m, _CHANNEL_LAST):
             return -1
+        if x.dim() > 2 and is_norm(m) and not is_batchnorm(m):
+            # A norm class torch does not define: its per-channel weight says where the channels are (an
+            # RMSNorm over the features of (N, L, F) tokens has F weights).
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == x.shape[-1] != x.shape[1]:
+                return -1
         if is_conv(m) or is_norm(m) or x.dim() <= 2:
             return 1
         # Activations and other shape-preserving modules take the layout of whatever ran before.

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnaudit.context import RuleContext
@@ -16,6 +17,9 @@ from bnaudit.graph import INPUT, OUTPUT, Node
 from bnaudit.layers import (
     ACTIVATION_FUNCTIONS,
     DROPOUT_FUNCTIONS,
+    NORM_FUNCTIONS,
+    SOFTMAX_FUNCTIONS,
+    SOFTMAXES,
     RESHAPE_FUNCTIONS,
     has_bias,
     is_activation,
@@ -76,11 +80,111 @@ class _SharedBN(nn.Module):
         return h
 
 
+class _RmsNorm(nn.Module):
+    """RMS normalization over the last axis as a third-party library writes it (timm's RmsNorm): not a torch
+    class, known by its name."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _BatchVarianceScale(nn.Module):
+    """An EvoNorm-B0-like layer under another name: divides by the batch standard deviation in training and
+    by a running one in eval mode; known as a normalization layer by its ``running_var`` buffer."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var = x.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_var.lerp_(var, self.momentum)
+        else:
+            var = self.running_var
+        return x / (var + self.eps).sqrt() * self.weight + self.bias
+
+
+class _NormedBlock(nn.Module):
+    """A block that normalizes inside its own forward (``F.layer_norm``), as attention blocks often do: not a
+    normalization layer itself, since it holds a Linear."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(self.fc(x), (self.dim,))
+
+
+class _TwoBranches(nn.Module):
+    """One Dropout feeding two branches, each with its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(10, 8)
+        self.drop = nn.Dropout(0.3)
+        self.a, self.bn_a = nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8)
+        self.b, self.bn_b = nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.stem(x)))
+        return self.head(torch.cat([torch.relu(self.bn_a(self.a(h))), torch.relu(self.bn_b(self.b(h)))], dim=1))
+
+
+class _BiasedAttention(nn.Module):
+    """Token mixing by attention whose logits get a learned bias from a small MLP with dropout (MaxViT's and
+    CoAtNet's relative-position MLP), then a BatchNorm over the features of the mixed tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(12, 36)
+        self.bias_mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Dropout(0.125), nn.Linear(8, 1))
+        self.register_buffer("distance", (torch.arange(6.0)[:, None] - torch.arange(6.0)[None, :]).abs()[..., None])
+        self.proj = nn.Linear(12, 12, bias=False)
+        self.bn = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(1, 2) + self.bias_mlp(self.distance).squeeze(-1)).softmax(dim=-1)
+        h = self.proj(attn @ v)  # (N, L, C)
+        return self.head(torch.relu(self.bn(h.transpose(1, 2))).mean(2))
+
+
+def _deep(norm: type[nn.Module] | None) -> nn.Module:
+    """Four hidden Linear layers with ReLUs, each normalized by ``norm`` when given."""
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(10, 10, bias=norm is None), *([norm(10)] if norm else []), nn.ReLU()]
+    return _mlp(*layers, nn.Linear(10, 2))
+
+
 def _half_bn(eps: float) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, eps=eps), nn.ReLU(), nn.Linear(8, 2)).to(torch.bfloat16)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+# What a dropout's variance shift does not survive on its way to a BatchNorm (BN104).
+_RESCALING = NORM_FUNCTIONS | SOFTMAX_FUNCTIONS
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _batchnorms(ctx: RuleContext) -> Iterator[tuple[str, nn.Module]]:
@@ -296,6 +400,18 @@ class DropoutBeforeBN(Rule):
     between Dropout and Batch Normalization by Variance Shift", CVPR 2019). The seeds' own "after BN" MLP
     (Linear, BN, ReLU, Dropout, Linear, BN, ...) has this pattern.
 
+    Fires once per Dropout (p > 0) whose output reaches a BatchNorm. Its output is followed forwards through
+    every layer that is not a normalization layer, and each path stops at the first normalization on it:
+    torch's classes, a third-party one (timm's LayerNorm2d, RmsNorm2d, EvoNorm; see BN110), a normalization
+    computed inside a block's forward (``F.layer_norm``, ``F.group_norm``...), or a softmax (``nn.Softmax``,
+    ``F.softmax``, and the one inside ``F.scaled_dot_product_attention``), which divides by its own sum. Each
+    re-estimates the scale, so the variance shift does not survive it: a dropout in an attention block's
+    relative-position MLP (MaxViT, CoAtNet) reaches later BatchNorms only as attention weights, and says
+    nothing about their statistics. (A dropout on the values of ``F.scaled_dot_product_attention`` would pass
+    the call linearly; it is missed.) The finding names the Dropout and lists every BatchNorm it reaches,
+    with the path to the nearest. A dropout called as a function (``F.dropout``) has no module to name: it
+    is reported at the BatchNorm it feeds directly.
+
     Options: none.
 
     Bad:
@@ -313,8 +429,9 @@ class DropoutBeforeBN(Rule):
         Example(
             lambda: _mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
                          nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)),
-            _x, layer="5",
+            _x, layer="3",
         ),
+        Example(_TwoBranches, _x, layer="drop", note="one Dropout feeding two BatchNorms: one finding"),
     )
     valid = (
         Example(
@@ -324,28 +441,64 @@ class DropoutBeforeBN(Rule):
         ),
         Example(lambda: _mlp(nn.Dropout(0.0), nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2)), _x,
                 note="p=0 changes nothing"),
+        Example(
+            lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.Dropout(0.3), _NormedBlock(8), nn.Linear(8, 8, bias=False),
+                         nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)),
+            _x, note="F.layer_norm inside a block's forward between them",
+        ),
+        Example(
+            lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 8), _RmsNorm(8),
+                         nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)),
+            _x, note="a third-party RmsNorm between them",
+        ),
+        Example(_BiasedAttention, _tokens, note="a dropout in an attention bias MLP reaches the BatchNorm as weights"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         g = ctx.graph
+        order = {name: i for i, name in enumerate(g.nodes)}
+        for name, node in g.nodes.items():
+            m = node.module
+            if not is_dropout(m) or float(getattr(m, "p", 0.0)) <= 0:
+                continue
+            reached = [
+                (dst, path)
+                for dst, path in g.downstream(
+                    name,
+                    through=lambda n: not (is_norm(n.module) or isinstance(n.module, SOFTMAXES)),
+                    follow=lambda e: not set(e.via) & _RESCALING,
+                )
+                if is_batchnorm(g.nodes[dst].module)
+            ]
+            if not reached:
+                continue
+            nearest, path = reached[0]
+            bns = sorted((dst for dst, _ in reached), key=order.__getitem__)
+            p = float(m.p)
+            through = f" through {', '.join(path)}" if path else ""
+            feeds = (
+                f"feeds {nearest}{through}"
+                if len(bns) == 1
+                else f"feeds {len(bns)} BatchNorm layers with no normalization between ({_names(bns)}; the nearest, "
+                f"{nearest}{through})"
+            )
+            yield self.finding(
+                name,
+                f"{name} (p={p:g}) {feeds}: its train-time variance differs from eval, so the running statistics "
+                "will not match inference",
+                {"dropout": name, "p": p, "batchnorms": bns, "path": list(path)},
+                fix=f"move {name} after the last BatchNorm it feeds (just before the output layer), or remove it",
+            )
         for node in _graph_batchnorms(ctx):
-            hits = []
-            for e in g.parents(node.name):
-                if set(e.via) & DROPOUT_FUNCTIONS:
-                    hits.append((f"F.{next(iter(set(e.via) & DROPOUT_FUNCTIONS))}", None, ()))
-            for src, path in g.upstream(node.name, through=lambda n: not is_norm(n.module)):
-                m = g.nodes[src].module
-                if is_dropout(m) and float(getattr(m, "p", 0.0)) > 0:
-                    hits.append((src, float(m.p), path))
-            if hits:
-                src, p, path = hits[0] if hits[0][1] is not None or len(hits) == 1 else hits[1]
+            ops = sorted({op for e in g.parents(node.name) for op in e.via if op in DROPOUT_FUNCTIONS})
+            if ops:
                 yield self.finding(
                     node.name,
-                    f"{src}{f' (p={p:g})' if p is not None else ''} feeds {node.name}"
-                    f"{' through ' + ', '.join(reversed(path)) if path else ''}: its train-time variance differs "
-                    "from eval, so the running statistics will not match inference",
-                    {"dropout": src, "p": p, "path": list(reversed(path))},
-                    fix=f"move {src} after the last BatchNorm (just before the output layer), or remove it",
+                    f"F.{ops[0]} feeds {node.name} directly: its train-time variance differs from eval, so the "
+                    "running statistics will not match inference",
+                    {"dropout": f"F.{ops[0]}", "p": None, "batchnorms": [node.name], "path": []},
+                    fix=f"move the F.{ops[0]} call after {node.name}'s last use (just before the output layer), "
+                    "or remove it",
                 )
 
 
@@ -598,6 +751,11 @@ class WrongAxis(Rule):
 class NoNormalization(Rule):
     """A network with at least ``min_hidden_layers`` hidden Linear/Conv layers and no normalization layer.
 
+    Normalization layers are torch's (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, RMSNorm,
+    LocalResponseNorm) and any other class named like one (timm's RmsNorm2d, LayerNorm2d, EvoNorm2dB0/S0,
+    FilterResponseNormTlu2d; FrozenBatchNorm2d) or keeping running statistics (``running_mean`` or
+    ``running_var`` buffers); a module holding a Linear/Conv is not one, whatever its name.
+
     Deep, unnormalized networks are where the seeds say BatchNorm "becomes essential": it allows higher
     learning rates, converges faster and depends less on initialization (Ioffe & Szegedy 2015). This is a
     suggestion; measure it with ``bnaudit train-compare``.
@@ -621,12 +779,12 @@ class NoNormalization(Rule):
     requires = frozenset()
     options = {"min_hidden_layers": int}
     defaults = {"min_hidden_layers": 4}
-    invalid = (
-        Example(lambda: _mlp(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.ReLU())], nn.Linear(10, 2)), _x),
-    )
+    invalid = (Example(lambda: _deep(None), _x),)
     valid = (
         Example(lambda: _mlp(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2)), _x, note="shallow"),
-        Example(lambda: _mlp(*[m for _ in range(4) for m in (nn.Linear(10, 10, bias=False), nn.BatchNorm1d(10), nn.ReLU())], nn.Linear(10, 2)), _x),
+        Example(lambda: _deep(nn.BatchNorm1d), _x),
+        Example(lambda: _deep(_RmsNorm), _x, note="a third-party RmsNorm, known by its class name"),
+        Example(lambda: _deep(_BatchVarianceScale), _x, note="a normalization layer known by its running_var"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:

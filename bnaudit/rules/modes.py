@@ -1,4 +1,5 @@
-"""BN3xx: eval mode and running statistics, each finding backed by an experiment on copies of the model.
+"""BN3xx: eval mode and running statistics, each finding backed by an experiment on the audit's copy of the
+model (put back after each experiment).
 
 The BatchNorm failures users report most are not architectural: inference run in train mode, test data
 leaking into the running statistics, SWA/EMA weights paired with buffers that were never estimated, frozen
@@ -82,6 +83,24 @@ def _trained_mlp() -> nn.Module:
     return copy.deepcopy(_trained_mlp_cached())
 
 
+@functools.lru_cache(maxsize=1)
+def _trained_cnn_cached() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        )
+        return _train(model)
+
+
+def _trained_cnn() -> nn.Module:
+    """A CNN with BatchNorm2d trained on the digits as 1x8x8 images, left in train mode after training. In
+    train mode a batch of one sample still runs (64 values per channel), so only the comparison of
+    co-batches shows that its predictions depend on the batch."""
+    return copy.deepcopy(_trained_cnn_cached())
+
+
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float = 0.9) -> None:
     """A hand-written EMA over ``parameters()`` only, as often seen in training scripts: the buffers of the
     EMA copy are never touched."""
@@ -129,6 +148,26 @@ def _untrained_mlp() -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return _mlp()
+
+
+def _zero_init_last_mlp() -> nn.Module:
+    """A fresh MLP whose last BatchNorm starts at gamma = 0, as torchvision's ``zero_init_residual`` and timm's
+    ``zero_init_last`` set the last BatchNorm of each residual branch: weights that differ from 1 by design."""
+    model = _untrained_mlp()
+    nn.init.zeros_(model[4].weight)
+    return model
+
+
+def _dcgan_init_mlp() -> nn.Module:
+    """A fresh MLP initialised as DCGAN-style code does: BatchNorm gamma drawn from N(1, 0.02), beta 0."""
+    model = _untrained_mlp()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                m.weight.copy_(1.0 + 0.02 * torch.randn(m.weight.shape, generator=gen))
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def _untracked_mlp() -> nn.Module:
@@ -182,7 +221,8 @@ def _frozen_backbone_kept_eval() -> nn.Module:
 
 
 def _deployed() -> nn.Module:
-    """An inference-only copy: every parameter frozen and the model in eval mode."""
+    """An inference-only copy, as a serving script loads one: ``model.requires_grad_(False)`` and
+    ``model.eval()`` once, right after loading."""
     model = _trained_mlp()
     model.requires_grad_(False)
     return model.eval()
@@ -272,11 +312,18 @@ def _recalibrate_cmd(ctx: RuleContext) -> str:
 
 def _batches(ctx: RuleContext, limit: int | None = None) -> Iterator[Any]:
     """The audit's batches on its device, floating inputs cast to the model's dtype (a bfloat16 model gets
-    bfloat16 batches, as the graph pass gave it)."""
+    bfloat16 batches, as the graph pass gave it). Read from the data once per audit and shared, so that every
+    experiment sees the same batches (a shuffling loader would deal each reader others) and BN304 can pair
+    its eval-mode outputs with the train-mode pass BN302 ran."""
     if ctx.data is None:
         return iter(())
-    dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), None)
-    return ctx.data.batches(limit=ctx.steps if limit is None else limit, device=ctx.device, dtype=dtype)
+
+    def read() -> list[Any]:
+        dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), None)
+        return list(ctx.data.batches(limit=ctx.steps, device=ctx.device, dtype=dtype))
+
+    batches = ctx.cached("modes.batches", read)
+    return iter(batches if limit is None else batches[:limit])
 
 
 def _predict_error(exc: BaseException) -> DataError:
@@ -288,27 +335,44 @@ def _predict_error(exc: BaseException) -> DataError:
     )
 
 
-def _fit(ctx: RuleContext) -> Any:
-    from bnaudit.probes.modes import running_stats_fit
+def _state(ctx: RuleContext) -> Any:
+    from bnaudit.probes.state import audit_state
 
-    return ctx.cached("modes.fit", lambda: running_stats_fit(ctx.model, _batches(ctx)))
+    return audit_state(ctx)
+
+
+def _train_pass(ctx: RuleContext) -> Any:
+    """The one train-mode pass over the audit's batches that BN302, BN303 and BN304 read."""
+    from bnaudit.probes.modes import train_mode_pass
+
+    return ctx.cached("modes.train_pass", lambda: train_mode_pass(ctx.model, _batches(ctx), state=_state(ctx)))
+
+
+def _fit(ctx: RuleContext) -> Any:
+    from bnaudit.probes.modes import fit_from_pass
+
+    return ctx.cached("modes.fit", lambda: fit_from_pass(_train_pass(ctx), ctx.model))
 
 
 def _model_trained(model: nn.Module) -> bool:
-    """Whether the model's normalization layers show any sign of training: affine parameters moved from
-    their initial 1/0, or running buffers moved from their initial 0/1."""
+    """Whether the model's BatchNorm layers show any sign of training: running buffers moved from their
+    initial 0/1 or a batch counted, or affine parameters that vary from channel to channel
+    (``probes.modes.affine_trained``: a gamma initialised to a constant, 0 included, is no sign of training).
+    A fresh model, zero-initialised residual gammas and all, has neither."""
+    from bnaudit.probes.modes import affine_trained
+
     for m in model.modules():
         if not is_batchnorm(m):
             continue
-        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-        if isinstance(w, torch.Tensor) and not torch.all(w.detach() == 1):
-            return True
-        if isinstance(b, torch.Tensor) and not torch.all(b.detach() == 0):
+        if affine_trained(m):
             return True
         rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
         if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
             if not (torch.all(rm == 0) and torch.all(rv == 1)):
                 return True
+        nbt = getattr(m, "num_batches_tracked", None)
+        if isinstance(nbt, torch.Tensor) and int(nbt) > 0:
+            return True
     return False
 
 
@@ -332,16 +396,26 @@ class BatchDependentInference(Rule):
     composition, a batch of one fails ("Expected more than 1 value per channel when training") and served
     predictions differ from offline ones.
 
-    Experiment: the first sample of the data goes through the inference path (the user's ``predict`` on a copy
-    put in train mode, as after training; without ``--predict``, an eval-mode forward) inside two disjoint
-    co-batches of real samples and alone, with the same RNG seed each time. The finding reports the largest
-    change of that sample's output relative to its scale (max |output|), the layers that normalized with
-    batch statistics and any dropout that was active.
+    Experiment: the first sample of the data goes through the inference path (the user's ``predict``; without
+    ``--predict``, an eval-mode forward) inside two disjoint co-batches of real samples and alone, with the
+    same RNG seed each time. The model is judged in the modes it is given in: one left in train mode after
+    its training loop is probed in train mode, one evaluated once at load (``model.eval()`` then serving) in
+    eval mode, where a ``predict()`` without ``model.eval()`` of its own is correct (BN308 notes that it
+    relies on its caller). The finding reports the largest change of that sample's output relative to its
+    scale (max |output|), the layers that normalized with batch statistics and any dropout that was active.
+
+    A change is weighed against the model's own numerical noise before it counts: kernels pick their
+    blocking, and on GPUs their precision (TF32 tensor cores above some size, plain float32 below), by batch
+    size, so a deep network with no batch dependence at all can differ by 1e-4 between co-batches. When a
+    change exceeds the tolerance, the same path runs on co-batches that no batch dependence through batch
+    statistics can tell apart from the compared ones (the same co-batch with the sample moved to its end;
+    the sample repeated to the co-batch's size, whose batch mean and variance are its own), and the change
+    must also exceed 4 times the difference these show.
 
     Options:
         ```yaml
-        tolerance: 1.0e-4   # relative output change tolerated (float noise between batch sizes); at least
-                            # 2 x the machine epsilon of the model's dtype (bfloat16: 0.0156)
+        tolerance: 1.0e-4   # relative output change tolerated; at least 2 x the machine epsilon of the model's
+                            # dtype (bfloat16: 0.0156), and 4 x the noise measured when a change exceeds it
         cobatch_size: 8     # samples per co-batch, the probed sample included
         ```
 
@@ -368,14 +442,18 @@ class BatchDependentInference(Rule):
     invalid = (
         Example(_trained_mlp, _digits, predict=_predict_no_eval, note="predict() without model.eval()"),
         Example(_untracked_mlp, _digits, layer="1", note="BatchNorm1d(track_running_stats=False), eval-mode forward"),
+        Example(_trained_cnn, _digits, predict=_predict_no_eval,
+                note="BatchNorm2d left in train mode: a batch of one runs, only its co-batches differ"),
     )
     valid = (
         Example(_trained_mlp, _digits, predict=_predict_eval, note="the same predict() with model.eval()"),
         Example(_trained_mlp, _digits, note="no predict(): the eval-mode forward"),
+        Example(_deployed, _digits, predict=_predict_no_eval,
+                note="evaluated once at load: a predict() without model.eval() of its own is right here"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import cobatch_invariance
+        from bnaudit.probes.modes import NOISE_MARGIN, cobatch_invariance
 
         size = max(2, self.config["cobatch_size"])
         dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), torch.float32)
@@ -385,16 +463,19 @@ class BatchDependentInference(Rule):
 
         def probe() -> Any:
             try:
-                return cobatch_invariance(ctx.model, _batches(ctx), ctx.predict, cobatch_size=size, device=ctx.device)
+                return cobatch_invariance(
+                    ctx.model, _batches(ctx), ctx.predict, cobatch_size=size, device=ctx.device, tolerance=tol,
+                    state=_state(ctx),
+                )
             except Exception as exc:  # noqa: BLE001 - the user's predict or forward failing on real data
                 if ctx.predict is not None:
                     raise _predict_error(exc) from exc
                 raise
 
-        res = ctx.cached(f"modes.cobatch.{size}", probe)
+        res = ctx.cached(f"modes.cobatch.{size}.{tol!r}", probe)
         if res.note:
             return
-        changed = res.relative > tol
+        changed = bool(res.changed)
         single = res.single_sample_error
         if single and not changed and not (res.batch_stat_layers or "value per channel" in single):
             single = None  # a forward that cannot take one sample for reasons of its own is not BN301's business
@@ -406,6 +487,7 @@ class BatchDependentInference(Rule):
             "output_scale": res.scale,
             "relative_delta": res.relative,
             "tolerance": tol,
+            **({"numerical_noise": res.noise, "noise_margin": NOISE_MARGIN} if res.noise is not None else {}),
             "cobatch_sizes": list(res.compared),
             "inference_path": "predict" if res.used_predict else "eval-forward",
         }
@@ -413,10 +495,11 @@ class BatchDependentInference(Rule):
             evidence["single_sample_error"] = res.single_sample_error
         if res.active_dropout:
             evidence["active_dropout"] = list(res.active_dropout)
+        noise = f", {NOISE_MARGIN:g}x its numerical noise {res.noise:.1e}" if res.noise is not None else ""
         what = (
             f"{path} gives one sample outputs that differ by up to {res.max_abs_delta:.3g} "
-            f"({res.relative:.2%} of its output scale {res.scale:.3g}; tolerance {tol:.0e}) depending on the other "
-            f"samples in its batch (co-batches of {', '.join(map(str, res.compared))})"
+            f"({res.relative:.2%} of its output scale {res.scale:.3g}; tolerance {tol:.0e}{noise}) depending on "
+            f"the other samples in its batch (co-batches of {', '.join(map(str, res.compared))})"
             if changed
             else f"{path} fails on a batch of one sample ({single})"
         )
@@ -466,10 +549,12 @@ class InferenceMutatesStats(Rule):
     contaminates the statistics (test data leaks into the model), later predictions depend on what was
     predicted before, and a model saved after evaluation is not the model that was validated.
 
-    Experiment: every buffer of a copy of the model (put in train mode, as after a training loop) is hashed
-    (sha256 of its bytes) before and after ``predict()`` runs on two batches of the data; without
-    ``--predict`` the inference path is an eval-mode forward. The finding names each layer whose buffers
-    changed, with ``num_batches_tracked`` before/after and the largest change.
+    Experiment: every buffer of the model, in the modes it is given in (as after a training loop, or
+    evaluated once at load), is hashed (sha256 of its bytes) before and after ``predict()`` runs on two
+    batches of the data; without ``--predict`` the inference path is an eval-mode forward. The finding names
+    each layer whose buffers changed, with ``num_batches_tracked`` before/after and the largest change. A
+    model given in eval mode moves no statistics, whatever its ``predict()`` (BN308 notes a ``predict()``
+    that relies on that).
 
     Options: none.
 
@@ -494,6 +579,8 @@ class InferenceMutatesStats(Rule):
     valid = (
         Example(_trained_mlp, _digits, predict=_predict_eval, note="the same predict() with model.eval()"),
         Example(_trained_mlp, _digits, note="no predict(): the eval-mode forward"),
+        Example(_deployed, _digits, predict=_predict_no_eval,
+                note="evaluated once at load: nothing moves, whatever predict() does about modes"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -501,7 +588,7 @@ class InferenceMutatesStats(Rule):
 
         def probe() -> Any:
             try:
-                return predict_mutations(ctx.model, _batches(ctx), ctx.predict, device=ctx.device)
+                return predict_mutations(ctx.model, _batches(ctx), ctx.predict, device=ctx.device, state=_state(ctx))
             except Exception as exc:  # noqa: BLE001
                 if ctx.predict is not None:
                     raise _predict_error(exc) from exc
@@ -645,10 +732,13 @@ class UninitializedRunningStats(Rule):
     copies the source model's buffers instead, which are stale for the averaged weights: BN302/BN304 catch
     that, and ``update_bn`` is the fix for both.)
 
-    Fires for a layer whose buffers sit exactly at their initial values while the model's normalization
-    layers show training (affine parameters or other buffers moved) and the data's train-mode statistics do
-    not match the initial values (z or r outside the BN302 thresholds, so data that happens to be N(0, 1)
-    passes). A fresh, untrained model is not reported.
+    Fires for a layer whose buffers sit exactly at their initial values while the model's BatchNorm layers
+    show training (other running buffers moved, or affine parameters that vary from channel to channel) and
+    the data's train-mode statistics do not match the initial values (z or r outside the BN302 thresholds, so
+    data that happens to be N(0, 1) passes). A fresh, untrained model is not reported: initialisation sets
+    gamma and beta to one constant per layer, which need not be 1 and 0 (torchvision's
+    ``zero_init_residual`` and timm's ``zero_init_last`` start the last BatchNorm of each residual branch at
+    gamma = 0), so a constant gamma is no sign of training.
 
     Options:
         ```yaml
@@ -680,6 +770,8 @@ class UninitializedRunningStats(Rule):
     valid = (
         Example(_ema_with_update_bn, _digits, note="the same EMA followed by update_bn"),
         Example(_untrained_mlp, _digits, note="a fresh model: nothing was trained yet"),
+        Example(_zero_init_last_mlp, _digits, note="a fresh model with a zero-initialised gamma"),
+        Example(_dcgan_init_mlp, _digits, note="a fresh model with gamma drawn around 1"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -768,7 +860,10 @@ class TrainEvalGap(Rule):
 
         if not _model_trained(ctx.model):
             return
-        res = ctx.cached("modes.gap", lambda: train_eval_gap(ctx.model, _batches(ctx)))
+        res = ctx.cached(
+            "modes.gap",
+            lambda: train_eval_gap(ctx.model, _batches(ctx), state=_state(ctx), train_pass=_train_pass(ctx)),
+        )
         if res.note:
             return
         cmd = _recalibrate_cmd(ctx)
@@ -876,7 +971,7 @@ class FrozenBNDrifts(Rule):
 
         def probe() -> Any:
             batch = next(iter(_batches(ctx, limit=1)), None) if ctx.data is not None else None
-            return frozen_bn_drift(ctx.model, batch, device=ctx.device)
+            return frozen_bn_drift(ctx.model, batch, device=ctx.device, state=_state(ctx))
 
         res = ctx.cached("modes.frozen", probe)
         for layer in res.layers:
@@ -1004,10 +1099,87 @@ class TrainingInEvalMode(Rule):
             )
 
 
+@register
+class PredictReliesOnEvalMode(Rule):
+    """``predict()`` never calls ``model.eval()``: it is right only while its caller has.
+
+    The serving recipe evaluates a model once at load (``model.eval(); model.requires_grad_(False)``) and
+    calls a ``predict()`` that runs ``torch.inference_mode()`` without switching modes itself. BN301 and BN306
+    judge such a model in eval mode, as given, and find nothing wrong. The same ``predict()`` handed a model
+    straight out of its training loop (still in train mode) would normalize with batch statistics and write
+    its inputs into the running statistics: the errors BN301 and BN306 report on such a model. This is a
+    note, not an error: whether any caller can pass a model in train mode is the user's call.
+
+    Experiment: only for a model given with BatchNorm layers (tracking running statistics) in eval mode and
+    a ``--predict``: ``predict()`` is called once more, on the first two samples, after ``model.train()``,
+    and the layers that then normalize with batch statistics are named. The model is put back afterwards.
+
+    Options: none.
+
+    Bad:
+        def predict(model, x):                   # right only if the caller called model.eval()
+            with torch.inference_mode():
+                return model(x).softmax(1)
+    Good:
+        def predict(model, x):
+            model.eval()
+            with torch.inference_mode():
+                return model(x).softmax(1)
+    """
+
+    code = "BN308"
+    name = "predict-relies-on-eval-mode"
+    severity = "info"
+    summary = "predict() never calls model.eval(): it is right only on a model its caller put in eval mode"
+    fix = "call model.eval() at the start of predict(), so it is right whatever mode its caller leaves the model in"
+    family = "modes"
+    requires = frozenset({"predict"})
+    invalid = (
+        Example(_deployed, _digits, predict=_predict_no_eval, layer=None,
+                note="evaluated once at load; predict() without model.eval()"),
+    )
+    valid = (
+        Example(_deployed, _digits, predict=_predict_eval, note="the same model, predict() with model.eval()"),
+        Example(_trained_mlp, _digits, predict=_predict_no_eval,
+                note="given in train mode: BN301 and BN306 report it, this note does not"),
+        Example(_deployed, _digits, note="no predict(): nothing relies on anything"),
+    )
+
+    def check(self, ctx: RuleContext) -> Iterator[Finding]:
+        from bnaudit.probes.modes import predict_train_mode_layers, tracks_running_stats
+
+        if ctx.predict is None:
+            return
+        evaluated = [
+            n for n, m in ctx.model.named_modules() if is_batchnorm(m) and tracks_running_stats(m) and not m.training
+        ]
+        batch = next(iter(_batches(ctx, limit=1)), None)
+        if not evaluated or batch is None:
+            return
+
+        def probe() -> Any:
+            try:
+                return predict_train_mode_layers(ctx.model, batch, ctx.predict, device=ctx.device, state=_state(ctx))
+            except Exception as exc:  # noqa: BLE001
+                raise _predict_error(exc) from exc
+
+        layers = [n for n in ctx.cached("modes.predict_train_mode", probe) if n in evaluated]
+        if not layers:
+            return
+        yield self.finding(
+            None,
+            f"predict() never calls model.eval(): it is right on this model, given in eval mode, but on a model "
+            f"in train mode (as after its training loop) BatchNorm {_names(layers)} would normalize with batch "
+            "statistics and update their running statistics",
+            {"train_mode_layers": layers, "eval_mode_layers_given": len(evaluated)},
+        )
+
+
 __all__ = [
     "BatchDependentInference",
     "FrozenBNDrifts",
     "InferenceMutatesStats",
+    "PredictReliesOnEvalMode",
     "StaleRunningStats",
     "TrainEvalGap",
     "TrainingInEvalMode",

@@ -574,3 +574,24 @@ def test_recording_package_keeps_no_thread_address_key_or_global_toggle():
         text = path.read_text()
         for banned in ("threading", "data_ptr", "set_num_threads", "queue", "atexit"):
             assert banned not in text, f"{path.name} uses {banned}"
+
+
+def test_third_party_norm_over_the_last_dim_is_recorded_per_feature():
+    # A norm class torch does not define, applied to (N, L, F) tokens: its F weights say the channels are last.
+    class TokenRMSNorm(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(f))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    model = nn.Sequential(nn.Linear(4, 6), TokenRMSNorm(6))
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), record(model) as rec:
+        inner = model[0](x).double()
+        model(x)
+        rec.step()
+    h = rec.history
+    assert h.info["1"]["channel_dim"] == -1 and h.info["1"]["where"] == "input"
+    np.testing.assert_allclose(h.series("1", "channel_mean")[0], inner.mean((0, 1)), rtol=1e-5, atol=1e-7)

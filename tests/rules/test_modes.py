@@ -13,6 +13,7 @@ import bnaudit
 from bnaudit.rules import get_rule
 from bnaudit.rules import modes as R
 from bnaudit.transforms.recalibrate import recalibrate
+from tests.fixtures.architectures import BY_NAME
 
 
 def _snapshot(model):
@@ -60,6 +61,27 @@ def test_bn301_and_bn306_predict_without_eval():
     assert "test data leaks" in bn306.message
 
 
+def test_model_evaluated_at_load_is_judged_in_eval_mode():
+    # The serving recipe: model.eval(); model.requires_grad_(False) once at load, and a predict() under
+    # torch.inference_mode() that never calls eval() itself. Nothing is wrong with it as served.
+    arch = BY_NAME["served_cnn"]
+    model = arch.build()
+    snap = _snapshot(model)
+    report = bnaudit.inspect(model, arch.example(), predict=arch.predict, select=["BN3"])
+    _assert_unchanged(model, snap)
+    assert {"BN301", "BN306", "BN308"} <= set(report.rules_run)
+    assert not [f for f in report.findings if f.severity != "info"], [(f.code, f.message) for f in report.findings]
+    (note,) = _hits(report, "BN308")
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert note.severity == "info" and note.evidence["train_mode_layers"] == bns and "model.eval()" in note.fix
+    # the same predict() on the same model straight out of training: there the errors are real
+    trained = bnaudit.inspect(
+        arch.build().train(), arch.example(), predict=arch.predict, select=["BN301", "BN306", "BN308"]
+    )
+    assert sorted(f.code for f in trained.findings) == ["BN301", "BN306"]
+    assert all(f.severity == "error" for f in trained.findings)
+
+
 def test_bn301_bn306_corrected_predict_and_tolerance_option():
     clean = bnaudit.inspect(R._trained_mlp(), R._digits(), predict=R._predict_eval, select=["BN301", "BN306"])
     assert set(clean.rules_run) == {"BN301", "BN306"} and not clean.findings
@@ -70,6 +92,37 @@ def test_bn301_bn306_corrected_predict_and_tolerance_option():
     )
     (f,) = _hits(loose, "BN301")
     assert "fails on a batch of one sample" in f.message
+
+
+def test_bn301_batch_dependence_that_only_co_batches_show():
+    # BatchNorm2d left in train mode: a batch of one sample runs (64 values per channel), so only the change
+    # between co-batches decides. It is far above the noise and well below 1: a tolerance raised to 1.0, or a
+    # probe that ran this model in eval mode instead of the mode it was given in, would miss it.
+    from bnaudit.probes.modes import cobatch_invariance
+
+    x, _ = R._digits()
+    res = cobatch_invariance(R._trained_cnn(), [x[:32]], R._predict_no_eval, tolerance=1e-4)
+    assert res.single_sample_error is None and res.compared == (8, 8, 1)
+    assert 1e-2 < res.relative < 0.8 and res.noise is not None and res.noise < 1e-5 and res.changed
+    report = bnaudit.inspect(R._trained_cnn(), R._digits(), predict=R._predict_no_eval, select=["BN301"])
+    (f,) = _hits(report, "BN301")
+    assert f.evidence["train_mode_layers"] == ["2"] and "single_sample_error" not in f.evidence
+    assert f.evidence["numerical_noise"] < 1e-5 and f.evidence["noise_margin"] == 4
+
+
+def test_bn301_weighs_changes_against_the_models_own_numerical_noise():
+    # A 12-block pre-norm transformer whose Linear layers round as a GPU's TF32 tensor cores do above 32 rows
+    # and not below: the same sample alone and in a co-batch differs by more than 1e-4 with no batch
+    # dependence at all. The noise the probe measures explains it; the rule stays silent.
+    from bnaudit.probes.modes import cobatch_invariance
+
+    arch = BY_NAME["vit_prenorm_tf32"]
+    res = cobatch_invariance(arch.build(), [arch.example()], tolerance=1e-4)
+    assert res.relative > 1e-4 and res.noise >= res.relative / 4 and res.changed is False
+    report = bnaudit.inspect(arch.build(), arch.example(), select=["BN301"])
+    assert "BN301" in report.rules_run and not report.findings, [f.message for f in report.findings]
+    exact = cobatch_invariance(BY_NAME["vit_prenorm"].build(), [arch.example()], tolerance=1e-4)
+    assert exact.relative < 1e-6 and exact.noise is None  # the float32 twin: nothing to explain
 
 
 def test_bn301_untracked_layer_names_the_layer_and_the_repairs():
@@ -127,9 +180,36 @@ def test_bn303_ema_without_buffers_then_update_bn():
 def test_bn303_data_that_matches_initial_values_is_not_reported():
     # standard-normal input straight into a BatchNorm whose buffers are 0/1: nothing to fix there
     first = torch.nn.Sequential(torch.nn.BatchNorm1d(64))
-    first[0].weight.data.fill_(2.0)  # trained-looking affine
-    report = bnaudit.inspect(first, torch.randn(256, 64, generator=torch.Generator().manual_seed(0)), select=["BN303"])
+    gen = torch.Generator().manual_seed(1)
+    first[0].weight.data.uniform_(1.5, 2.5, generator=gen)  # trained-looking affine: channels apart
+    first[0].bias.data.uniform_(-0.1, 0.1, generator=gen)
+    data = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    report = bnaudit.inspect(first, data, select=["BN303"])
     assert "BN303" in report.rules_run and not report.findings
+    shifted = bnaudit.inspect(first, data * 3 + 1, select=["BN303"])  # the same layer on other data: reported
+    assert [f.layer for f in shifted.findings] == ["0"]
+
+
+@pytest.mark.parametrize("name", ["resnet_zero_init", "resnet_bottleneck_zero_init"])
+def test_fresh_resnet_with_zero_initialised_gammas_is_not_trained(name):
+    # torchvision's zero_init_residual (timm's zero_init_last): gamma = 0 on each block's last BatchNorm. The
+    # model is fresh: its statistics were never estimated because nothing was trained, which is no bug.
+    arch = BY_NAME[name]
+    model = arch.build()
+    assert any(float(m.weight.detach().abs().max()) == 0 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    report = bnaudit.inspect(model, arch.example(), select=["BN302", "BN303", "BN304"])
+    assert {"BN302", "BN303", "BN304"} <= set(report.rules_run)
+    assert not report.findings, [(f.code, f.layer) for f in report.findings]
+    # the same architecture after one optimizer step is trained, and its never-estimated statistics are BN303's
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    nn.functional.cross_entropy(model(arch.example()), torch.arange(4)).backward()
+    opt.step()
+    model.load_state_dict(buffers, strict=False)  # weights stepped, buffers as they were (an EMA of parameters)
+    trained = bnaudit.inspect(model, arch.example() * 2 + 1, select=["BN303"])
+    assert trained.findings and all(f.severity == "error" for f in trained.findings)
 
 
 def test_bn305_frozen_backbone_evidence_and_fixes():
@@ -194,7 +274,7 @@ def test_bn307_counts_a_batchnorm_without_affine_parameters():
 
 
 def test_every_bn3_rule_documents_options_and_cases():
-    for code in ("BN301", "BN302", "BN303", "BN304", "BN305", "BN306", "BN307"):
+    for code in ("BN301", "BN302", "BN303", "BN304", "BN305", "BN306", "BN307", "BN308"):
         rule = get_rule(code)
         doc = rule.doc()
         assert "Bad:" in doc and "Good:" in doc, code
