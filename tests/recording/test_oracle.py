@@ -259,7 +259,7 @@ def assert_matches(h, oracle: Oracle, **kw) -> None:
 # --- 1. the fixture architectures -------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
 def test_architectures_match_oracle(arch):
-    model = arch.build()
+    model = arch.build().requires_grad_(True)  # a model frozen at load (served_cnn) is trained here all the same
     x = arch.example()[:2]  # small batches keep it fast; BatchNorm1d still sees two samples a channel in train
     steps = [(x, "train"), (x.flip(0), "train"), (x, "train"), (x, "eval"), (x[:1], "eval")]
     first = next(iter(default_layers(model)))
@@ -545,7 +545,7 @@ def test_nonfinite_activations_match_oracle(shape, per_channel):
 # --- 5. recording only reads ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
 def test_recording_leaves_model_bit_identical_to_unrecorded_twin(arch):
-    model, twin = arch.build(), arch.build()
+    model, twin = arch.build().requires_grad_(True), arch.build().requires_grad_(True)
     x = arch.example()[:2]
     steps = [(x, "train"), (x, "train"), (x, "nograd"), (x[:1], "eval")]
     torch.manual_seed(1234)
