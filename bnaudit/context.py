@@ -3,7 +3,8 @@
 The audit builds it once: a private copy of the model (the user's object is never touched; probes run on
 the copy and put it back after each experiment), its layer graph, the data source and predict function when
 given, a recorded training history when one exists, and a cache so that probes shared by several rules (one
-train-mode pass, one co-batch experiment) run once."""
+train-mode pass, one co-batch experiment) run once. It also says which normalization layers never run
+(``unused``): BN112 reports them and every other rule skips them."""
 
 from __future__ import annotations
 
@@ -55,6 +56,20 @@ class RuleContext:
         return self.cache[key]
 
     @property
+    def unused(self) -> frozenset[str]:
+        """Normalization layers registered on the model but never called: absent from the graph's forward pass
+        and, when a history was recorded, from every recorded step. Empty without a graph (nothing to tell)."""
+
+        def compute() -> frozenset[str]:
+            from bnaudit.graph import uncalled_norms
+
+            if self.graph is None:
+                return frozenset()
+            return frozenset(n for n in uncalled_norms(self.model, self.graph) if not _ran_in_history(self.history, n))
+
+        return self.cached("unused_norms", compute)
+
+    @property
     def steps(self) -> int:
         """How many batches a probe may use."""
         return int(self.options.get("steps", 8))
@@ -64,3 +79,22 @@ class RuleContext:
         if self.data is None:
             return iter(())
         return self.data.batches(limit=self.steps if limit is None else limit, device=self.device)
+
+
+def _ran_in_history(history: Any, name: str) -> bool:
+    """Whether a recorded history shows ``name`` called in some step: its input was recorded in a step, or
+    (when its input was not among the recorded layers) its ``num_batches_tracked`` moved, which only a
+    train-mode call does."""
+    history = getattr(history, "history", history)  # a Recorder stands for its History
+    if history is None:
+        return False
+    import numpy as np
+
+    if name in getattr(history, "info", {}):
+        return bool(np.nansum(history.series(name, "calls")) > 0)
+    info = getattr(history, "bn_info", {}).get(name)
+    if info is None or len(history) == 0:
+        return False
+    counts = history.series(name, "num_batches_tracked")
+    start = info.get("initial_num_batches_tracked", -1)
+    return bool(start >= 0 and np.any(np.isfinite(counts) & (counts != start)))

@@ -166,6 +166,13 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def uncalled_norms(model: nn.Module, graph: LayerGraph) -> list[str]:
+    """Normalization layers the graph would hold as nodes but that never ran: registered on ``model`` and
+    absent from ``graph`` (not in the fx trace, and not called in its forward pass). Norms inside an opaque
+    torch composite (a TransformerEncoderLayer's LayerNorms) are not graph nodes and are never listed."""
+    return [name for name, m in leaf_modules(model).items() if is_norm(m) and name not in graph.nodes]
+
+
 def _op_name(target: Any) -> str:
     name = getattr(target, "__name__", None) or str(target)
     return name.split(".")[-1]

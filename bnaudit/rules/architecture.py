@@ -188,8 +188,9 @@ def _names(names: list[str], limit: int = 6) -> str:
 
 
 def _batchnorms(ctx: RuleContext) -> Iterator[tuple[str, nn.Module]]:
+    # A BatchNorm that never runs is BN112's alone: its constructor arguments change nothing.
     for name, m in ctx.model.named_modules():
-        if name and is_batchnorm(m):
+        if name and is_batchnorm(m) and name not in ctx.unused:
             yield name, m
 
 
@@ -758,7 +759,8 @@ class NoNormalization(Rule):
 
     Deep, unnormalized networks are where the seeds say BatchNorm "becomes essential": it allows higher
     learning rates, converges faster and depends less on initialization (Ioffe & Szegedy 2015). This is a
-    suggestion; measure it with ``bnaudit train-compare``.
+    suggestion; measure it with ``bnaudit train-compare``. A normalization layer that is registered but
+    never called (BN112) does not count: the network it sits in is unnormalized.
 
     Options:
         ```yaml
@@ -789,7 +791,7 @@ class NoNormalization(Rule):
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         modules = [m for name, m in ctx.model.named_modules() if name]
-        if any(is_norm(m) for m in modules):
+        if any(is_norm(m) for name, m in ctx.model.named_modules() if name and name not in ctx.unused):
             return
         weight_layers = [m for m in modules if is_weight_layer(m)]
         hidden = max(len(weight_layers) - 1, 0)
@@ -800,4 +802,249 @@ class NoNormalization(Rule):
                 f"{hidden} hidden Linear/Conv layers and no normalization layer",
                 {"hidden_layers": hidden, "min_hidden_layers": limit},
                 fix=f"try `bnaudit insert-bn {ctx.source} -o model_bn.pt`, then `bnaudit train-compare` to measure it",
+            )
+
+
+# --- BN111 / BN112 (issue 19): a positional eps, and a normalization layer that never runs -------------------
+
+
+class _GanGenerator(nn.Module):
+    """The MLP generator of eriklindernoren/PyTorch-GAN's gan.py, shrunk: ``BatchNorm1d(out_feat, 0.8)`` is
+    Keras's ``BatchNormalization(momentum=0.8)`` ported positionally, so 0.8 lands on eps."""
+
+    def __init__(self, latent: int = 10, keras_port: bool = True, eps: float | None = None) -> None:
+        super().__init__()
+
+        def block(in_feat: int, out_feat: int, normalize: bool = True) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Linear(in_feat, out_feat)]
+            if normalize:
+                if eps is not None:
+                    layers.append(nn.BatchNorm1d(out_feat, eps=eps))
+                elif keras_port:
+                    layers.append(nn.BatchNorm1d(out_feat, 0.8))
+                else:
+                    layers.append(nn.BatchNorm1d(out_feat, momentum=0.2))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            return layers
+
+        self.model = nn.Sequential(
+            *block(latent, 16, normalize=False), *block(16, 32), nn.Linear(32, 8), nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z)
+
+
+def _efficientnet_block(eps: float = 1e-3) -> nn.Module:
+    # timm's EfficientNets: Conv -> BatchNorm2d(eps=1e-3) -> SiLU (Keras's default eps, on purpose).
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8, eps=eps), nn.SiLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+class _MorvanNet(nn.Module):
+    """MorvanZhou's BatchNorm tutorial net (tutorial-contents/504_batch_normalization.py), shrunk: both the
+    "with BN" and "without BN" nets build ``bn_input``; only the first calls it."""
+
+    def __init__(self, do_bn: bool = False, hidden: int = 5) -> None:
+        super().__init__()
+        self.do_bn = do_bn
+        self.bn_input = nn.BatchNorm1d(1, momentum=0.5)
+        self.fcs = []
+        for i in range(hidden):
+            fc = nn.Linear(1 if i == 0 else 10, 10)
+            setattr(self, f"fc{i}", fc)
+            self.fcs.append(fc)
+        self.predict = nn.Linear(10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.do_bn:
+            x = self.bn_input(x)
+        for fc in self.fcs:
+            x = torch.tanh(fc(x))
+        return self.predict(x)
+
+
+class _BranchBN(nn.Module):
+    """Normalizes only when the batch is not constant: a data-dependent branch (fx cannot trace it), taken on
+    any real input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.std() > 0:
+            h = self.bn(h)
+        return self.head(torch.relu(h))
+
+
+def _scalar_x() -> torch.Tensor:
+    return torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+
+
+def _median_input_var(history, name: str) -> tuple[float, int] | None:
+    """The median over channels of the layer's input variance (per channel: the mean over recorded steps of
+    the batch variance, what train-mode BatchNorm divides by), and how many steps it came from."""
+    import numpy as np
+
+    if history is None or name not in history.info:
+        return None
+    cv = history.series(name, "channel_var")
+    ok = np.isfinite(cv).all(axis=1) if cv.ndim == 2 and cv.shape[1] else np.zeros(len(cv), bool)
+    if not ok.any():
+        return None
+    return float(np.median(cv[ok].mean(axis=0))), int(ok.sum())
+
+
+@register
+class EpsTooLarge(Rule):
+    """A BatchNorm whose ``eps`` is at least ``max_eps``: a number meant for something else passed as eps.
+
+    The signature is ``BatchNorm2d(num_features, eps=1e-5, momentum=0.1, ...)``: the second positional
+    argument is ``eps``, not momentum. ``nn.BatchNorm2d(128, 0.8)`` is Keras's
+    ``BatchNormalization(momentum=0.8)`` ported positionally (eriklindernoren/PyTorch-GAN's GAN and DCGAN,
+    upstream issue 116), and ``nn.BatchNorm2d(n5x5, n5x5)`` passes a channel count (weiaicunzai/pytorch-cifar100's
+    GoogLeNet, issue 96). The layer divides by ``sqrt(var + eps)``: with eps comparable to the variance of its
+    input it barely normalizes scale (on those GAN scripts eps was 1.8x to 17,600x the input variance). Small
+    deliberate values such as Keras's and timm's EfficientNets' 1e-3 are fine.
+
+    Static: fires on ``eps >= max_eps``. With ``--data`` (or a recorded history) the evidence adds the median
+    per-channel variance of the layer's input and ``eps_to_var``, eps divided by it; the message gives the
+    factor where eps exceeds ``max_eps_to_var`` of that variance.
+
+    Options:
+        ```yaml
+        max_eps: 0.01          # eps at or above this is reported
+        max_eps_to_var: 0.1    # with data: eps above this share of the median input variance is quantified
+        ```
+
+    Bad:
+        nn.BatchNorm1d(256, 0.8)              # eps = 0.8; Keras's momentum=0.8 was meant
+    Good:
+        nn.BatchNorm1d(256, momentum=0.2)     # PyTorch momentum = 1 - Keras momentum; eps stays 1e-5
+    """
+
+    code = "BN111"
+    name = "eps-too-large"
+    severity = "warning"
+    summary = "BatchNorm eps so large it was probably meant as momentum (the 2nd positional argument is eps)"
+    fix = ("pass momentum by keyword: nn.BatchNorm2d(128, momentum=0.2) for a Keras port of momentum=0.8 "
+           "(PyTorch momentum = 1 - Keras's), or drop the argument for the default eps=1e-5")
+    requires = frozenset()
+    options = {"max_eps": float, "max_eps_to_var": float}
+    defaults = {"max_eps": 1e-2, "max_eps_to_var": 0.1}
+    invalid = (
+        Example(_GanGenerator, lambda: _x(10, 32), layer="model.3",
+                note="the GAN generator block Linear -> BatchNorm1d(n, 0.8) -> LeakyReLU"),
+        Example(lambda: _mlp(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, 4), nn.ReLU()), _img, layer="1",
+                note="a channel count passed as eps: BatchNorm2d(n5x5, n5x5)"),
+    )
+    valid = (
+        Example(lambda: _GanGenerator(keras_port=False), lambda: _x(10, 32),
+                note="the same generator with momentum=0.2 by keyword: only the eps differs"),
+        Example(_efficientnet_block, _img, note="eps=1e-3, timm's EfficientNets"),
+        Example(lambda: _GanGenerator(eps=0.8), lambda: _x(10, 32), options={"max_eps": 1.0},
+                note="eps=0.8 below a raised max_eps"),
+    )
+
+    def check(self, ctx: RuleContext) -> Iterator[Finding]:
+        limit, share = self.config["max_eps"], self.config["max_eps_to_var"]
+        for name, m in _batchnorms(ctx):
+            eps = m.eps
+            if not eps >= limit:
+                continue
+            kind, c = type(m).__name__, getattr(m, "num_features", "C")
+            ev: dict = {"eps": eps, "max_eps": limit, "default_eps": 1e-5}
+            message = (f"{kind} {name} has eps={eps:g}: the second positional argument of {kind} is eps, not "
+                       f"momentum, so `{kind}({c}, {eps:g})` divides by sqrt(var + {eps:g})")
+            measured = self._measure(ctx, name)
+            if measured is not None:
+                var, steps, source = measured
+                ev.update(median_input_var=var, variance_source=source, variance_steps=steps,
+                          max_eps_to_var=share, eps_to_var=(eps / var) if var > 0 else float("inf"))
+                if var <= 0:
+                    message += "; its input has zero variance on this data"
+                elif eps > share * var:
+                    message += (f"; eps is {eps / var:.3g}x the median per-channel variance of its input "
+                                f"({var:.3g}, {source}), so it barely normalizes scale")
+                else:
+                    message += (f"; on this data eps is only {eps / var:.2%} of the median input variance "
+                                f"({var:.3g}), but the argument was probably meant as momentum")
+            if 0.5 <= eps < 1:
+                fix = (f"write nn.{kind}({c}, momentum={1 - eps:.2g}) if {eps:g} was Keras's momentum (PyTorch "
+                       "momentum = 1 - Keras's), or drop the argument for the default eps=1e-5")
+            else:
+                fix = (f"construct {name} with the default eps (nn.{kind}({c})) or pass eps by keyword with the "
+                       "value meant; a second positional argument is always eps")
+            yield self.finding(name, message, ev, fix=fix)
+
+    @staticmethod
+    def _measure(ctx: RuleContext, name: str) -> tuple[float, int, str] | None:
+        """The median input variance from the data probe (``--data``), else from the recorded history."""
+        if ctx.data is not None:
+            from bnaudit.probes.data import data_probe
+
+            got = _median_input_var(data_probe(ctx).history, name)
+            if got is not None:
+                return (*got, "data")
+        history = getattr(ctx.history, "history", ctx.history)
+        got = _median_input_var(history, name) if history is not None else None
+        return (*got, "history") if got is not None else None
+
+
+@register
+class UnusedNormalization(Rule):
+    """A normalization layer that is registered on the model but never called in its forward pass.
+
+    MorvanZhou's widely read BatchNorm tutorial builds a "with BN" and a "without BN" net; the "without BN" one
+    still creates ``self.bn_input`` and never calls it. Its parameters sit in the optimizer without gradients,
+    its buffers stay at their initial values, and a reader (or an audit that counts modules) believes the net
+    is normalized. Usually a forgotten call in ``forward()`` or a leftover of an experiment.
+
+    Decided from the layer graph: the layer is neither in the fx trace nor called in the forward pass on the
+    example input, and, when a history was recorded, it was called in none of the recorded steps. A layer
+    behind a branch that the example input takes is called and not reported. Every other rule treats the
+    layer as absent (BN110 counts the network as unnormalized), and the graph, ``insert-bn`` and the probes
+    skip it. The report's ``source_lines`` point at the line that creates it.
+
+    Options: none.
+
+    Bad:
+        self.bn_input = nn.BatchNorm1d(1)              # in __init__
+        def forward(self, x): return self.net(x)       # bn_input never called
+    Good:
+        def forward(self, x): return self.net(self.bn_input(x))   # or delete bn_input
+    """
+
+    code = "BN112"
+    name = "unused-normalization"
+    severity = "info"
+    summary = "normalization layer registered but never called in the forward pass"
+    fix = "call the layer in forward() where it was meant to normalize, or delete it"
+    invalid = (Example(_MorvanNet, _scalar_x, layer="bn_input", note='the tutorial\'s "without BN" net'),)
+    valid = (
+        Example(lambda: _MorvanNet(do_bn=True), _scalar_x, note='the "with BN" net: only the call differs'),
+        Example(_BranchBN, _x, note="called in a branch the example input takes"),
+    )
+
+    def check(self, ctx: RuleContext) -> Iterator[Finding]:
+        named = dict(ctx.model.named_modules())
+        history = getattr(ctx.history, "history", ctx.history)
+        steps = len(history) if history is not None else None
+        for name in sorted(ctx.unused):
+            m = named[name]
+            parent, _, attr = name.rpartition(".")
+            owner = type(named[parent]).__name__
+            params = sum(p.numel() for p in m.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
+            where = "in the forward pass" + (f" or in any of {steps} recorded steps" if steps else "")
+            yield self.finding(
+                name,
+                f"{type(m).__name__} {name} (created as {owner}.{attr}) is registered but never called {where}: "
+                f"its {params} parameters get no gradient and its buffers keep their initial values",
+                {"type": type(m).__name__, "owner": owner, "attribute": attr, "parameters": params,
+                 "graph_method": ctx.graph.method, "recorded_steps": steps},
+                fix=f"call {name} in {owner}.forward() where it was meant to normalize, or delete it",
             )

@@ -1062,7 +1062,7 @@ class TrainingInEvalMode(Rule):
         need = max(1, self.config["min_steps"])
         groups: dict[tuple[int, ...], list[Any]] = {}
         for span in spans:
-            if len(span.steps) >= need:
+            if len(span.steps) >= need and span.layer not in ctx.unused:  # a layer that never runs is BN112's
                 groups.setdefault(span.steps, []).append(span)
         for steps, group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0].layer)):
             first = group[0]
