@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, TextIO, TypeVar
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -21,9 +20,14 @@ from bnaudit import __version__
 from bnaudit.errors import BnauditError, OutputError
 
 
-# Typer >= 0.20 vendors click (its errors derive from typer.TyperException); older Typer raises click's own.
-_CLI_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
-_ABORTS = tuple({click.Abort, typer.Abort})
+# Typer >= 0.20 vendors click (its errors derive from typer.TyperException, and click itself may not be
+# installed at all); older Typer raises click's own.
+try:
+    import click
+except ImportError:  # Typer without click
+    click = None
+_CLI_ERRORS = tuple({getattr(typer, "TyperException", None), getattr(click, "ClickException", None)} - {None})
+_ABORTS = tuple({typer.Abort, getattr(click, "Abort", None)} - {None})
 
 
 class _Group(TyperGroup):
@@ -49,10 +53,10 @@ class _Group(TyperGroup):
             sub = ctx.command.name if ctx is not None and ctx.parent is not None else None
             exit_code = int(getattr(exc, "exit_code", 2))
             hint = f" (see `bnaudit{' ' + sub if sub else ''} --help`)" if exit_code == 2 else ""
-            click.echo(f"bnaudit: error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
+            typer.echo(f"bnaudit: error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
             sys.exit(exit_code)
         except _ABORTS:
-            click.echo("bnaudit: error: interrupted", err=True)
+            typer.echo("bnaudit: error: interrupted", err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
