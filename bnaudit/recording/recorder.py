@@ -527,12 +527,18 @@ def _fill_row(values: np.ndarray, raw: np.ndarray, plan: list) -> None:
     if all(len(calls) == 1 and not whole for calls, whole, _ in plan):
         values[:] = raw  # one call per layer, per channel: the raw vector is the row
         return
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN/Inf channel makes the merged values NaN/Inf
+        values[:] = _merged_row(raw, plan)
+
+
+def _merged_row(raw: np.ndarray, plan: list) -> np.ndarray:
+    raw = raw.astype(np.float64, copy=False)  # merged in float64 (an accelerator's copy arrives in float32)
     out: list[np.ndarray] = []
     at = 0
     for calls, whole, qu in plan:
         merged = None
         for n, c in calls:
-            block = raw[at: at + 2 * c + EXTRA].astype(np.float64)
+            block = raw[at: at + 2 * c + EXTRA]
             at += 2 * c + EXTRA
             if whole:
                 n, block = collapse(n, block, c)
@@ -540,7 +546,7 @@ def _fill_row(values: np.ndarray, raw: np.ndarray, plan: list) -> None:
         out += [merged[1], raw[at: at + qu]]
         at += qu
     out.append(raw[at:])
-    values[:] = np.concatenate(out)
+    return np.concatenate(out)
 
 
 def record(
