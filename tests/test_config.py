@@ -279,6 +279,7 @@ def _check_never_crashes(text: str) -> Config | None:
         assert isinstance(audit.model, str) and audit.model and isinstance(audit.name, str) and audit.name
         assert audit.batch_size >= 1 and audit.steps >= 1 and audit.line >= 1 and isinstance(audit.trust_pickle, bool)
         assert audit.input_shape is None or (audit.input_shape and min(audit.input_shape) >= 1)
+        assert audit.where().startswith(f"bnaudit.yaml:{audit.line}: audits[")  # where its load errors point
     assert len({a.name for a in cfg.audits}) == len(cfg.audits)
     assert all(o.format in FORMATS and isinstance(o.overwrite, bool) for o in cfg.outputs)
     return cfg
