@@ -38,6 +38,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -338,12 +339,13 @@ def staged_commands(m: Mutant) -> list[list[str]]:
 
 
 def _copy_repo(dest: Path) -> Path:
-    ignore = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".hypothesis", ".pytest_cache", "mutants")
-    for name in ("bnaudit", "tests", "examples", "pyproject.toml"):
+    """The repository's files (tracked, or new and not ignored), as the tests see them in a checkout."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
         src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=ignore)
-        elif src.exists():
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     return dest
 
@@ -392,12 +394,19 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float, verbose: bool) 
                 target.write_text(originals[m.file], encoding="utf-8")
                 free.append(w)
 
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for i, o in enumerate(pool.map(one, mutants), 1):
+        # One job runs in this thread, so that Ctrl-C reaches subprocess.run and ends the running pytest too.
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            for i, o in enumerate(pool.map(one, mutants) if jobs > 1 else map(one, mutants), 1):
                 outcomes.append(o)
                 if verbose or o.status == "survived":
                     print(f"[{i}/{len(mutants)}] {o.status:10s} {o.mutant.file}:{o.mutant.line} ({o.mutant.function}) "
                           f"{o.mutant.op}: {o.mutant.original!r} -> {o.mutant.replacement!r}", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what finished (the running pytest is killed)
+            print(f"interrupted after {len(outcomes)} of {len(mutants)} mutants; the summary covers those", flush=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            pool.shutdown()
         return outcomes
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -450,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-survival", type=float, default=0.10, help="fail above this surviving fraction")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every outcome, not only survivors")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` ends like Ctrl-C, with a summary
 
     mutants = [m for f in _collect(args.paths) for m in find_mutants(f)]
     if args.only:
