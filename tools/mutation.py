@@ -76,6 +76,13 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/probes/data.py:run_data_probe.relu_hook.hook:dropcond:isinstance(out, torch.Tensor) and out.dim() >= 1 "
     "and out.is_floating_point() -> (isinstance(out, torch.Tensor)) and (out.dim() >= 1)":
         "(out > 0).any(...) gives the same answer on integer tensors",
+    "bnaudit/rules/data.py:BatchStatNoise.check:compare:> -> >=":
+        "differs only when the measured median noise equals max_mean_noise to the last bit",
+    "bnaudit/rules/base.py:select_rules:dropcond:ignore and matches(rule.code, rule.name, ignore) -> "
+    "(matches(rule.code, rule.name, ignore))":
+        "matches() over no patterns is False, which is what the dropped 'ignore and' gave",
+    "bnaudit/probes/modes.py:frozen_bn_drift:dropcond:nbt0 is not None and nbt1 is not None -> (nbt0 is not None)":
+        "both counts come from the same layer's num_batches_tracked: both are None or neither is",
     "bnaudit/probes/data.py:run_data_probe.tail_hook.hook:dropcond:isinstance(x, torch.Tensor) and "
     "x.is_floating_point() and x.numel() -> (isinstance(x, torch.Tensor)) and (x.is_floating_point())":
         "an empty tensor adds 0 of 0 to the tally, and tallies with no values are dropped afterwards",
@@ -473,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="keep mutants whose key contains this text")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--json", type=Path, help="write every outcome to this file")
+    parser.add_argument("--resume", type=Path, help="a --json file of an earlier run: keep its kills, run the rest")
     parser.add_argument("--report", type=Path, help="summarize a --json file of an earlier run and stop")
     parser.add_argument("--max-survival", type=float, default=0.10, help="fail above this surviving fraction")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every outcome, not only survivors")
@@ -494,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if frac < args.max_survival else 1
 
     mutants = [m for f in _collect(args.paths) for m in find_mutants(f)]
+    done: list[Outcome] = []
+    if args.resume:  # keep an earlier run's kills; run its survivors again (new tests may kill them) and the rest
+        saved = {d["key"]: d for d in json.loads(args.resume.read_text())}
+        keep = {k for k, d in saved.items() if d["status"] in ("killed", "timeout")}
+        done = [Outcome(m, saved[m.key]["status"], saved[m.key]["seconds"], saved[m.key]["detail"])
+                for m in mutants if m.key in keep]
     if args.only:
         mutants = [m for m in mutants if any(s in m.key for s in args.only)]
     total = len(mutants)
@@ -505,10 +519,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.file}:{m.line} ({m.function}) {m.op}: {m.original!r} -> {m.replacement!r}")
         print(f"{len(mutants)} of {total} mutants")
         return 0
-    print(f"running {len(mutants)} of {total} mutants" + (f" (sample, seed {args.seed})" if args.sample else ""),
-          flush=True)
+    kept = {o.mutant.key for o in done}
+    done = [o for o in done if o.mutant in mutants]
+    mutants = [m for m in mutants if m.key not in kept]
+    print(f"running {len(mutants)} of {total} mutants" + (f" (sample, seed {args.seed})" if args.sample else "")
+          + (f"; {len(done)} kills kept from {args.resume}" if args.resume else ""), flush=True)
     t0 = time.monotonic()
-    outcomes = run(mutants, args.jobs, args.timeout_factor, args.verbose, args.timeout)
+    outcomes = done + run(mutants, args.jobs, args.timeout_factor, args.verbose, args.timeout)
     report, frac = summarize(outcomes)
     print(report)
     print(f"took {time.monotonic() - t0:.0f}s")

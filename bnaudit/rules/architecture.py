@@ -220,6 +220,8 @@ class BNAfterActivation(Rule):
         Example(lambda: _mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), _x),
         Example(lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), _x,
                 options={"placement": "any"}),
+        Example(lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), _x,
+                options={"placement": "after-activation"}, note="after the activation, as that policy asks"),
     )
 
     @staticmethod
