@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.baseline import Baseline, load_baseline
-from bnaudit.config import Config
+from bnaudit.config import SPEC_KEYS, AuditSpec, Config
 from bnaudit.errors import BnauditError, UsageError
 from bnaudit.findings import Finding, Report, fails, severity_counts, sort_findings
 
@@ -141,8 +141,10 @@ def run_checks(
                 name=audit.name,
             )
         except BnauditError as exc:
-            # Same error class (same exit status), but the user learns which audit of several broke.
-            raise type(exc)(f"audit {audit.name!r}: {exc}") from exc
+            # Same error class (same exit status), but the user learns which audit broke and which line of the
+            # config to fix, as for a schema error (a missing model file is only found when the audit runs).
+            where = audit.where(_culprit(audit, str(exc)))
+            raise type(exc)(f"{where + ': ' if where else ''}audit {audit.name!r}: {exc}") from exc
         findings = [replace(f, audit=audit.name) for f in apply_rule_config(report.findings, rule_config)]
         meta = {**dict(report.meta), "audit": audit.name}
         raw.append(replace(report, findings=sort_findings(findings), meta=meta))
@@ -158,6 +160,13 @@ def run_checks(
     new_ids = {id(f) for f in new}
     reports = tuple(replace(r, findings=tuple(f for f in r.findings if id(f) in new_ids)) for r in raw)
     return CheckResult(config, reports, sort_findings(accepted), stale, tuple(raw))
+
+
+def _culprit(audit: AuditSpec, message: str) -> str | None:
+    """The spec key an input error is about: the loaders name the spec they could not use, so it is the
+    longest of the audit's specs the message mentions (``m.py:build_data`` over ``m.py``), if any."""
+    named = [(len(value), key) for key in SPEC_KEYS if (value := getattr(audit, key)) and value in message]
+    return max(named)[1] if named else None
 
 
 __all__ = ["CheckResult", "apply_rule_config", "run_checks"]

@@ -43,6 +43,8 @@ AUDIT_KEYS = (
     "input_key",
     "trust_pickle",
 )
+# Audit keys naming something to load: an error loading one is reported at that key's line.
+SPEC_KEYS = ("model", "data", "predict", "weights")
 OUTPUT_KEYS = ("format", "path", "overwrite")
 # Formats an `outputs:` entry may name: every registered renderer (`auto` is for terminals, not files).
 OUTPUT_FORMATS = tuple(FORMATS)
@@ -77,7 +79,9 @@ class AuditSpec:
     """One audit: a model, optionally its data and predict function, and how long to probe it.
 
     Spec strings that point at files are already rebased onto the config file's folder, so a config works
-    from whatever directory ``bnaudit check`` is run in.
+    from whatever directory ``bnaudit check`` is run in. ``locations`` say where in the config the entry and
+    its spec keys are (``bnaudit.yaml:3: audits[0].model``), so that an input error found only when the audit
+    runs (a model file that does not exist) still points at the line to fix.
     """
 
     name: str
@@ -92,6 +96,13 @@ class AuditSpec:
     input_key: str | None = None
     trust_pickle: bool = False
     line: int = 0
+    locations: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def where(self, key: str | None = None) -> str | None:
+        """``FILE:LINE: audits[i].key`` for a spec key (``model``, ``data``, ``predict``, ``weights``), or for
+        the entry itself when ``key`` is None or was not written as a key; None for an audit built in code."""
+        found = dict(self.locations)
+        return found.get(key or "") or found.get("")
 
 
 @dataclass(frozen=True)
@@ -606,7 +617,10 @@ class _Validator:
             if entry.get("input_shape") is not None:
                 kwargs["input_shape"] = self.shape(entry["input_shape"], (*path, "input_shape"))
             line = self.m.origin.get(path, ("", 0))[1]
-            out.append(AuditSpec(name=name, model=model, line=line, **kwargs))
+            locations = [("", self.where(path))]
+            locations += [(key, self.where((*path, key))) for key in SPEC_KEYS
+                          if key in entry and (*path, key) in self.m.origin]
+            out.append(AuditSpec(name=name, model=model, line=line, locations=tuple(locations), **kwargs))
         return tuple(out)
 
     def shape(self, value: Any, path: Path_) -> tuple[int, ...]:

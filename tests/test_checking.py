@@ -16,7 +16,7 @@ from bnaudit.baseline import Baseline, load_baseline, render_baseline
 from bnaudit.checking import apply_rule_config, run_checks
 from bnaudit.cli import app
 from bnaudit.config import load_config, parse_config
-from bnaudit.errors import ConfigError, SpecError, UsageError
+from bnaudit.errors import ConfigError, SpecError, UsageError, WeightsError
 from bnaudit.findings import Finding
 from bnaudit.report import FORMAT_CHOICES
 
@@ -146,10 +146,47 @@ def test_bad_baseline_files(tmp_path, content, error, message):
 
 def test_input_errors_name_the_audit(project):
     config = cfg(project, "audits:\n  - name: broken\n    model: missing.py:build\n")
-    with pytest.raises(SpecError, match=r"^audit 'broken': missing\.py:build: file missing\.py not found"):
+    with pytest.raises(SpecError, match=r": audit 'broken': missing\.py:build: file missing\.py not found"):
         run_checks(config)
     with pytest.raises(UsageError, match=r"^no audits in .*bnaudit\.yaml; add one under audits:"):
         run_checks(cfg(project, "fail_on: warning\n"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "error", "problem"),
+    [
+        ("  - name: broken\n    model: missing.py:build\n", "3: audits[0].model", SpecError,
+         "audit 'broken': missing.py:build: file missing.py not found"),
+        ("  - name: nodata\n    model: check_models.py:build_bad\n    data: gone.py:build_data\n",
+         "4: audits[0].data", SpecError, "audit 'nodata': gone.py:build_data: file gone.py not found"),
+        ("  - name: nofile\n    model: check_models.py:build_bad\n    data: batches.pt\n",
+         "4: audits[0].data", SpecError, "audit 'nofile': batches.pt: file batches.pt not found"),
+        # the data spec's text contains the model's: still the data's line
+        ("  - model: check_models.py:build_bad\n    data: check_models.py:build_bad_data\n", "3: audits[0].data",
+         SpecError, "audit 'check_models.py:build_bad': "),
+        ("  - name: noweights\n    model: check_models.py:build_bad\n    weights: gone.pt\n",
+         "4: audits[0].weights", WeightsError, "audit 'noweights': weights file gone.pt not found"),
+        ("  - missing.py\n", "2: audits[0]", SpecError, "audit 'missing.py': missing.py: file missing.py not found"),
+    ],
+)
+def test_input_errors_point_at_the_config_line(project, entry, where, error, problem):
+    # A missing file is found only when the audit runs, but it is the config's line that needs fixing.
+    config = cfg(project, "fail_on: warning\naudits:\n  - name: fine\n    model: check_models.py:build_clean\n"
+                          "    input_shape: [64]\n" + entry.replace("audits[0]", "audits[1]"))
+    line, key = where.split(": ")
+    expected = f"{project / 'bnaudit.yaml'}:{int(line) + 4}: {key.replace('[0]', '[1]')}: {problem}"
+    with pytest.raises(error) as err:
+        run_checks(config)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_input_error_in_an_extended_file_points_there(project):
+    write(project / "base.yaml", "audits:\n  - name: broken\n    model: check_models.py:build_bad\n"
+                                 "    data: nope.py\n")
+    config = cfg(project, "extends: base.yaml\nfail_on: info\n")
+    with pytest.raises(SpecError) as err:
+        run_checks(config)
+    assert str(err.value).startswith(f"{project / 'base.yaml'}:4: audits[0].data: audit 'broken': nope.py: ")
 
 
 def test_apply_rule_config_is_idempotent():
@@ -210,7 +247,10 @@ def test_cli_exit_codes(project):
         ({"bnaudit.yaml": BAD}, ("check", "--baseline", "nope.json"),
          "bnaudit: error: baseline nope.json not found; create it with `bnaudit check --write-baseline nope.json`"),
         ({"bnaudit.yaml": "audits:\n  - model: gone.py:build\n"}, ("check",),
-         "bnaudit: error: audit 'gone.py:build': gone.py:build: file gone.py not found"),
+         "bnaudit: error: bnaudit.yaml:2: audits[0].model: audit 'gone.py:build': gone.py:build: file gone.py not "
+         "found"),
+        ({"bnaudit.yaml": "audits:\n  - name: a\n    model: check_models.py:build_bad\n    data: gone.npz\n"},
+         ("check",), "bnaudit: error: bnaudit.yaml:4: audits[0].data: audit 'a': gone.npz: file gone.npz not found"),
     ],
 )
 def test_cli_input_errors_exit_2_with_one_line(project, files, args, message):

@@ -20,6 +20,7 @@ from bnaudit.config import (
     starter_config,
 )
 from bnaudit.errors import ConfigError
+from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
 from bnaudit.report import FORMATS
 
 FULL = """\
@@ -196,6 +197,8 @@ MALFORMED = [
     ("outputs:\n  - format: sarif\n", "bnaudit.yaml:2: outputs[0]: missing key 'path'"),
     ("outputs:\n  - {format: sarf, path: out.sarif}\n",
      f"bnaudit.yaml:2: outputs[0].format: must be one of {', '.join(FORMATS)}, got 'sarf' (did you mean 'sarif'?)"),
+    ("extends: default\nfail_on: loud\n",  # the preset's own fail_on (its line 3) is not where the mistake is
+     "bnaudit.yaml:2: fail_on: must be one of error, warning, info, never, got 'loud'"),
     ("extends: strikt\n",
      "bnaudit.yaml:1: extends: no preset 'strikt' (did you mean 'strict'?); presets are default, strict, or give "
      "a .yaml file"),
@@ -256,15 +259,30 @@ def test_starter_config_is_valid_and_commented(preset):
 
 
 # ---------------------------------------------------------------------------------------------- fuzzing
-def _check_never_crashes(text: str) -> None:
+def _check_never_crashes(text: str) -> Config | None:
+    """Parse ``text``: a one-line ConfigError naming the file, or a Config whose every value is one the
+    validator allows (so a check that let a bad value through fails here)."""
     try:
         cfg = parse_config(text)
     except ConfigError as exc:
         message = str(exc)
         assert message and "\n" not in message.strip() or "invalid YAML" in message
         assert message.startswith("bnaudit.yaml")
-    else:
-        assert isinstance(cfg, Config)
+        return None
+    assert cfg.fail_on in FAIL_ON_CHOICES
+    assert cfg.extends[:1] in ((), ("default",)) and set(cfg.extends) <= {"default", "strict"}
+    for key, rule in cfg.rules.items():
+        assert isinstance(key, str) and key not in ("select", "ignore")
+        assert rule.severity is None or rule.severity in SEVERITIES
+        assert rule.enabled in (None, True, False) and all(isinstance(g, str) and g for g in rule.ignore)
+    for audit in cfg.audits:
+        assert isinstance(audit.model, str) and audit.model and isinstance(audit.name, str) and audit.name
+        assert audit.batch_size >= 1 and audit.steps >= 1 and audit.line >= 1 and isinstance(audit.trust_pickle, bool)
+        assert audit.input_shape is None or (audit.input_shape and min(audit.input_shape) >= 1)
+        assert audit.where().startswith(f"bnaudit.yaml:{audit.line}: audits[")  # where its load errors point
+    assert len({a.name for a in cfg.audits}) == len(cfg.audits)
+    assert all(o.format in FORMATS and isinstance(o.overwrite, bool) for o in cfg.outputs)
+    return cfg
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -295,7 +313,43 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.di
 @given(st.dictionaries(KEYS, VALUES, max_size=6))
 def test_fuzz_structured_configs(doc):
     # Shaped like real configs, so the validator (not just the YAML parser) is what gets exercised.
-    _check_never_crashes(yaml.safe_dump(doc, sort_keys=False))
+    cfg = _check_never_crashes(yaml.safe_dump(doc, sort_keys=False))
+    if cfg is None or "<<" in doc:  # a merge key can bring in any of the keys below
+        return
+    # What parsed is what the document said.
+    assert cfg.fail_on == doc.get("fail_on", "warning" if doc.get("extends") == "strict" else "error")
+    assert len(cfg.audits) == len(doc.get("audits") or [])
+    assert len(cfg.outputs) == len(doc.get("outputs") or [])
+
+
+def _mostly(good: st.SearchStrategy) -> st.SearchStrategy:
+    """Usually a valid value, sometimes any scalar: many documents parse, and each field is still probed."""
+    return st.sampled_from(range(10)).flatmap(lambda i: SCALARS if i == 0 else good)
+
+
+AUDIT = st.fixed_dictionaries(
+    {"model": _mostly(st.sampled_from(["m.py:build", "random:3x32x32", "pkg.mod:make"]))},
+    optional={"name": _mostly(st.text("abcdef", min_size=2, max_size=4)), "batch_size": _mostly(st.integers(-1, 64)),
+              "steps": _mostly(st.integers(-1, 8)), "input_shape": _mostly(st.lists(st.integers(0, 4), max_size=3)),
+              "trust_pickle": _mostly(st.booleans())},
+)
+OUTPUT = st.fixed_dictionaries({"format": _mostly(st.sampled_from(sorted(FORMATS))), "path": _mostly(st.just("o.txt"))},
+                               optional={"overwrite": _mostly(st.booleans())})
+
+
+@FUZZ
+@given(st.fixed_dictionaries({}, optional={
+    "extends": _mostly(st.sampled_from(["default", "strict"])), "fail_on": _mostly(st.sampled_from(FAIL_ON_CHOICES)),
+    "audits": st.lists(AUDIT, max_size=4), "outputs": st.lists(OUTPUT, max_size=3),
+}))
+def test_fuzz_audits_and_outputs(doc):
+    # Nearly valid audits and outputs, so the per-field checks decide, and many documents parse.
+    cfg = _check_never_crashes(yaml.safe_dump(doc, sort_keys=False))
+    if cfg is None:
+        return
+    assert cfg.fail_on == doc.get("fail_on", "warning" if doc.get("extends") == "strict" else "error")
+    assert len(cfg.audits) == len(doc.get("audits") or [])
+    assert len(cfg.outputs) == len(doc.get("outputs") or [])
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -130,6 +130,14 @@ def test_predict_mutations_finds_leaking_statistics():
     assert M.predict_mutations(model, _batches(x[:96])).changes == ()
 
 
+def test_predict_mutations_without_batches_says_so():
+    model = R._trained_mlp()
+    for predict in (None, R._predict_no_eval):
+        res = M.predict_mutations(model, [], predict)
+        assert (res.calls, res.samples, res.changes, res.note) == (0, 0, (), "no batches")
+        assert res.used_predict is (predict is not None)
+
+
 def test_buffer_hashes_see_any_change():
     bn = nn.BatchNorm1d(3)
     before = M.buffer_hashes(bn)

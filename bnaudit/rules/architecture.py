@@ -171,6 +171,29 @@ def _deep(norm: type[nn.Module] | None) -> nn.Module:
     return _mlp(*layers, nn.Linear(10, 2))
 
 
+class _BiasTo(nn.Module):
+    """A Linear feeding a BatchNorm, plus a residual add of its output or a functional relu in between."""
+
+    def __init__(self, residual: bool = False, activation: bool = False, flatten: bool = False) -> None:
+        super().__init__()
+        self.residual, self.activation, self.flatten = residual, activation, flatten
+        self.fc = nn.Linear(10, 10)
+        self.bn = nn.BatchNorm1d(10)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.activation:
+            out = self.bn(torch.nn.functional.relu(h))
+        elif self.flatten:
+            out = self.bn(h.flatten(1))
+        else:
+            out = self.bn(h)
+        if self.residual:
+            out = out + h  # the bias also reaches the output through the skip: it is not cancelled
+        return self.head(out)
+
+
 def _half_bn(eps: float) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, eps=eps), nn.ReLU(), nn.Linear(8, 2)).to(torch.bfloat16)
 
@@ -232,11 +255,16 @@ class RedundantBias(Rule):
     invalid = (
         Example(lambda: _mlp(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), _x, layer="0"),
         Example(lambda: _mlp(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), _img, layer="0"),
+        Example(lambda: _BiasTo(flatten=True), _x, layer="fc", note="a flatten between them is a pure reshape"),
     )
     valid = (
         Example(lambda: _mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), _x),
         Example(lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), _x,
                 note="an activation between them: the bias matters"),
+        Example(lambda: _BiasTo(activation=True), _x,
+                note="F.relu in forward between them: an edge straight to the BatchNorm, but not a pure reshape"),
+        Example(lambda: _BiasTo(residual=True), _x,
+                note="the output also feeds a residual add: not every consumer is the BatchNorm"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -297,6 +325,8 @@ class BNAfterActivation(Rule):
         Example(lambda: _mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), _x),
         Example(lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), _x,
                 options={"placement": "any"}),
+        Example(lambda: _mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), _x,
+                options={"placement": "after-activation"}, note="after the activation, as that policy asks"),
     )
 
     @staticmethod

@@ -92,6 +92,16 @@ def _mean_noise_batches(ratio: float, batches: int = 8, size: int = 16, f: int =
     return out
 
 
+def _conv_bn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+
+
+def _small_image_batches() -> list[torch.Tensor]:
+    # 4 images of 2x2 per batch: 4 samples alone would be too few, 4 x 2 x 2 = 16 values per channel are not.
+    g = _gen()
+    return [torch.randn(4, 3, 2, 2, generator=g) for _ in range(4)]
+
+
 def _sorted_loader():
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -332,7 +342,10 @@ class TooFewValuesPerChannel(Rule):
         Example(_mlp_bn, _odd_dataset, layer="1", note="65 samples, batch 32: a last batch of one"),
         Example(_mlp_bn, _tiny_batches, layer="1", note="batches of 4"),
     )
-    valid = (Example(_mlp_bn, _even_dataset, note="64 samples, batch 32"),)
+    valid = (
+        Example(_mlp_bn, _even_dataset, note="64 samples, batch 32"),
+        Example(_conv_bn, _small_image_batches, note="NCHW: 4 samples x 2 x 2 positions = 16 values per channel"),
+    )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         probe = data_probe(ctx)

@@ -66,16 +66,34 @@ def test_golden(fmt):
 
 
 def test_every_ci_format_is_registered_and_renders():
+    reports = sample_reports()
     for fmt in CI_FORMATS:
         assert fmt in FORMATS
-        assert render(sample_reports(), fmt).strip()
-        assert render([], fmt).strip()  # no audits still gives a well-formed document
+        # with the default options too, every finding is there by code and layer
+        text = render(reports, fmt)
+        for f in (f for r in reports for f in r.findings):
+            assert f.code in text and (f.layer is None or f.layer in text), (fmt, f.code, f.layer)
+    # one entry per finding where the format has them
+    assert len(json.loads(render(reports, "sarif"))["runs"][0]["results"]) == 4
+    assert sum(line.startswith("::") for line in render(reports, "github").splitlines()) == 4
+    assert sum(line.startswith("| :") for line in render(reports, "markdown").splitlines()) == 4  # table rows
+    # no audits still gives a well-formed document that says there is nothing
+    sarif = json.loads(render([], "sarif"))
+    assert sarif["version"] == "2.1.0" and sarif["runs"][0]["results"] == [] and sarif["runs"][0]["tool"]["driver"]["rules"] == []
+    junit = ET.fromstring(render([], "junit"))
+    assert junit.tag == "testsuites" and junit.get("tests") == "0" and junit.get("failures") == "0" and not list(junit)
+    assert render([], "github").strip() == "bnaudit: 0 audits: 0 error(s), 0 warning(s), 0 info"
+    assert render([], "markdown").strip() == "## bnaudit: 0 errors, 0 warnings, 0 info in 0 audits"
 
 
 def _sarif_validator():
     schema = json.loads((DATA / "sarif-2.1.0.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+    validator = jsonschema.Draft7Validator(schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+    # The schema file must have teeth, or every "validates" below would pass on anything.
+    assert not validator.is_valid({"version": "2.1.0", "runs": [{"tool": {"driver": {"name": "x"}},
+                                                                  "results": [{"message": {"text": "m"}, "level": "fatal"}]}]})
+    return validator
 
 
 def test_sarif_validates_and_carries_locations():
@@ -97,11 +115,23 @@ def test_sarif_validates_and_carries_locations():
     assert len(fps) == len(results)
 
 
-def test_sarif_schema_rejects_a_broken_log():
-    doc = json.loads(render(sample_reports(), "sarif", **OPTS))
-    doc["runs"][0]["results"][0]["level"] = "fatal"
-    with pytest.raises(jsonschema.ValidationError):
-        _sarif_validator().validate(doc)
+def test_sarif_edge_cases_stay_valid(tmp_path):
+    # A source file outside the root, and a model-wide finding of an audit with no file and no default location.
+    outside = tmp_path / "elsewhere" / "model.py"
+    far = Report(model="far", findings=sort_findings([
+        _finding("BN901", "biased-linear", "warning", "fc", "m", "far"),
+        _finding("BN902", "tiny-batch", "info", None, "m", "far"),
+    ]), graph_method="fx", rules_run=("BN901", "BN902"), source_path=str(outside), meta={"audit": "far"})
+    nowhere = Report(model="nowhere", findings=(_finding("BN902", "tiny-batch", "error", None, "m", "nowhere"),),
+                     graph_method="fx", rules_run=("BN902",), source_path=None, meta={"audit": "nowhere"})
+    doc = json.loads(render([far, nowhere], "sarif", root=tmp_path / "repo"))
+    _sarif_validator().validate(doc)
+    results = {(r["properties"]["audit"], r["properties"]["layer"]): r for r in doc["runs"][0]["results"]}
+    assert [r["level"] for r in doc["runs"][0]["results"]] == ["warning", "note", "error"]
+    uri = results[("far", "fc")]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri == outside.as_uri()  # not under the root: an absolute file URI, not a path with ..
+    assert "logicalLocations" not in results[("far", None)]["locations"][0]
+    assert "locations" not in results[("nowhere", None)]  # nothing to point at: no empty location
 
 
 def test_sarif_from_a_real_audit_uses_registry_metadata():

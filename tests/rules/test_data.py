@@ -41,6 +41,10 @@ def test_bn202_last_batch_of_one_is_an_error_small_batches_a_warning():
     # NCHW: values per channel count the spatial positions too (8 samples x 4 x 4 = 128)
     conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     assert not _run("BN202", conv, [torch.randn(8, 3, 4, 4) for _ in range(3)])
+    # 3 samples of 1 x 2 positions: 6 values per channel, a warning that counts both factors
+    (h,) = _run("BN202", conv, [torch.randn(3, 3, 1, 2) for _ in range(3)])
+    assert h.severity == "warning" and h.layer == "1"
+    assert (h.evidence["values_per_channel"], h.evidence["batch"], h.evidence["values_per_sample"]) == (6, 3, 2)
 
 
 def test_bn203_noise_close_to_one_over_sqrt_n():

@@ -4,6 +4,7 @@ escapes text, and a missing matplotlib gives the install hint instead of an Impo
 from __future__ import annotations
 
 import builtins
+import io
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from bnaudit.errors import OutputError, UsageError
 from bnaudit.report import html as html_report
-from bnaudit.report.plots import figures, focus_setting, write_plots
+from bnaudit.report.plots import PALETTE, figures, focus_setting, write_plots
 from bnaudit.training import train_compare
 from bnaudit.training.table import markdown_table, summary_rows
 
@@ -35,12 +36,29 @@ def pngs(result):
     return figures(result)  # drawn once; matplotlib is the slow part of these tests
 
 
+def ink(png: bytes, colour: str) -> float:
+    """Fraction of the image's pixels drawn in ``colour``: a curve drawn in it covers far more than the
+    short line of its legend entry (about 0.0002 of these figures)."""
+    import matplotlib.image as mpimg
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    rgb = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+    return float((np.abs(rgb - np.array(to_rgb(colour))).max(axis=-1) < 0.02).mean())
+
+
 def test_figures_are_pngs(result, pngs):
     assert set(pngs) == {"loss", "accuracy", "grad_norms", "percentiles", "drift", "ics"}
-    assert all(data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000 for data in pngs.values())
-    # lr 200 diverges for at least one variant, so the per-layer figures focus on lr 0.5
-    if any(c.diverged == c.seeds for c in result.cells if c.lr == 200.0):
-        assert focus_setting(result) == (0.5, 64)
+    assert all(data[:8] == b"\x89PNG\r\n\x1a\n" for data in pngs.values())
+    # every figure has its curves, not just axes and labels: baseline and bn are drawn in their own colours
+    baseline, bn = PALETTE[0], PALETTE[1]
+    for name in ("loss", "accuracy", "percentiles", "ics"):
+        assert ink(pngs[name], baseline) > 0.001 and ink(pngs[name], bn) > 0.001, name
+    for name in ("grad_norms", "drift"):  # one colour per layer; the first layer's is the first colour
+        assert ink(pngs[name], PALETTE[0]) > 0.001, name
+    # lr 200 diverges for every variant and seed, so the per-layer figures focus on lr 0.5
+    assert all(c.diverged == c.seeds for c in result.cells if c.lr == 200.0)
+    assert focus_setting(result) == (0.5, 64)
 
 
 def test_write_plots_refuses_to_overwrite(result, pngs, tmp_path: Path):

@@ -188,6 +188,45 @@ def test_after_activation_wraps_activation_module():
     assert result.model[0].bias is not None  # the activation sits between: the bias is not redundant
 
 
+def test_output_layer_found_through_a_parameter_free_head():
+    # The last Linear reaches the output through Sigmoid() and Flatten(): still the output layer.
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1), nn.Sigmoid(), nn.Flatten(0))
+    result = insert_bn(model, example=torch.randn(8, 10))
+    assert [c.layer for c in result.changes] == ["0"]
+    assert [(c.layer, c.reason.split(" (")[0]) for c in result.skipped] == [("2", "output layer")]
+    assert isinstance(result.model[2], nn.Linear) and isinstance(result.model[3], nn.Sigmoid)
+
+
+class SharedActivation(nn.Module):
+    """One ReLU module applied after two Linear layers (twice per forward), or twice to one layer's output."""
+
+    def __init__(self, same_input: bool = False) -> None:
+        super().__init__()
+        self.same_input = same_input
+        self.a = nn.Linear(10, 16)
+        self.b = nn.Linear(16, 16)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_input:
+            h = self.a(x)
+            return self.head(self.act(h) + self.act(h))
+        return self.head(self.act(self.b(self.act(self.a(x)))))
+
+
+@pytest.mark.parametrize("same_input", [False, True])
+def test_after_activation_refuses_a_shared_activation(same_input):
+    model = SharedActivation(same_input)
+    result = insert_bn(model, example=torch.randn(8, 10), placement="after-activation")
+    reasons = {c.layer: c.reason for c in result.skipped}
+    assert reasons["a"] == "its activation act is shared by other layers; wrapping it would normalize them too"
+    assert not result.changes and type(result.model.act) is nn.ReLU
+    # with the BatchNorm after the layer instead, nothing is shared and both get one
+    after = insert_bn(model, example=torch.randn(8, 10))
+    assert [c.layer for c in after.changes] == (["a"] if same_input else ["a", "b"])
+
+
 def test_linear_on_sequences_normalizes_features():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))

@@ -3,6 +3,8 @@ train (GroupNorm even at batch size 1), and the original is untouched."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -61,7 +63,19 @@ def test_sync_keeps_outputs_and_runs_on_cpu():
     result = swap_norm(model, "sync", example=x)
     assert all(type(m) is nn.SyncBatchNorm for m in result.model.modules() if is_batchnorm(m))
     assert result.max_abs_error == 0.0 or result.max_abs_error < 1e-6
-    result.model.train()(x).sum().backward()  # no process group: SyncBatchNorm acts as BatchNorm
+    # No process group: in training SyncBatchNorm is BatchNorm: same outputs, gradients and running statistics.
+    reference, sync = copy.deepcopy(model).train(), result.model.train()
+    out, ref = sync(x), reference(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in sync.named_parameters():
+        assert p.grad is not None and torch.allclose(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6), name
+    buffers = dict(reference.named_buffers())
+    moved = [name for name, b in sync.named_buffers() if name.endswith("running_mean")]
+    assert moved and all(torch.allclose(sync.get_buffer(n), buffers[n], atol=1e-6) for n in moved)
+    assert not torch.equal(sync.get_buffer(moved[0]), model.get_buffer(moved[0]))  # they did move
 
 
 def test_instance_and_layer_targets():

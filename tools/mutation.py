@@ -1,0 +1,540 @@
+"""Mutation testing of the rule and probe modules: break the code plausibly, run the fast tests, count survivors.
+
+Not part of CI (a full run takes tens of minutes on two cores). mutmut 3.8 installs and runs on this project,
+but it also mutates the rules' example factories (which are the tests: every rule's ``valid``/``invalid`` cases
+are built there), mutates message strings, and spent six minutes generating mutants for the whole package
+before running any. This is a small AST mutator instead, with the operators that found real gaps:
+
+    compare   ``<`` <-> ``<=``, ``>`` <-> ``>=``, ``==`` <-> ``!=``, ``in`` <-> ``not in``, ``is`` <-> ``is not``
+    boolop    ``and`` <-> ``or``
+    anyall    ``any(...)`` <-> ``all(...)``
+    const     an int constant n -> n + 1, a float x -> 2x (0.0 -> 1.0): thresholds and defaults off
+    dropcond  a conjunct of ``a and b`` dropped (each in turn); an ``if``/``elif`` test or a comprehension's
+              ``if`` -> True; ``not x`` -> ``x``
+
+Mutated: code in functions, methods and class attributes (a rule's ``defaults``). Not mutated: docstrings,
+f-strings and messages (strings are never changed), type annotations, ``__all__``, and the example factories,
+that is every module-level function or class named in a rule's ``valid``/``invalid`` cases (and whatever those
+name in turn). Each mutant is spliced into the source text at the node's position (the rest of the file is
+untouched), written into a private copy of the repository, and the module's fast tests run there with ``-x`` and
+a timeout (a timeout counts as killed: the mutant broke something). Mutants that survive and cannot be killed,
+because no input can tell them apart from the original, are listed in ``EQUIVALENT`` below with the reason,
+and reported as equivalent rather than surviving.
+
+Run from the repository root::
+
+    python tools/mutation.py                          # every mutant of bnaudit/rules and bnaudit/probes
+    python tools/mutation.py --sample 150 --seed 1    # a random sample, for a quicker estimate
+    python tools/mutation.py bnaudit/rules/architecture.py --list   # the mutants, without running them
+    python tools/mutation.py --jobs 2 --json mutation.json
+
+Exit status 0 when the surviving fraction (equivalents excluded) is under ``--max-survival`` (10%), else 1."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PATHS = ("bnaudit/rules", "bnaudit/probes")
+EXAMPLES = "tests/rules/test_examples.py"
+
+# The fast tests that judge each module: its family's rule examples and its family's unit tests.
+# Commands run in order; the first failure kills the mutant, so the quickest come first.
+TESTS: dict[str, list[list[str]]] = {
+    "bnaudit/rules/base.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
+    "bnaudit/rules/architecture.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
+    "bnaudit/rules/data.py": [[EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
+    "bnaudit/probes/data.py": [[EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
+    "bnaudit/rules/modes.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/modes.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/rules/distributed.py": [[EXAMPLES, "-k", "BN4"], ["tests/distributed/test_local.py"]],
+}
+SKIP_FILES = ("__init__.py", "catalog.py")
+
+# Survivors no test can kill: the mutated program behaves like the original on every input. Keyed by
+# Mutant.key (file, enclosing function, operator, original -> replacement), so edits elsewhere keep the key.
+EQUIVALENT: dict[str, str] = {
+    "bnaudit/probes/data.py:data_probe.compute:boolop:and -> or":
+        "reads the label order of shuffled loaders too; BN204 only acts on an order that is sorted or on "
+        "single-class batches, which a shuffling loader does not serve: only time is lost",
+    "bnaudit/probes/data.py:_labels:dropcond:t.dtype == torch.bool -> True":
+        "t.long() on an integer tensor is a copy of the same values, and the line after converts with .long() anyway",
+    "bnaudit/probes/data.py:run_data_probe.relu_hook.hook:dropcond:isinstance(out, torch.Tensor) and out.dim() >= 1 "
+    "and out.is_floating_point() -> (isinstance(out, torch.Tensor)) and (out.dim() >= 1)":
+        "(out > 0).any(...) gives the same answer on integer tensors",
+    "bnaudit/rules/data.py:BatchStatNoise.check:compare:> -> >=":
+        "differs only when the measured median noise equals max_mean_noise to the last bit",
+    "bnaudit/rules/base.py:select_rules:dropcond:ignore and matches(rule.code, rule.name, ignore) -> "
+    "(matches(rule.code, rule.name, ignore))":
+        "matches() over no patterns is False, which is what the dropped 'ignore and' gave",
+    "bnaudit/probes/modes.py:frozen_bn_drift:dropcond:nbt0 is not None and nbt1 is not None -> (nbt0 is not None)":
+        "both counts come from the same layer's num_batches_tracked: both are None or neither is",
+    "bnaudit/probes/data.py:run_data_probe.tail_hook.hook:dropcond:isinstance(x, torch.Tensor) and "
+    "x.is_floating_point() and x.numel() -> (isinstance(x, torch.Tensor)) and (x.is_floating_point())":
+        "an empty tensor adds 0 of 0 to the tally, and tallies with no values are dropped afterwards",
+}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    file: str
+    line: int
+    function: str
+    op: str
+    original: str
+    replacement: str
+    start: int  # character offsets into the file's text
+    end: int
+    rule: str | None = None  # code of the rule class the mutant is in, if any
+    nth: int = 1  # the n-th mutant with the same file, function, operator and texts
+
+    @property
+    def key(self) -> str:
+        original, replacement = " ".join(self.original.split()), " ".join(self.replacement.split())
+        nth = f" #{self.nth}" if self.nth > 1 else ""
+        return f"{self.file}:{self.function}:{self.op}:{original} -> {replacement}{nth}"
+
+    def apply(self, text: str) -> str:
+        return text[: self.start] + self.replacement + text[self.end :]
+
+
+# ----------------------------------------------------------------------------------------------- finding
+_SWAP_CMP = {
+    ast.Lt: ("<", "<="), ast.LtE: ("<=", "<"), ast.Gt: (">", ">="), ast.GtE: (">=", ">"),
+    ast.Eq: ("==", "!="), ast.NotEq: ("!=", "=="), ast.In: ("in", "not in"), ast.NotIn: ("not in", "in"),
+    ast.Is: ("is", "is not"), ast.IsNot: ("is not", "is"),
+}
+
+
+class _Offsets:
+    def __init__(self, text: str) -> None:
+        self.starts = [0]
+        for line in text.splitlines(keepends=True):
+            self.starts.append(self.starts[-1] + len(line))
+        self.text = text
+
+    def __call__(self, line: int, col: int) -> int:
+        # ast columns are UTF-8 byte offsets; convert within the line.
+        raw = self.text[self.starts[line - 1] : self.starts[line]].encode()
+        return self.starts[line - 1] + len(raw[:col].decode())
+
+    def span(self, node: ast.AST) -> tuple[int, int]:
+        return self(node.lineno, node.col_offset), self(node.end_lineno, node.end_col_offset)
+
+
+def _example_factories(tree: ast.Module) -> set[str]:
+    """Module-level names used by the rules' valid/invalid cases, and whatever those use in turn."""
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    used: set[str] = set()
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for stmt in cls.body:
+            if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id in ("valid", "invalid")
+                                                    for t in stmt.targets):
+                used |= {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
+    todo = [n for n in used if n in defs]
+    while todo:
+        for n in ast.walk(defs[todo.pop()]):
+            if isinstance(n, ast.Name) and n.id in defs and n.id not in used:
+                used.add(n.id)
+                todo.append(n.id)
+    return used & set(defs)
+
+
+def _skipped_nodes(tree: ast.Module) -> set[int]:
+    """ids of nodes never mutated: docstrings, annotations, f-strings, __all__, valid/invalid cases."""
+    skip: set[int] = set()
+
+    def drop(node: ast.AST | None) -> None:
+        if node is not None:
+            skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                drop(first)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            drop(node.returns)
+            for a in (*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs, node.args.vararg, node.args.kwarg):
+                if a is not None:
+                    drop(a.annotation)
+        if isinstance(node, ast.AnnAssign):
+            drop(node.annotation)
+        if isinstance(node, ast.JoinedStr):
+            drop(node)
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in ("__all__", "valid", "invalid")
+                                                for t in node.targets):
+            drop(node)
+    return skip
+
+
+def find_mutants(path: Path) -> list[Mutant]:
+    """Every mutant of one file, in source order."""
+    rel = path.resolve().relative_to(ROOT).as_posix()
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    at = _Offsets(text)
+    factories = _example_factories(tree)
+    skip = _skipped_nodes(tree)
+    out: list[Mutant] = []
+
+    rules = {n.name: _rule_code(n) for n in tree.body if isinstance(n, ast.ClassDef)}
+
+    def add(node: ast.AST, function: str, op: str, start: int, end: int, replacement: str) -> None:
+        rule = rules.get(function.split(".")[0])
+        out.append(Mutant(rel, node.lineno, function, op, text[start:end], replacement, start, end, rule))
+
+    def visit(node: ast.AST, function: str) -> None:
+        if id(node) in skip:
+            return
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if function == "<module>" and node.name in factories:
+                return
+            function = node.name if function == "<module>" else f"{function}.{node.name}"
+        elif function == "<module>" and not isinstance(node, (ast.Assign, ast.AnnAssign, ast.expr)):
+            # module level: only assignments (thresholds, tables) are mutated, not imports or decorators
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.stmt, ast.Assign)):
+                    visit(child, function)
+            return
+        mutate(node, function)
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    def mutate(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.Compare):
+            left = node.left
+            for op, right in zip(node.ops, node.comparators):
+                if type(op) in _SWAP_CMP:
+                    a, b = at(left.end_lineno, left.end_col_offset), at(right.lineno, right.col_offset)
+                    gap = text[a:b]
+                    token, new = _SWAP_CMP[type(op)]
+                    i = _find_token(gap, token)
+                    if i is not None:
+                        add(node, function, "compare", a + i, a + i + len(token), new)
+                left = right
+        elif isinstance(node, ast.BoolOp):
+            token, new = ("and", "or") if isinstance(node.op, ast.And) else ("or", "and")
+            for x, y in zip(node.values, node.values[1:]):
+                a, b = at(x.end_lineno, x.end_col_offset), at(y.lineno, y.col_offset)
+                i = _find_token(text[a:b], token)
+                if i is not None:
+                    add(node, function, "boolop", a + i, a + i + len(token), new)
+            if isinstance(node.op, ast.And):
+                for k in range(len(node.values)):
+                    rest = [v for j, v in enumerate(node.values) if j != k]
+                    start, end = at.span(node)
+                    kept = " and ".join(f"({text[slice(*at.span(v))]})" for v in rest)
+                    add(node, function, "dropcond", start, end, kept)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("any", "all"):
+            start, end = at.span(node.func)
+            add(node, function, "anyall", start, end, "all" if node.func.id == "any" else "any")
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            start, end = at.span(node)
+            if isinstance(node.value, int):
+                add(node, function, "const", start, end, repr(node.value + 1))
+            else:
+                add(node, function, "const", start, end, repr(node.value * 2 if node.value else 1.0))
+        elif isinstance(node, ast.If) and not isinstance(node.test, ast.Constant):
+            start, end = at.span(node.test)
+            add(node, function, "dropcond", start, end, "True")
+        elif isinstance(node, ast.comprehension):
+            for cond in node.ifs:
+                start, end = at.span(cond)
+                add(cond, function, "dropcond", start, end, "True")
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            start, end = at.span(node)
+            add(node, function, "dropcond", start, end, f"({text[slice(*at.span(node.operand))]})")
+
+    for stmt in tree.body:
+        visit(stmt, "<module>")
+    seen: dict[str, int] = {}
+    numbered = []
+    for m in out:
+        try:
+            ast.parse(m.apply(text))
+        except SyntaxError:  # e.g. a constant that is part of a larger literal; never a real program
+            continue
+        seen[m.key] = seen.get(m.key, 0) + 1
+        numbered.append(replace(m, nth=seen[m.key]))
+    return numbered
+
+
+def _rule_code(cls: ast.ClassDef) -> str | None:
+    for stmt in cls.body:
+        if (isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "code" for t in stmt.targets)
+                and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
+            return stmt.value.value
+    return None
+
+
+def _find_token(gap: str, token: str) -> int | None:
+    """Where the operator ``token`` stands in the text between two operands (skipping brackets and comments)."""
+    words = token.split()
+    i = 0
+    while i < len(gap):
+        c = gap[i]
+        if c == "#":
+            j = gap.find("\n", i)
+            i = len(gap) if j < 0 else j
+            continue
+        if gap.startswith(words[0], i):
+            before = gap[i - 1] if i else " "
+            j = i + len(words[0])
+            if len(words) == 2:
+                rest = gap[j:]
+                stripped = rest.lstrip()
+                if not stripped.startswith(words[1]):
+                    i += 1
+                    continue
+                j += len(rest) - len(stripped) + len(words[1])
+            after = gap[j] if j < len(gap) else " "
+            is_word = token[0].isalpha()
+            if not is_word or (not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_")):
+                # "<" must not be the start of "<=" (and so on) when the token is the shorter one
+                if is_word or not (after in "=" and token in ("<", ">", "=")):
+                    if words == ["in"] and gap[:i].rstrip().endswith("not"):
+                        i += 1
+                        continue
+                    if words == ["is"] and gap[j:].lstrip().startswith("not"):
+                        i += 1
+                        continue
+                    return i
+        i += 1
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- running
+@dataclass
+class Outcome:
+    mutant: Mutant
+    status: str  # killed | timeout | survived | equivalent | error
+    seconds: float
+    detail: str = ""
+
+
+def _pytest(cwd: Path, args: list[str], timeout: float) -> tuple[int | None, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "", time.monotonic() - t0
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode, tail[-1] if tail else "", time.monotonic() - t0
+
+
+def test_commands(file: str) -> list[list[str]]:
+    commands = TESTS.get(file)
+    if commands is None:
+        raise SystemExit(f"no fast tests known for {file}; add it to TESTS in {Path(__file__).name}")
+    return [list(cmd) for cmd in commands]
+
+
+def staged_commands(m: Mutant) -> list[list[str]]:
+    """A mutant inside a rule class meets that rule's own tests first (its examples, then unit tests named
+    after it, ``test_bn301_*``): most mutants die there in seconds. Only a survivor of those runs the module's
+    full set, so the verdict is the full set's."""
+    staged = []
+    if m.rule:
+        units = sorted({a for cmd in test_commands(m.file) for a in cmd if a.endswith(".py") and a != EXAMPLES})
+        staged = [[EXAMPLES, "-k", m.rule]] + ([[*units, "-k", m.rule.lower()]] if units else [])
+    return staged + test_commands(m.file)
+
+
+def _copy_repo(dest: Path) -> Path:
+    """The repository's files (tracked, or new and not ignored), as the tests see them in a checkout."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run(mutants: list[Mutant], jobs: int, timeout_factor: float, verbose: bool,
+        timeout: float | None = None) -> list[Outcome]:
+    files = sorted({m.file for m in mutants})
+    base_dir = Path(tempfile.mkdtemp(prefix="bnaudit-mutation-"))
+    workers = [_copy_repo(base_dir / f"w{i}") for i in range(jobs)]
+    try:
+        # Baseline: each module's tests must pass unmutated, and their time sets the timeout.
+        budget: dict[str, float] = {}
+        for f in files:
+            if timeout is not None:  # the caller vouches that the tests pass unmutated
+                budget[f] = timeout
+                continue
+            total = 0.0
+            for cmd in test_commands(f):
+                rc, tail, secs = _pytest(workers[0], cmd, timeout=900)
+                if rc != 0:
+                    raise SystemExit(f"the tests for {f} fail without any mutant ({' '.join(cmd)}): {tail}")
+                total += secs
+            budget[f] = total * timeout_factor + 20
+            print(f"baseline {f}: {total:.0f}s of tests; timeout {budget[f]:.0f}s per mutant", flush=True)
+        originals = {f: (ROOT / f).read_text(encoding="utf-8") for f in files}
+        free = list(workers)
+        outcomes: list[Outcome] = []
+
+        def one(m: Mutant) -> Outcome:
+            w = free.pop()
+            target = w / m.file
+            try:
+                target.write_text(m.apply(originals[m.file]), encoding="utf-8")
+                t0 = time.monotonic()
+                status, detail = "survived", ""
+                for cmd in staged_commands(m):
+                    rc, tail, _ = _pytest(w, cmd, timeout=budget[m.file])
+                    if rc == 5:  # no test matched the rule's name: nothing ran, nothing killed
+                        continue
+                    if rc is None:
+                        status, detail = "timeout", " ".join(cmd)
+                        break
+                    if rc != 0:
+                        status, detail = "killed", tail
+                        break
+                if status == "survived" and m.key in EQUIVALENT:
+                    status, detail = "equivalent", EQUIVALENT[m.key]
+                return Outcome(m, status, time.monotonic() - t0, detail)
+            finally:
+                target.write_text(originals[m.file], encoding="utf-8")
+                free.append(w)
+
+        # One job runs in this thread, so that Ctrl-C reaches subprocess.run and ends the running pytest too.
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            for i, o in enumerate(pool.map(one, mutants) if jobs > 1 else map(one, mutants), 1):
+                outcomes.append(o)
+                if verbose or o.status == "survived":
+                    print(f"[{i}/{len(mutants)}] {o.status:10s} {o.mutant.file}:{o.mutant.line} ({o.mutant.function}) "
+                          f"{o.mutant.op}: {o.mutant.original!r} -> {o.mutant.replacement!r}", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what finished (the running pytest is killed)
+            print(f"interrupted after {len(outcomes)} of {len(mutants)} mutants; the summary covers those", flush=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            pool.shutdown()
+        return outcomes
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def summarize(outcomes: list[Outcome]) -> tuple[str, float]:
+    by_file: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        by_file.setdefault(o.mutant.file, {}).setdefault(o.status, 0)
+        by_file[o.mutant.file][o.status] += 1
+    lines = [f"{'module':34s} {'mutants':>7s} {'killed':>6s} {'timeout':>7s} {'equiv':>5s} {'survived':>8s}"]
+    for f, c in sorted(by_file.items()):
+        n = sum(c.values())
+        lines.append(f"{f:34s} {n:7d} {c.get('killed', 0):6d} {c.get('timeout', 0):7d} {c.get('equivalent', 0):5d} "
+                     f"{c.get('survived', 0):8d}")
+    total = len(outcomes)
+    survived = sum(o.status == "survived" for o in outcomes)
+    equivalent = sum(o.status == "equivalent" for o in outcomes)
+    judged = total - equivalent
+    frac = survived / judged if judged else 0.0
+    lines.append(f"survived {survived} of {judged} non-equivalent mutants ({frac:.1%}); {equivalent} equivalent")
+    if survived:
+        lines.append("survivors:")
+        lines += [f"  {o.mutant.key}  (line {o.mutant.line})" for o in outcomes if o.status == "survived"]
+    if equivalent:
+        lines.append("equivalent (see EQUIVALENT in tools/mutation.py):")
+        lines += [f"  {o.mutant.key}: {o.detail}" for o in outcomes if o.status == "equivalent"]
+    return "\n".join(lines), frac
+
+
+def _collect(paths: list[str]) -> Iterator[Path]:
+    for p in paths:
+        path = (ROOT / p).resolve()
+        if path.is_dir():
+            yield from (f for f in sorted(path.glob("*.py")) if f.name not in SKIP_FILES)
+        else:
+            yield path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", default=list(DEFAULT_PATHS), help="files or folders to mutate")
+    parser.add_argument("--sample", type=int, help="run a random sample of this many mutants")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once (each in its own copy)")
+    parser.add_argument("--timeout-factor", type=float, default=3.0, help="timeout = factor x baseline + 20 s")
+    parser.add_argument("--timeout", type=float, help="seconds per mutant; skips the unmutated baseline run")
+    parser.add_argument("--only", action="append", default=[], help="keep mutants whose key contains this text")
+    parser.add_argument("--list", action="store_true", help="print the mutants and stop")
+    parser.add_argument("--json", type=Path, help="write every outcome to this file")
+    parser.add_argument("--resume", type=Path, help="a --json file of an earlier run: keep its kills, run the rest")
+    parser.add_argument("--report", type=Path, help="summarize a --json file of an earlier run and stop")
+    parser.add_argument("--max-survival", type=float, default=0.10, help="fail above this surviving fraction")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every outcome, not only survivors")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` ends like Ctrl-C, with a summary
+
+    if args.report:  # summarize a saved run again, with the EQUIVALENT list as it is now
+        saved = json.loads(args.report.read_text())
+        fields = {f for f in Mutant.__dataclass_fields__}
+        outcomes = []
+        for d in saved:
+            m = Mutant(**{k: v for k, v in d.items() if k in fields})
+            status = "equivalent" if d["status"] in ("survived", "equivalent") and m.key in EQUIVALENT else d["status"]
+            if status == "equivalent" and d["status"] == "equivalent" and m.key not in EQUIVALENT:
+                status = "survived"
+            outcomes.append(Outcome(m, status, d["seconds"], EQUIVALENT.get(m.key, d["detail"])))
+        report, frac = summarize(outcomes)
+        print(report)
+        return 0 if frac < args.max_survival else 1
+
+    mutants = [m for f in _collect(args.paths) for m in find_mutants(f)]
+    done: list[Outcome] = []
+    if args.resume:  # keep an earlier run's kills; run its survivors again (new tests may kill them) and the rest
+        saved = {d["key"]: d for d in json.loads(args.resume.read_text())}
+        keep = {k for k, d in saved.items() if d["status"] in ("killed", "timeout")}
+        done = [Outcome(m, saved[m.key]["status"], saved[m.key]["seconds"], saved[m.key]["detail"])
+                for m in mutants if m.key in keep]
+    if args.only:
+        mutants = [m for m in mutants if any(s in m.key for s in args.only)]
+    total = len(mutants)
+    if args.sample and args.sample < total:
+        # Run in random order: a run stopped early (Ctrl-C) is still a random sample of every module.
+        mutants = random.Random(args.seed).sample(mutants, args.sample)
+    if args.list:
+        for m in mutants:
+            print(f"{m.file}:{m.line} ({m.function}) {m.op}: {m.original!r} -> {m.replacement!r}")
+        print(f"{len(mutants)} of {total} mutants")
+        return 0
+    kept = {o.mutant.key for o in done}
+    done = [o for o in done if o.mutant in mutants]
+    mutants = [m for m in mutants if m.key not in kept]
+    print(f"running {len(mutants)} of {total} mutants" + (f" (sample, seed {args.seed})" if args.sample else "")
+          + (f"; {len(done)} kills kept from {args.resume}" if args.resume else ""), flush=True)
+    t0 = time.monotonic()
+    outcomes = done + run(mutants, args.jobs, args.timeout_factor, args.verbose, args.timeout)
+    report, frac = summarize(outcomes)
+    print(report)
+    print(f"took {time.monotonic() - t0:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(o.mutant), "key": o.mutant.key, "status": o.status,
+                                          "seconds": round(o.seconds, 1), "detail": o.detail} for o in outcomes],
+                                        indent=1))
+    return 0 if frac < args.max_survival else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
