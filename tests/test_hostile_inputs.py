@@ -325,8 +325,10 @@ E = "bnaudit: error: "
 CASES = [
     # 1. sys.exit in user code: a clean exit-2 error naming the file, never a silent pass.
     Case("1-check-gate-exit-in-factory", ("check", "-c", "gate.yaml"), 2,
-         E + "audit 'exits': exits_factory.py:build_model: building the model called sys.exit(0)"),
-    Case("1-check-gate-real-process", ("check", "-c", "gate.yaml"), 2, E + "audit 'exits':", sub=True),
+         E + "gate.yaml:3: audits[0].model: audit 'exits': exits_factory.py:build_model: building the model "
+         "called sys.exit(0)"),
+    Case("1-check-gate-real-process", ("check", "-c", "gate.yaml"), 2,
+         E + "gate.yaml:3: audits[0].model: audit 'exits':", sub=True),
     Case("1-inspect-exit-at-import", ("inspect", "exits_import.py"), 2,
          E + "exits_import.py: importing exits_import.py called sys.exit(0)"),
     Case("1-inspect-exit-in-forward", ("inspect", "exits_forward.py", "--input-shape", "4"), 2, E + "{ws}/exits_forward.py:"),
