@@ -8,7 +8,7 @@ float32 rounding even thousands of standard deviations from zero, where ``E[x^2]
 et al.'s parallel update. ``Moments`` is the general streaming accumulator (count / mean / M2, min, max, zero
 and non-finite counts, float64) that probes and tests use: ``update`` batch after batch, ``merge`` across
 batches, workers or processes, and the result equals the statistics of the concatenated data to rounding.
-(The recorder's own per-call reduction, ``bnaudit.recording.recorder.reduce_call``, uses the same kernels.)
+(The recorder's own per-call reduction, ``bnaudit.recording.recorder.reduce_call``, uses ``channel_moments`` too.)
 
 Channels: dimension 1 for (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) tensors; ``channel_dim=-1``
 for (N, L, F) token layouts; ``channel_dim=None`` reduces over everything (one "channel")."""
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ChannelStats", "Moments", "as_3d", "chan_merge", "channel_stats", "count_nonfinite", "reduce_dims"]
+__all__ = ["ChannelStats", "Moments", "as_3d", "chan_merge", "channel_moments", "channel_stats", "count_nonfinite", "reduce_dims"]
 
 
 def reduce_dims(x: torch.Tensor, channel_dim: int | None) -> tuple[int, ...]:
@@ -102,10 +102,36 @@ def _ab(x: torch.Tensor) -> tuple[int, int]:
     return (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0], 1)
 
 
+# On CPU the squared deviations of an (A, C, B) tensor are summed in runs of at most this many values (1 MB of
+# float32): the one temporary of each run stays in cache, and no temporary is as large as the activation.
+_RUN = 1 << 18
+
+
+def channel_moments(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population variance of an ``(A, C, B)`` or ``(A, C)`` view, by two passes (exact to
+    rounding far from zero, unlike ``E[x^2] - E[x]^2``), in float32 (float64 for a float64 tensor).
+
+    ``(A, C)`` tensors, and every tensor off the CPU, take torch's BatchNorm statistics kernel (one call, no
+    temporary). On CPU that kernel is several times slower than two plain reductions for ``(A, C, B)``
+    layouts (measured: 0.9 ms against 0.18 ms for 32 x 64 x 256 at one thread), so there the mean is one
+    two-stage sum and the squared deviations are summed over runs of at most ``_RUN`` values: each run's one
+    temporary stays in cache and is freed at once."""
+    if x3.dim() == 2 or x3.device.type != "cpu":
+        return torch.batch_norm_update_stats(x3.float() if x3.dtype in (torch.float16, torch.bfloat16) else x3, None, None, 0.0)
+    a, c, b = x3.shape
+    dt = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    mean = x3.sum(2, dtype=dt).sum(0).div_(a * b)
+    m = mean[:, None]
+    var = torch.zeros(c, dtype=dt)
+    step = max(1, _RUN // (c * b))
+    for i in range(0, a, step):
+        var.add_((x3[i: i + step].to(dt) - m).square_().sum(2).sum(0))
+    return mean, var.div_(a * b)
+
+
 def channel_stats(x3: torch.Tensor, *, count_nonfinite_values: bool = False) -> ChannelStats:
     """Per-channel mean and M2, and whole-tensor min, max and nonzero count, of an ``(A, C, B)`` tensor (see
-    ``as_3d``; an ``(A, C)`` one is B = 1) on its device: torch's per-channel moments kernel (the one
-    BatchNorm's statistics use, two passes: exact to rounding, unlike ``E[x^2] - E[x]^2``), ``aminmax`` and
+    ``as_3d``; an ``(A, C)`` one is B = 1) on its device: ``channel_moments``, ``aminmax`` and
     ``count_nonzero``. Half precision is reduced in float32.
 
     Args:
@@ -115,7 +141,7 @@ def channel_stats(x3: torch.Tensor, *, count_nonfinite_values: bool = False) -> 
     if x3.dtype in (torch.float16, torch.bfloat16):
         x3 = x3.float()
     a, b = _ab(x3)
-    mean, var = torch.batch_norm_update_stats(x3, None, None, 0.0)
+    mean, var = channel_moments(x3)
     mn, mx = torch.aminmax(x3)
     nf = count_nonfinite(x3) if count_nonfinite_values else None
     return ChannelStats(int(a * b), mean, var * (a * b), mn, mx, torch.count_nonzero(x3).to(mean.dtype), nf)
