@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bnaudit.errors import ConfigError, UsageError
 from bnaudit.findings import Finding, Report
-from bnaudit.io import read_text_capped
+from bnaudit.files import read_text_capped
 
 BASELINE_VERSION = 1
 MAX_BASELINE_BYTES = 64 << 20  # a baseline lists findings: tens of thousands fit in a few MiB

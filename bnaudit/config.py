@@ -21,7 +21,7 @@ import yaml
 
 from bnaudit.errors import BnauditError, ConfigError
 from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
-from bnaudit.io import read_text_capped
+from bnaudit.files import read_text_capped
 from bnaudit.report import FORMATS
 
 CONFIG_NAMES = ("bnaudit.yaml", "bnaudit.yml", ".bnaudit.yaml")

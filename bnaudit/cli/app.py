@@ -153,8 +153,8 @@ def stdout_console(**kwargs: Any) -> Any:
 
 
 def plan_outputs(inputs: Iterable[Any] = ()) -> Any:
-    """A ``bnaudit.io.OutputPlan`` that protects ``inputs`` (spec strings or paths the run reads)."""
-    from bnaudit.io import OutputPlan, spec_paths
+    """A ``bnaudit.files.OutputPlan`` that protects ``inputs`` (spec strings or paths the run reads)."""
+    from bnaudit.files import OutputPlan, spec_paths
 
     return OutputPlan(inputs=spec_paths(*inputs))
 

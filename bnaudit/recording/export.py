@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bnaudit.errors import UsageError
-from bnaudit.io import atomic_write, atomic_write_text
+from bnaudit.files import atomic_write, atomic_write_text
 from bnaudit.recording.layout import Layout
 
 __all__ = ["HISTORY_SCHEMA", "HistoryExport"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnaudit.errors import UsageError
-from bnaudit.io import OutputPlan
+from bnaudit.files import OutputPlan
 
 if TYPE_CHECKING:
     from bnaudit.training.results import CompareResult, RunResult

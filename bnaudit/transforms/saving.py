@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import BnauditError, TransformError, WeightsError
-from bnaudit.io import atomic_write
+from bnaudit.files import atomic_write
 from bnaudit.transforms.base import TransformResult, apply_plan, pristine_copy
 
 FORMAT = 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bnaudit.errors import LimitError, OutputError
-from bnaudit.io import OutputPlan, read_text_capped, spec_paths
+from bnaudit.files import OutputPlan, read_text_capped, spec_paths
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, /dev/zero and /sys: Linux")
 
