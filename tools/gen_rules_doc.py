@@ -40,7 +40,8 @@ def registry() -> tuple[list[Any], Mapping[str, str]]:
 
     Looked up in ``bnaudit.rules`` first and in ``bnaudit.rules.base`` second, so the generator keeps
     working when the registry moves between the two."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     import bnaudit.rules as package
 
     try:
