@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bnaudit.probes import modes as M
-from bnaudit.rules import modes as R
+from bnaudit.rules import examples_modes as R
 
 
 def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
@@ -56,10 +56,10 @@ def test_take_and_concat_follow_the_batch_dimension():
 
 
 def test_cobatch_predict_without_eval_depends_on_the_batch():
-    model = R._trained_mlp()
-    x, _ = R._digits()
+    model = R.trained_mlp()
+    x, _ = R.digits()
     saved, rng = _state(model), torch.get_rng_state()
-    res = M.cobatch_invariance(model, _batches(x[:64]), R._predict_no_eval)
+    res = M.cobatch_invariance(model, _batches(x[:64]), R.predict_no_eval)
     assert res.used_predict and res.compared == (8, 8)
     assert res.relative > 1e-2 and res.max_abs_delta > 0
     assert res.train_mode_layers == ("1", "4") and res.batch_stat_layers == ("1", "4")
@@ -69,9 +69,9 @@ def test_cobatch_predict_without_eval_depends_on_the_batch():
 
 
 def test_cobatch_predict_with_eval_is_invariant():
-    model = R._trained_mlp()
-    x, _ = R._digits()
-    res = M.cobatch_invariance(model, _batches(x[:64]), R._predict_eval)
+    model = R.trained_mlp()
+    x, _ = R.digits()
+    res = M.cobatch_invariance(model, _batches(x[:64]), R.predict_eval)
     assert res.compared == (8, 8, 1)
     assert res.relative < 1e-5 and res.single_sample_error is None
     assert res.batch_stat_layers == () and res.train_mode_layers == ()
@@ -106,7 +106,7 @@ def test_cobatch_catches_batch_mixing_without_batchnorm():
 
 
 def test_cobatch_needs_two_samples():
-    res = M.cobatch_invariance(R._trained_mlp(), [torch.rand(1, 64)])
+    res = M.cobatch_invariance(R.trained_mlp(), [torch.rand(1, 64)])
     assert res.note and res.relative == 0
 
 
@@ -114,11 +114,11 @@ def test_cobatch_needs_two_samples():
 
 
 def test_predict_mutations_finds_leaking_statistics():
-    model = R._trained_mlp()
-    x, _ = R._digits()
+    model = R.trained_mlp()
+    x, _ = R.digits()
     saved = _state(model)
     nbt = int(model[1].num_batches_tracked)
-    res = M.predict_mutations(model, _batches(x[:96]), R._predict_no_eval)
+    res = M.predict_mutations(model, _batches(x[:96]), R.predict_no_eval)
     assert res.calls == 2 and res.samples == 64
     layers = {c.layer: c for c in res.changes}
     assert set(layers) == {"1", "4"}
@@ -126,13 +126,13 @@ def test_predict_mutations_finds_leaking_statistics():
     assert set(layers["1"].buffers) == {"running_mean", "running_var", "num_batches_tracked"}
     assert layers["1"].max_abs_delta > 0
     _assert_same(model, saved)
-    assert M.predict_mutations(model, _batches(x[:96]), R._predict_eval).changes == ()
+    assert M.predict_mutations(model, _batches(x[:96]), R.predict_eval).changes == ()
     assert M.predict_mutations(model, _batches(x[:96])).changes == ()
 
 
 def test_predict_mutations_without_batches_says_so():
-    model = R._trained_mlp()
-    for predict in (None, R._predict_no_eval):
+    model = R.trained_mlp()
+    for predict in (None, R.predict_no_eval):
         res = M.predict_mutations(model, [], predict)
         assert (res.calls, res.samples, res.changes, res.note) == (0, 0, (), "no batches")
         assert res.used_predict is (predict is not None)
@@ -182,10 +182,10 @@ def test_fit_matches_a_direct_computation_nc_and_nchw():
 
 
 def test_fit_separates_matching_from_shifted_data_and_skips_single_samples():
-    model = R._trained_mlp()
+    model = R.trained_mlp()
     saved = _state(model)
-    x, _ = R._digits()
-    xs, _ = R._shifted_digits()
+    x, _ = R.digits()
+    xs, _ = R.shifted_digits()
     same = M.running_stats_fit(model, _batches(x[:256]))
     shifted = M.running_stats_fit(model, [*_batches(xs[:256]), xs[:1]])
     assert same.layers["1"].z < 0.25 and 0.7 < same.layers["1"].r < 1.4
@@ -207,8 +207,8 @@ def test_fit_keeps_dropout_off():
 
 
 def test_gap_metrics():
-    model = R._ema_params_only()
-    x, y = R._digits()
+    model = R.ema_params_only()
+    x, y = R.digits()
     from bnaudit.loading.data import Batch
 
     ce = M.train_eval_gap(model, [Batch(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)])
@@ -219,7 +219,7 @@ def test_gap_metrics():
     target = torch.randn(32, 10)
     mse = M.train_eval_gap(model, [Batch(x[:32], target)])
     assert mse.metric == "mse"
-    good = M.train_eval_gap(R._ema_with_update_bn(), [Batch(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)])
+    good = M.train_eval_gap(R.ema_with_update_bn(), [Batch(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)])
     assert good.eval_value < 1.5 * good.train_value
 
 
@@ -227,9 +227,9 @@ def test_gap_metrics():
 
 
 def test_frozen_bn_drift_and_train_override():
-    model = R._frozen_backbone()
+    model = R.frozen_backbone()
     saved = _state(model)
-    x, _ = R._digits()
+    x, _ = R.digits()
     res = M.frozen_bn_drift(model, x[:32])
     assert res.forward_ran and res.frozen_total == 2 and res.trainable_params == 32 * 10 + 10
     layer = {f.layer: f for f in res.layers}["backbone.1"]
@@ -237,7 +237,7 @@ def test_frozen_bn_drift_and_train_override():
     assert layer.mean_shift > 0 and layer.var_ratio > 1
     assert layer.num_batches_tracked[1] == layer.num_batches_tracked[0] + 1
     _assert_same(model, saved)
-    assert M.frozen_bn_drift(R._frozen_backbone_kept_eval(), x[:32]).layers == ()
+    assert M.frozen_bn_drift(R.frozen_backbone_kept_eval(), x[:32]).layers == ()
     static = M.frozen_bn_drift(model.eval())  # eval now, but model.train() would put them in train mode
     assert {f.layer for f in static.layers} == {"backbone.1", "backbone.4"} and not static.forward_ran
     assert all(not f.training_now and f.training_after_train for f in static.layers)
@@ -274,11 +274,11 @@ def test_history_eval_mode_steps_reads_a_recorded_run():
 
 
 def test_probes_leave_a_deep_copy_equal():
-    model = R._trained_mlp()
+    model = R.trained_mlp()
     twin = copy.deepcopy(model)
-    x, _ = R._digits()
-    M.cobatch_invariance(model, _batches(x[:64]), R._predict_no_eval)
-    M.predict_mutations(model, _batches(x[:64]), R._predict_no_eval)
+    x, _ = R.digits()
+    M.cobatch_invariance(model, _batches(x[:64]), R.predict_no_eval)
+    M.predict_mutations(model, _batches(x[:64]), R.predict_no_eval)
     M.running_stats_fit(model, _batches(x[:64]))
     M.train_eval_gap(model, _batches(x[:64]))
     for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
