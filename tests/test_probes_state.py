@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import bnaudit
-from bnaudit.probes import modes as M
+from bnaudit.probes import inference as PI
 from bnaudit.probes.state import ModelState
 from bnaudit.rules import examples_modes as R
 
@@ -65,7 +65,7 @@ def test_restore_is_repeatable_and_refuses_another_models_state():
             model(torch.randn(8, 64))
         _assert_exact(model, saved)
     with pytest.raises(ValueError, match="another model"):
-        M.cobatch_invariance(R.trained_mlp(), [torch.rand(16, 64)], state=state)
+        PI.cobatch_invariance(R.trained_mlp(), [torch.rand(16, 64)], state=state)
 
 
 class _Counted(nn.Module):

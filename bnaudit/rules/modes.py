@@ -103,7 +103,7 @@ class BatchDependentInference(Rule):
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import NOISE_MARGIN, cobatch_invariance
+        from bnaudit.probes.inference import NOISE_MARGIN, cobatch_invariance
 
         size = max(2, self.config["cobatch_size"])
         dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), torch.float32)
@@ -234,7 +234,7 @@ class InferenceMutatesStats(Rule):
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import predict_mutations
+        from bnaudit.probes.inference import predict_mutations
 
         def probe() -> Any:
             try:
@@ -336,7 +336,7 @@ class TrainingInEvalMode(Rule):
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import history_eval_mode_steps
+        from bnaudit.probes.eval_steps import history_eval_mode_steps
 
         try:
             spans = history_eval_mode_steps(ctx.history)
@@ -429,7 +429,8 @@ class PredictReliesOnEvalMode(Rule):
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import predict_train_mode_layers, tracks_running_stats
+        from bnaudit.probes.common import tracks_running_stats
+        from bnaudit.probes.inference import predict_train_mode_layers
 
         if ctx.predict is None:
             return

@@ -26,13 +26,13 @@ from bnaudit.rules.common import audit_batches, probe_state, recalibrate_cmd
 
 def _train_pass(ctx: RuleContext) -> Any:
     """The one train-mode pass over the audit's batches that BN302, BN303 and BN304 read."""
-    from bnaudit.probes.modes import train_mode_pass
+    from bnaudit.probes.running_stats import train_mode_pass
 
     return ctx.cached("modes.train_pass", lambda: train_mode_pass(ctx.model, audit_batches(ctx), state=probe_state(ctx)))
 
 
 def _fit(ctx: RuleContext) -> Any:
-    from bnaudit.probes.modes import fit_from_pass
+    from bnaudit.probes.running_stats import fit_from_pass
 
     return ctx.cached("modes.fit", lambda: fit_from_pass(_train_pass(ctx), ctx.model))
 
@@ -40,9 +40,9 @@ def _fit(ctx: RuleContext) -> Any:
 def _model_trained(model: nn.Module) -> bool:
     """Whether the model's BatchNorm layers show any sign of training: running buffers moved from their
     initial 0/1 or a batch counted, or affine parameters that vary from channel to channel
-    (``probes.modes.affine_trained``: a gamma initialised to a constant, 0 included, is no sign of training).
+    (``probes.common.affine_trained``: a gamma initialised to a constant, 0 included, is no sign of training).
     A fresh model, zero-initialised residual gammas and all, has neither."""
-    from bnaudit.probes.modes import affine_trained
+    from bnaudit.probes.common import affine_trained
 
     for m in model.modules():
         if not is_batchnorm(m):
@@ -282,7 +282,7 @@ class TrainEvalGap(Rule):
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import train_eval_gap
+        from bnaudit.probes.train_eval import train_eval_gap
 
         if not _model_trained(ctx.model):
             return
@@ -393,7 +393,7 @@ class FrozenBNDrifts(Rule):
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
-        from bnaudit.probes.modes import frozen_bn_drift
+        from bnaudit.probes.train_eval import frozen_bn_drift
 
         def probe() -> Any:
             batch = next(iter(audit_batches(ctx, limit=1)), None) if ctx.data is not None else None

@@ -98,7 +98,7 @@ def test_bn301_batch_dependence_that_only_co_batches_show():
     # BatchNorm2d left in train mode: a batch of one sample runs (64 values per channel), so only the change
     # between co-batches decides. It is far above the noise and well below 1: a tolerance raised to 1.0, or a
     # probe that ran this model in eval mode instead of the mode it was given in, would miss it.
-    from bnaudit.probes.modes import cobatch_invariance
+    from bnaudit.probes.inference import cobatch_invariance
 
     x, _ = R.digits()
     res = cobatch_invariance(R.trained_cnn(), [x[:32]], R.predict_no_eval, tolerance=1e-4)
@@ -114,7 +114,7 @@ def test_bn301_weighs_changes_against_the_models_own_numerical_noise():
     # A 12-block pre-norm transformer whose Linear layers round as a GPU's TF32 tensor cores do above 32 rows
     # and not below: the same sample alone and in a co-batch differs by more than 1e-4 with no batch
     # dependence at all. The noise the probe measures explains it; the rule stays silent.
-    from bnaudit.probes.modes import cobatch_invariance
+    from bnaudit.probes.inference import cobatch_invariance
 
     arch = BY_NAME["vit_prenorm_tf32"]
     res = cobatch_invariance(arch.build(), [arch.example()], tolerance=1e-4)
