@@ -118,6 +118,39 @@ def _delta(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
+def _relative(d: float, scale: float) -> float:
+    return d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
+
+
+class _CobatchRun:
+    """One call of the inference path on some of the pooled samples: from the model as given (put back after
+    each call), with the same RNG seed every time, noting in ``seen`` the BatchNorm layers that use batch
+    statistics or sit in train mode and the dropout layers that are active."""
+
+    def __init__(self, model: nn.Module, state: ModelState, pool: Any, predict: Predict | None, seed: int,
+                 device: torch.device | str | None) -> None:
+        self.model, self.state, self.pool = model, state, pool
+        self.predict, self.seed, self.device = predict, seed, device
+        self.seen: dict[str, set[str]] = {"batch": set(), "train": set(), "untracked": set(), "dropout": set()}
+
+    def __call__(self, index: list[int], position: int = 0) -> torch.Tensor:
+        """The output for the sample at ``position`` of the co-batch made of the pooled samples ``index``."""
+        handles = []
+        with self.state.restoring():
+            for name, m in self.model.named_modules():
+                if is_batchnorm(m):
+                    handles.append(m.register_forward_pre_hook(_bn_spy(name, self.seen)))
+                elif is_dropout(m):
+                    handles.append(m.register_forward_pre_hook(_dropout_spy(name, self.seen)))
+            try:
+                with seeded(self.seed, self.device):
+                    out = _inference(self.model, take(self.pool, index), self.predict)
+            finally:
+                for h in handles:
+                    h.remove()
+        return sample_output(out, len(index), position)
+
+
 def cobatch_invariance(
     model: nn.Module,
     batches: Iterable[Any],
@@ -169,24 +202,8 @@ def cobatch_invariance(
     reference = [0, *partners[:half]]
     others = [[0, *partners[half : 2 * half]]] if len(partners) >= 2 * half else []
 
-    seen: dict[str, set[str]] = {"batch": set(), "train": set(), "untracked": set(), "dropout": set()}
-
-    def run(index: list[int], position: int = 0) -> torch.Tensor:
-        handles = []
-        with state.restoring():
-            for name, m in model.named_modules():
-                if is_batchnorm(m):
-                    handles.append(m.register_forward_pre_hook(_bn_spy(name, seen)))
-                elif is_dropout(m):
-                    handles.append(m.register_forward_pre_hook(_dropout_spy(name, seen)))
-            try:
-                with seeded(seed, device):
-                    out = _inference(model, take(pool, index), predict)
-            finally:
-                for h in handles:
-                    h.remove()
-        return sample_output(out, len(index), position)
-
+    run = _CobatchRun(model, state, pool, predict, seed, device)
+    seen = run.seen
     ref = run(reference)
     same = [run(index) for index in others]
     single, single_error = None, None
@@ -197,7 +214,7 @@ def cobatch_invariance(
     scale = float(ref.abs().max()) if ref.numel() else 0.0
 
     def rel(d: float) -> float:
-        return d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
+        return _relative(d, scale)
 
     same_delta = max((_delta(out, ref) for out in same), default=0.0)
     single_delta = _delta(single, ref) if single is not None else 0.0
