@@ -50,7 +50,8 @@ class _Validator:
     def keys(self, mapping: dict, path: KeyPath, allowed: Sequence[str]) -> None:
         for key in mapping:
             if key not in allowed:
-                known = f" (known: {', '.join(allowed)})" if not did_you_mean(key, allowed) else did_you_mean(key, allowed)
+                hint = did_you_mean(key, allowed)
+                known = hint or f" (known: {', '.join(allowed)})"
                 raise self.fail((*path, key), f"unknown key{known}")
 
     def mapping(self, value: Any, path: KeyPath, what: str) -> dict:
@@ -101,7 +102,8 @@ class _Validator:
         for i, pattern in enumerate(patterns):
             if not any(matches(r.code, r.name, [pattern]) for r in rules):
                 sub = (*path, i) if (*path, i) in self.m.origin else path
-                raise self.fail(sub, f"{pattern!r} matches no rule{did_you_mean(pattern, names)}; `bnaudit rules` lists them")
+                raise self.fail(sub, f"{pattern!r} matches no rule{did_you_mean(pattern, names)}; `bnaudit rules` "
+                                     "lists them")
         return patterns
 
     # ------------------------------------------------------------------ sections
@@ -187,7 +189,8 @@ class _Validator:
         if value is None:
             return ()
         if not isinstance(value, list):
-            raise self.fail(("audits",), f"must be a list of audits (start each with '- model: ...'), got {describe(value)}")
+            raise self.fail(("audits",), "must be a list of audits (start each with '- model: ...'), got "
+                                         f"{describe(value)}")
         out: list[AuditSpec] = []
         seen: dict[str, int] = {}
         for i, raw in enumerate(value):

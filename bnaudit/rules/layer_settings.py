@@ -16,9 +16,7 @@ from torch import nn
 from bnaudit.context import RuleContext
 from bnaudit.findings import Finding
 from bnaudit.graph import INPUT
-from bnaudit.layers import (
-    is_batchnorm,
-)
+from bnaudit.layers import is_batchnorm
 from bnaudit.rules import examples_architecture as ex
 from bnaudit.rules.base import Example, Rule, register
 from bnaudit.rules.common import graph_batchnorms

@@ -28,7 +28,9 @@ def _train_pass(ctx: RuleContext) -> Any:
     """The one train-mode pass over the audit's batches that BN302, BN303 and BN304 read."""
     from bnaudit.probes.running_stats import train_mode_pass
 
-    return ctx.cached("modes.train_pass", lambda: train_mode_pass(ctx.model, audit_batches(ctx), state=probe_state(ctx)))
+    return ctx.cached(
+        "modes.train_pass", lambda: train_mode_pass(ctx.model, audit_batches(ctx), state=probe_state(ctx))
+    )
 
 
 def _fit(ctx: RuleContext) -> Any:
