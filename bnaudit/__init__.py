@@ -21,7 +21,7 @@ _API = {
     "recalibrate": "bnaudit.transforms.recalibrate",
     "record": "bnaudit.recording",
     "train_compare": "bnaudit.training",
-    "run_checks": "bnaudit.checking",
+    "run_checks": "bnaudit.gate",
     "inspect_distributed": "bnaudit.distributed",
     "Report": "bnaudit.findings",
     "Finding": "bnaudit.findings",
