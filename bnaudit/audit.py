@@ -21,7 +21,8 @@ from bnaudit.graph import LayerGraph, build_graph
 from bnaudit.layers import is_conv, is_linear
 from bnaudit.loading.data import DataSource
 from bnaudit.loading.specs import describe_exception
-from bnaudit.rules.base import REQUIREMENTS, Rule, select_rules
+from bnaudit.rules.base import REQUIREMENTS, Rule
+from bnaudit.rules.catalog import select_rules
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:

@@ -166,7 +166,7 @@ class Config:
         """
         new = self
         if select or ignore:
-            from bnaudit.rules.base import validate_patterns
+            from bnaudit.rules.catalog import validate_patterns
 
             # Checked here, before any audit runs, so a typo fails in a second rather than after the first model.
             validate_patterns(select or [], "--select")
@@ -194,7 +194,7 @@ class Config:
 
         A prefix key (``BN2``) expands to every rule it matches; an exact code or name wins over a prefix.
         """
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         out: dict[str, dict[str, Any]] = {}
         # Broad keys first so that narrower ones (longer prefixes, exact codes) overwrite them.
@@ -215,7 +215,7 @@ class Config:
         ``enabled: true`` wins over any ignore pattern that covers the rule: a prefix or glob that does
         (``ignore: [BN3]`` with ``BN307: {enabled: true}``) is replaced by the codes it covers, less the
         rules switched on."""
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         select = list(self.select)
         ignore = list(self.ignore)
@@ -490,7 +490,7 @@ class _Validator:
         return value
 
     def rule_patterns(self, patterns: tuple[str, ...], path: Path_) -> tuple[str, ...]:
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         rules = all_rules()
         names = [*(r.code for r in rules), *(r.name for r in rules)]
@@ -522,7 +522,7 @@ class _Validator:
                       sources)
 
     def rules(self, section: dict) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, RuleSettings]]:
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         registry = all_rules()
         names = [*RULES_RESERVED, *(r.code for r in registry), *(r.name for r in registry)]
