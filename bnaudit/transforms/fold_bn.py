@@ -20,21 +20,19 @@ from torch.nn.modules.conv import _ConvTransposeNd
 from bnaudit.errors import TransformError
 from bnaudit.graph import LayerGraph
 from bnaudit.layers import RESHAPE_FUNCTIONS, has_bias, is_batchnorm, is_conv, is_linear
+from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
+from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     TransformResult,
-    apply_plan,
     default_run,
     describe,
     eval_outputs,
-    get_module,
     max_abs_difference,
     model_device_dtype,
-    pristine_copy,
     to_device,
 )
 from bnaudit.transforms.insert_bn import _graph
-from bnaudit.transforms.modules import FeatureBatchNorm1d, module_record
 
 
 def fused_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

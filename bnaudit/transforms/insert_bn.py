@@ -35,23 +35,21 @@ from bnaudit.layers import (
     is_norm,
     out_features,
 )
+from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
+from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     RunFn,
     TransformResult,
-    apply_plan,
     default_run,
     describe,
     eval_outputs,
     first_input,
-    get_module,
     iter_inputs,
     max_abs_difference,
     model_device_dtype,
-    pristine_copy,
     to_device,
 )
-from bnaudit.transforms.modules import FeatureBatchNorm1d, module_record
 
 LAYER_KINDS = ("linear", "conv")
 PLACEMENTS = ("after-layer", "after-activation")

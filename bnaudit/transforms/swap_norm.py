@@ -20,21 +20,19 @@ from torch import nn
 
 from bnaudit.errors import UsageError
 from bnaudit.layers import is_batchnorm
+from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
+from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     TransformResult,
-    apply_plan,
     default_run,
     describe,
     eval_outputs,
-    get_module,
     max_abs_difference,
     model_device_dtype,
-    pristine_copy,
     to_device,
 )
 from bnaudit.transforms.insert_bn import _graph
-from bnaudit.transforms.modules import FeatureBatchNorm1d, module_record
 
 TARGETS = ("group", "layer", "instance", "frozen", "sync")
 MAX_GROUPS = 32
@@ -78,7 +76,7 @@ def _target(bn: nn.Module, to: str, rank: int | None, groups: int | None) -> tup
             return None, {}, "has no running statistics to freeze (track_running_stats=False)"
         dims = _spatial_dims(bn, rank)
         cls = {2: "FrozenBatchNorm2d", 3: "FrozenBatchNorm3d"}.get(dims or 0, "FrozenBatchNorm1d")
-        from bnaudit.transforms import modules
+        from bnaudit.loading import modules
 
         args = {"num_features": c, "eps": float(bn.eps), "channel_last": last}
         return getattr(modules, cls)(**args), args, ""
