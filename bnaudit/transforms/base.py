@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from bnaudit.errors import DataError
-from bnaudit.graph import default_run
+from bnaudit.errors import DataError, TransformError
+from bnaudit.graph import LayerGraph, build_graph, default_run
 from bnaudit.loading.data import move_to as to_device
 
 RunFn = Callable[[nn.Module, Any], Any]
@@ -170,6 +170,29 @@ def max_abs_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def max_abs_value(a: list[torch.Tensor]) -> float:
     return max((float(x.double().abs().max()) for x in a if x.numel()), default=0.0)
+
+
+def transform_graph(work: nn.Module, example: Any, run: RunFn) -> LayerGraph:
+    """The layer graph a transform decides from, traced on ``example``.
+
+    Raises:
+        TransformError: no example and the graph cannot be found without one.
+        DataError: the model's forward fails on the example.
+    """
+    try:
+        return build_graph(work, example, run=run)
+    except ValueError as exc:
+        if example is None:
+            raise TransformError(
+                f"{exc}; pass example= (CLI: --data DATA or --input-shape 3x32x32)"
+            ) from exc
+        raise DataError(f"the model rejected the example input ({type(exc).__name__}: {str(exc)[:160]})") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises on the example
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise DataError(
+            f"the model raised {type(exc).__name__} on the example input ({first}); "
+            "check the input shape (--input-shape) or the data"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------- presentation

@@ -31,8 +31,8 @@ from bnaudit.transforms.base import (
     max_abs_difference,
     model_device_dtype,
     to_device,
+    transform_graph,
 )
-from bnaudit.transforms.insert_bn import _graph
 
 
 def fused_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ def fold_bn(
     device, dtype = model_device_dtype(work)
     if example is not None:
         example = to_device(example, device, dtype)
-    graph = _graph(work, example, run_fn)
+    graph = transform_graph(work, example, run_fn)
 
     plan: list[dict[str, Any]] = []
     changes: list[Change] = []

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnaudit.errors import DataError, TransformError, UsageError
-from bnaudit.graph import OUTPUT, LayerGraph, build_graph
+from bnaudit.errors import DataError, UsageError
+from bnaudit.graph import OUTPUT, LayerGraph
 from bnaudit.layers import (
     ACTIVATION_FUNCTIONS,
     RESHAPE_FUNCTIONS,
@@ -49,6 +49,7 @@ from bnaudit.transforms.base import (
     max_abs_difference,
     model_device_dtype,
     to_device,
+    transform_graph,
 )
 
 LAYER_KINDS = ("linear", "conv")
@@ -169,23 +170,6 @@ def _check_options(layers: Sequence[str], placement: str, momentum: float | None
     return tuple(dict.fromkeys(layers))
 
 
-def _graph(work: nn.Module, example: Any, run: RunFn) -> LayerGraph:
-    try:
-        return build_graph(work, example, run=run)
-    except ValueError as exc:
-        if example is None:
-            raise TransformError(
-                f"{exc}; pass example= (CLI: --data DATA or --input-shape 3x32x32)"
-            ) from exc
-        raise DataError(f"the model rejected the example input ({type(exc).__name__}: {str(exc)[:160]})") from exc
-    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises on the example
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise DataError(
-            f"the model raised {type(exc).__name__} on the example input ({first}); "
-            "check the input shape (--input-shape) or the data"
-        ) from exc
-
-
 def insert_bn(
     model: nn.Module,
     *,
@@ -237,7 +221,7 @@ def insert_bn(
         example = first_input(calibrate)
     if example is not None:
         example = to_device(example, device, dtype)
-    graph = _graph(work, example, run_fn)
+    graph = transform_graph(work, example, run_fn)
 
     plan: list[dict[str, Any]] = []
     changes: list[Change] = []

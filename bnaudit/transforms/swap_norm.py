@@ -31,8 +31,8 @@ from bnaudit.transforms.base import (
     max_abs_difference,
     model_device_dtype,
     to_device,
+    transform_graph,
 )
-from bnaudit.transforms.insert_bn import _graph
 
 TARGETS = ("group", "layer", "instance", "frozen", "sync")
 MAX_GROUPS = 32
@@ -165,7 +165,7 @@ def swap_norm(
     method = ""
     if example is not None:
         example = to_device(example, device, dtype)
-        graph = _graph(work, example, run_fn)
+        graph = transform_graph(work, example, run_fn)
         method = graph.method
         ranks = {n: len(node.input_shapes[0]) for n, node in graph.nodes.items() if node.input_shapes}
 
