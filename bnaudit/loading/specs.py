@@ -137,4 +137,3 @@ def missing_file(path: Path) -> str:
 
 
 describe_exception = usercode.describe
-_describe = usercode.describe

@@ -105,10 +105,6 @@ class Rule:
             merged[key] = value
         return merged
 
-    @property
-    def effective_severity(self) -> str:
-        return self.severity_override or self.severity
-
     def check(self, ctx: RuleContext) -> Iterator[Finding]:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from bnaudit.errors import DataError, TransformError
-from bnaudit.graph import LayerGraph, build_graph, default_run
-from bnaudit.loading.data import move_to as to_device
+from bnaudit.graph import LayerGraph, build_graph
 
 RunFn = Callable[[nn.Module, Any], Any]
 
@@ -87,8 +86,8 @@ class TransformResult:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-# default_run (bnaudit.graph) and to_device (bnaudit.loading.data.move_to) are imported above: one way to
-# call a model and one way to move a batch, shared with the audit.
+# The transforms call a model with bnaudit.graph.default_run and move a batch with
+# bnaudit.loading.data.move_to: one way each, shared with the audit.
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -168,10 +167,6 @@ def max_abs_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
 
 
-def max_abs_value(a: list[torch.Tensor]) -> float:
-    return max((float(x.double().abs().max()) for x in a if x.numel()), default=0.0)
-
-
 def transform_graph(work: nn.Module, example: Any, run: RunFn) -> LayerGraph:
     """The layer graph a transform decides from, traced on ``example``.
 
@@ -222,8 +217,3 @@ def describe(module: nn.Module) -> str:
     if hasattr(module, "out_features") and hasattr(module, "in_features"):
         return f"{name}({module.in_features}, {module.out_features})"
     return name
-
-
-def short_repr(module: nn.Module, width: int = 60) -> str:
-    text = " ".join(repr(module).split())
-    return text if len(text) <= width else text[: width - 3] + "..."

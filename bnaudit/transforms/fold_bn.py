@@ -18,19 +18,18 @@ from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from bnaudit.errors import TransformError
-from bnaudit.graph import LayerGraph
+from bnaudit.graph import LayerGraph, default_run
 from bnaudit.layers import RESHAPE_FUNCTIONS, has_bias, is_batchnorm, is_conv, is_linear
+from bnaudit.loading.data import move_to
 from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
 from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     TransformResult,
-    default_run,
     describe,
     eval_outputs,
     max_abs_difference,
     model_device_dtype,
-    to_device,
     transform_graph,
 )
 
@@ -130,7 +129,7 @@ def fold_bn(
     work = pristine_copy(model)
     device, dtype = model_device_dtype(work)
     if example is not None:
-        example = to_device(example, device, dtype)
+        example = move_to(example, device, dtype)
     graph = transform_graph(work, example, run_fn)
 
     plan: list[dict[str, Any]] = []

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import DataError, UsageError
-from bnaudit.graph import OUTPUT, LayerGraph
+from bnaudit.graph import OUTPUT, LayerGraph, default_run
 from bnaudit.layers import (
     ACTIVATION_FUNCTIONS,
     RESHAPE_FUNCTIONS,
@@ -35,20 +35,19 @@ from bnaudit.layers import (
     is_norm,
     out_features,
 )
+from bnaudit.loading.data import move_to
 from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
 from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     RunFn,
     TransformResult,
-    default_run,
     describe,
     eval_outputs,
     first_input,
     iter_inputs,
     max_abs_difference,
     model_device_dtype,
-    to_device,
     transform_graph,
 )
 
@@ -220,7 +219,7 @@ def insert_bn(
     if example is None and calibrate is not None:
         example = first_input(calibrate)
     if example is not None:
-        example = to_device(example, device, dtype)
+        example = move_to(example, device, dtype)
     graph = transform_graph(work, example, run_fn)
 
     plan: list[dict[str, Any]] = []
@@ -302,7 +301,7 @@ def insert_bn(
         _calibrate(work, biases, calibrate, run_fn, device, dtype, calibrate_batches)
         check = example if example is not None else first_input(calibrate)
         result.max_abs_error = max_abs_difference(
-            eval_outputs(reference, check, run_fn), eval_outputs(work, to_device(check, device, dtype), run_fn)
+            eval_outputs(reference, check, run_fn), eval_outputs(work, move_to(check, device, dtype), run_fn)
         )
     return result
 
@@ -373,7 +372,7 @@ def _calibrate(
         for name, norm in norms.items():
             handles.append(norm.register_forward_hook(hook(name, norm)))
         for inputs in iter_inputs(data, limit=limit):
-            run(model, to_device(inputs, device, dtype))
+            run(model, move_to(inputs, device, dtype))
             batches += 1
     except DataError:
         raise

@@ -19,18 +19,18 @@ import torch
 from torch import nn
 
 from bnaudit.errors import UsageError
+from bnaudit.graph import default_run
 from bnaudit.layers import is_batchnorm
+from bnaudit.loading.data import move_to
 from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
 from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     TransformResult,
-    default_run,
     describe,
     eval_outputs,
     max_abs_difference,
     model_device_dtype,
-    to_device,
     transform_graph,
 )
 
@@ -164,7 +164,7 @@ def swap_norm(
     ranks: dict[str, int] = {}
     method = ""
     if example is not None:
-        example = to_device(example, device, dtype)
+        example = move_to(example, device, dtype)
         graph = transform_graph(work, example, run_fn)
         method = graph.method
         ranks = {n: len(node.input_shapes[0]) for n, node in graph.nodes.items() if node.input_shapes}
