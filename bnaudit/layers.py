@@ -55,6 +55,13 @@ def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm)
 
 
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every BatchNorm layer in ``model`` (``_BatchNorm`` subclasses: BatchNorm1d/2d/3d, their lazy forms,
+    SyncBatchNorm) by qualified name, in module order. A layer registered twice appears once, under its first
+    name; the model itself appears under ``""`` when it is a BatchNorm."""
+    return {name: m for name, m in model.named_modules() if is_batchnorm(m)}
+
+
 # "Norm" in a class name, but not "Normal..." (Normalize transforms, initialisers).
 _NORM_NAME = re.compile(r"Norm(?!al)")
 # Buffers only a normalization layer keeps.

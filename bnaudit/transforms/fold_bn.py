@@ -19,7 +19,7 @@ from torch.nn.modules.conv import _ConvTransposeNd
 
 from bnaudit.errors import TransformError
 from bnaudit.graph import LayerGraph, default_run
-from bnaudit.layers import RESHAPE_FUNCTIONS, has_bias, is_batchnorm, is_conv, is_linear
+from bnaudit.layers import RESHAPE_FUNCTIONS, batchnorm_layers, has_bias, is_batchnorm, is_conv, is_linear
 from bnaudit.loading.data import move_to
 from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
 from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
@@ -119,7 +119,7 @@ def fold_bn(
         TransformError: a BatchNorm is in training mode (call ``model.eval()``), or no graph can be built.
         DataError: the model rejects the example input.
     """
-    training = [name for name, m in model.named_modules() if is_batchnorm(m) and m.training]
+    training = [name for name, m in batchnorm_layers(model).items() if m.training]
     if training:
         raise TransformError(
             f"fold-bn needs an eval-mode model, but BatchNorm {training[0]} is in training mode "

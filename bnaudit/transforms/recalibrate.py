@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from bnaudit.errors import DataError, TransformError
+from bnaudit.layers import batchnorm_layers
 from bnaudit.loading.data import non_finite_at
 from bnaudit.probes.modes import (
     ChannelMoments,
     batch_size,
-    bn_layers,
     bn_statistics_mode,
     collect_moments,
     forward,
@@ -187,7 +187,7 @@ def recalibrate(
             "the model has uninitialized lazy modules (LazyLinear, LazyBatchNorm...); run one forward pass on a "
             "batch first so their shapes are known (`bnaudit recalibrate` does this on its own copy)"
         )
-    layers = bn_layers(model)
+    layers = batchnorm_layers(model)
     tracked = {name: m for name, m in layers.items() if tracks_running_stats(m)}
     skipped = {
         name: "keeps no running statistics (track_running_stats=False)" for name in layers if name not in tracked
@@ -202,7 +202,7 @@ def recalibrate(
     dtype = _dtype_of(model)
 
     new = copy.deepcopy(model).to(run_on)
-    new_layers = {name: m for name, m in bn_layers(new).items() if name in tracked}
+    new_layers = {name: m for name, m in batchnorm_layers(new).items() if name in tracked}
     moments = {name: ChannelMoments() for name in new_layers}
     momenta = {name: m.momentum for name, m in new_layers.items()}
     handles = [m.register_forward_pre_hook(collect_moments(moments[name])) for name, m in new_layers.items()]

@@ -20,7 +20,7 @@ from torch import nn
 
 from bnaudit.errors import UsageError
 from bnaudit.graph import default_run
-from bnaudit.layers import is_batchnorm
+from bnaudit.layers import batchnorm_layers
 from bnaudit.loading.data import move_to
 from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
 from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
@@ -173,8 +173,8 @@ def swap_norm(
     changes: list[Change] = []
     skipped: list[Change] = []
     pending: list[tuple[str, nn.Module]] = []
-    for name, module in work.named_modules():
-        if not is_batchnorm(module) or (to == "sync" and isinstance(module, nn.SyncBatchNorm)):
+    for name, module in batchnorm_layers(work).items():
+        if to == "sync" and isinstance(module, nn.SyncBatchNorm):
             continue
         if any(name.startswith(p + ".") for p, _ in pending):
             continue
@@ -187,7 +187,7 @@ def swap_norm(
         changes.append(Change("swap", name, f"{describe(module)} -> {describe(new)}", note, new=name))
 
     if to == "group" and groups is not None and skipped and not changes:
-        channels = sorted({int(getattr(m, "num_features", 0)) for n, m in work.named_modules() if is_batchnorm(m)})
+        channels = sorted({int(getattr(m, "num_features", 0)) for m in batchnorm_layers(work).values()})
         divisors = sorted({g for c in channels for g in range(2, min(c, 32) + 1) if c % g == 0 and c // g >= 2})
         raise UsageError(
             f"--groups {groups} divides none of the BatchNorm channel counts ({', '.join(map(str, channels))}), so "
