@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from bnaudit.errors import BnauditError, ConfigError
-from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
 from bnaudit.files import read_text_capped
+from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
 from bnaudit.report import FORMATS
 
 CONFIG_NAMES = ("bnaudit.yaml", "bnaudit.yml", ".bnaudit.yaml")

@@ -21,8 +21,8 @@ from bnaudit.errors import ConfigError
 from bnaudit.findings import Finding
 from bnaudit.graph import INPUT
 from bnaudit.layers import is_batchnorm, is_norm, is_weight_layer
-from bnaudit.recording.measures import depth_trend, drift_all
 from bnaudit.probes.data import data_probe
+from bnaudit.recording.measures import depth_trend, drift_all
 from bnaudit.rules.base import Example, Rule, register
 
 # --- example factories (small, seeded) ----------------------------------------------------------------------

@@ -19,11 +19,11 @@ from torch import nn
 
 from bnaudit.context import RuleContext
 from bnaudit.distributed import (
-    gather_checked,
     current_ddp_facts,
     ddp_facts,
     dist_info,
     gather_bn_buffers,
+    gather_checked,
     unwrap_ddp,
 )
 from bnaudit.findings import Finding
