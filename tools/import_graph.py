@@ -166,7 +166,7 @@ def circles(graph: dict[str, set[str]], ignore: Iterable[tuple[str, str]] = ()) 
     found: list[list[str]] = []
 
     def visit(v: str) -> None:
-        # Iterative over each node's edges would be longer; the graph is ~100 modules deep at most.
+        # Recursive: the depth is at most the number of modules (about 150), far below the recursion limit.
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
@@ -196,20 +196,22 @@ def circles(graph: dict[str, set[str]], ignore: Iterable[tuple[str, str]] = ()) 
 
 
 def cycle_path(graph: dict[str, set[str]], component: list[str]) -> list[str]:
-    """One closed path through a circle, for a readable message: a -> b -> ... -> a."""
+    """A shortest closed path through a circle's first module, for a readable message: a -> b -> ... -> a."""
     members = set(component)
     start = component[0]
-    path, seen = [start], {start}
-    while True:
-        nxt = sorted(w for w in graph[path[-1]] if w in members)
-        back = [w for w in nxt if w == start]
-        if back and len(path) > 1:
-            return [*path, start]
-        fresh = [w for w in nxt if w not in seen]
-        if not fresh:
-            return [*path, nxt[0]] if nxt else path
-        path.append(fresh[0])
-        seen.add(fresh[0])
+    came_from: dict[str, str] = {}
+    queue = [start]
+    for node in queue:  # breadth first, so the first way back to start is a shortest one
+        for nxt in sorted(graph[node] & members):
+            if nxt == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return [*reversed(path), start]
+            if nxt not in came_from:
+                came_from[nxt] = node
+                queue.append(nxt)
+    return [start]  # not reached for a strongly connected component
 
 
 def main(argv: list[str]) -> int:
