@@ -145,7 +145,7 @@ def small_batch(rank: int) -> dict:
 def divergent(rank: int) -> dict:
     import bnaudit
     from bnaudit.distributed import gather_bn_buffers, inspect_distributed
-    from bnaudit.rules.catalog import get_rule
+    from bnaudit.rules import get_rule
     from bnaudit.rules.distributed import _shard_trained
 
     rule = get_rule("BN402")

@@ -167,7 +167,7 @@ def test_clean_standardized_bn_mlp_raises_nothing(code):
 
 
 def test_every_data_rule_documents_its_options():
-    from bnaudit.rules.catalog import all_rules
+    from bnaudit.rules import all_rules
 
     for rule in all_rules():
         if rule.family != "data":

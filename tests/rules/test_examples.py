@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bnaudit
-from bnaudit.rules.catalog import all_rules
+from bnaudit.rules import all_rules
 
 CASES = [
     pytest.param(rule, kind, i, example, id=f"{rule.code}-{kind}-{i}")

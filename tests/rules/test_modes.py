@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import bnaudit
+from bnaudit.rules import get_rule
 from bnaudit.rules import modes as R
-from bnaudit.rules.catalog import get_rule
 from bnaudit.transforms.recalibrate import recalibrate
 from tests.fixtures.architectures import BY_NAME
 
