@@ -16,12 +16,13 @@ from torch import nn
 
 from bnaudit.context import RuleContext
 from bnaudit.errors import BnauditError, DataError, UsageError
-from bnaudit.findings import Report, sort_findings
+from bnaudit.findings import Finding, Report, sort_findings
 from bnaudit.graph import LayerGraph, build_graph
 from bnaudit.layers import is_conv, is_linear
 from bnaudit.loading.data import DataSource
 from bnaudit.loading.specs import describe_exception
-from bnaudit.rules.base import REQUIREMENTS, Rule, select_rules
+from bnaudit.rules.base import REQUIREMENTS, Rule
+from bnaudit.rules.catalog import select_rules
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -130,37 +131,90 @@ def run_audit(
     """
     dev = resolve_device(device)
     rule_config = dict(rule_config or {})
-    rules = select_rules(select, ignore)
+    instances = _configured_rules(select, ignore, rule_config)
+    work = copy.deepcopy(model).to(dev)
+    notes: dict[str, Any] = dict(meta or {})
+    example = _example_input(work, data, example, dev, notes)
+    graph, graph_note = _graph_of(work, example, prefer_graph, name, data, notes)
+    ctx = RuleContext(
+        model=work, graph=graph, device=dev, data=data, predict=predict, history=history, source=name,
+        options={"steps": steps},
+    )  # type: ignore[arg-type]
+    findings, ran, skipped = _run_rules(instances, ctx, _capabilities(graph, data, history), rule_config, name)
+
+    notes.setdefault("device", str(dev))
+    notes.setdefault("torch", torch.__version__)
+    if data is not None:
+        notes.setdefault("data", data.spec)
+        notes.setdefault("batch_size", data.batch_size)
+    return Report(
+        model=name,
+        findings=sort_findings(findings),
+        layers=graph.layer_infos() if graph is not None else (),
+        graph_method=graph.method if graph is not None else "none",
+        graph_note=graph_note,
+        rules_run=tuple(ran),
+        rules_skipped=skipped,
+        source_path=source_path,
+        meta=notes,
+    )
+
+
+def _configured_rules(
+    select: Iterable[str] | None, ignore: Iterable[str] | None, rule_config: Mapping[str, Mapping[str, Any]]
+) -> list[Rule]:
+    """The selected rules, each built with its configured severity and options.
+
+    Raises:
+        ConfigError: a rule option is invalid.
+        UsageError: an unknown rule in select/ignore or in ``rule_config``.
+    """
     instances: list[Rule] = []
-    for cls in rules:
+    for cls in select_rules(select, ignore):
         cfg = rule_config.get(cls.code) or rule_config.get(cls.name) or {}
         instances.append(cls(severity=cfg.get("severity"), options=cfg.get("options")))
     known = {c.code for c in select_rules()} | {c.name for c in select_rules()}
     unknown = [k for k in rule_config if k not in known]
     if unknown:
         raise UsageError(f"rule configuration names unknown rule {unknown[0]!r}; `bnaudit rules` lists them")
+    return instances
 
-    work = copy.deepcopy(model).to(dev)
-    dtype = model_dtype(work)
-    notes: dict[str, Any] = dict(meta or {})
+
+def _example_input(
+    work: nn.Module, data: DataSource | None, example: Any | None, dev: torch.device, notes: dict[str, Any]
+) -> Any | None:
+    """The input for the graph's forward pass on ``dev``: the one given, else the first batch of ``data``,
+    else one inferred from the first layer (None when none can be); ``notes`` records where it came from."""
     if example is None and data is not None:
-        example = data.first(device=dev, dtype=dtype).inputs
+        first = data.first(device=dev, dtype=model_dtype(work)).inputs
         notes["example_input"] = "first batch of --data"
-    elif example is None:
+        return first
+    if example is None:
         example, how = infer_example(work)
         if example is not None:
             example = example.to(dev)
             notes["example_input"] = f"random, inferred: {how}"
-    elif isinstance(example, torch.Tensor):
-        example = example.to(dev)
+        return example
+    return example.to(dev) if isinstance(example, torch.Tensor) else example
 
-    graph: LayerGraph | None
-    graph_note = ""
+
+def _graph_of(
+    work: nn.Module,
+    example: Any | None,
+    prefer_graph: str,
+    name: str,
+    data: DataSource | None,
+    notes: Mapping[str, Any],
+) -> tuple[LayerGraph | None, str]:
+    """The layer graph and its note; ``(None, why)`` when there is no example and fx cannot trace the model.
+
+    Raises:
+        DataError: the model's forward fails on the example (the message says which input that was).
+    """
     try:
         graph = build_graph(work, example, prefer=prefer_graph)
-        graph_note = graph.note
     except ValueError as exc:  # no example and fx failed
-        graph, graph_note = None, f"{exc}; pass --data or --input-shape"
+        return None, f"{exc}; pass --data or --input-shape"
     except Exception as exc:  # noqa: BLE001 - the model's own forward failed on the example
         where = (
             "the first batch of --data" if data is not None
@@ -171,13 +225,26 @@ def run_audit(
             f"{name}: the model rejected {where} ({describe_exception(exc)}); check that --data matches the "
             "model's input (or give --input-shape)"
         ) from exc
+    return graph, graph.note
 
-    ctx = RuleContext(
-        model=work, graph=graph, device=dev, data=data, predict=predict, history=history, source=name,
-        options={"steps": steps},
-    )  # type: ignore[arg-type]
-    caps = _capabilities(graph, data, history)
-    findings = []
+
+def _run_rules(
+    instances: list[Rule],
+    ctx: RuleContext,
+    caps: Mapping[str, bool],
+    rule_config: Mapping[str, Mapping[str, Any]],
+    name: str,
+) -> tuple[list[Finding], list[str], dict[str, str]]:
+    """Run each rule whose needs ``caps`` meets; a rule that crashes is skipped with the reason, and findings
+    on layers its configuration ignores are dropped.
+
+    Returns:
+        ``(findings, codes of the rules that ran, code -> why it was skipped)``.
+
+    Raises:
+        BnauditError: a rule's own typed error (bad data, bad predict), which ends the audit.
+    """
+    findings: list[Finding] = []
     ran: list[str] = []
     skipped: dict[str, str] = {}
     for rule in instances:
@@ -198,23 +265,7 @@ def run_audit(
             if f.layer and any(fnmatch.fnmatchcase(f.layer, g) for g in globs):
                 continue
             findings.append(_with_audit(f, name))
-
-    notes.setdefault("device", str(dev))
-    notes.setdefault("torch", torch.__version__)
-    if data is not None:
-        notes.setdefault("data", data.spec)
-        notes.setdefault("batch_size", data.batch_size)
-    return Report(
-        model=name,
-        findings=sort_findings(findings),
-        layers=graph.layer_infos() if graph is not None else (),
-        graph_method=graph.method if graph is not None else "none",
-        graph_note=graph_note,
-        rules_run=tuple(ran),
-        rules_skipped=skipped,
-        source_path=source_path,
-        meta=notes,
-    )
+    return findings, ran, skipped
 
 
 def _with_audit(finding, name):

@@ -125,9 +125,6 @@ class LayerGraph:
             if through(self.nodes[dst]):
                 queue.extend((e, (*path, dst)) for e in self.children(dst))
 
-    def output_producers(self) -> list[Edge]:
-        return self.parents(OUTPUT)
-
     def layer_infos(self) -> tuple[LayerInfo, ...]:
         return tuple(
             LayerInfo(

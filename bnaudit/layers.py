@@ -24,7 +24,6 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.GLU,
 )
-OUTPUT_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Sigmoid, nn.Identity)
 DROPOUTS: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 NORMS: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
@@ -54,6 +53,13 @@ RESHAPE_FUNCTIONS = frozenset({
 
 def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm)
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every BatchNorm layer in ``model`` (``_BatchNorm`` subclasses: BatchNorm1d/2d/3d, their lazy forms,
+    SyncBatchNorm) by qualified name, in module order. A layer registered twice appears once, under its first
+    name; the model itself appears under ``""`` when it is a BatchNorm."""
+    return {name: m for name, m in model.named_modules() if is_batchnorm(m)}
 
 
 # "Norm" in a class name, but not "Normal..." (Normalize transforms, initialisers).

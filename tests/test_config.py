@@ -86,7 +86,7 @@ def test_rule_config_prefix_then_exact_code():
 def test_enabled_true_overrides_a_prefix_or_glob_ignore():
     # `enabled: true` on one rule wins over a broader ignore: the prefix is replaced by the codes it covers,
     # less the rule switched on; an ignore that does not cover it is left alone.
-    from bnaudit.rules.base import select_rules
+    from bnaudit.rules import select_rules
 
     cfg = parse_config("rules:\n  ignore: [BN3, BN10*, BN201]\n  BN307: {enabled: true}\n  BN104: {enabled: true}\n")
     select, ignore = cfg.selection()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnaudit.layers import is_batchnorm, is_norm, norm_kind
+from bnaudit.layers import batchnorm_layers, is_batchnorm, is_norm, norm_kind
 from tests.fixtures.architectures import EvoNorm2dB0, EvoNorm2dS0, RmsNorm2d
 
 
@@ -69,3 +69,18 @@ def test_batchnorm_semantics_stay_strict():
     # momentum, track_running_stats or train-mode batch statistics do not treat them as one.
     assert not is_batchnorm(EvoNorm2dB0(4)) and not is_batchnorm(FrozenBatchNorm2d(4))
     assert is_batchnorm(nn.SyncBatchNorm(4)) and is_batchnorm(nn.LazyBatchNorm1d())
+
+
+def test_batchnorm_layers_names_every_batchnorm_once_in_module_order():
+    shared = nn.BatchNorm1d(4)
+    model = nn.Sequential(
+        nn.Linear(3, 4), shared, nn.ReLU(),
+        nn.Sequential(nn.Conv1d(4, 4, 1), nn.SyncBatchNorm(4), nn.GroupNorm(2, 4)),
+        shared, nn.LazyBatchNorm2d(), FrozenBatchNorm2d(4),
+    )
+    layers = batchnorm_layers(model)
+    assert list(layers) == ["1", "3.1", "5"]
+    assert layers["1"] is shared and isinstance(layers["3.1"], nn.SyncBatchNorm)
+    assert batchnorm_layers(nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2))) == {}
+    root = nn.BatchNorm2d(3)
+    assert batchnorm_layers(root) == {"": root}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import UsageError
+from bnaudit.recording import record
 from bnaudit.recording.measures import (
     batch_stats_from_buffers,
     bn_batch_stats,
@@ -21,7 +22,6 @@ from bnaudit.recording.measures import (
     saturated_fraction,
     signal_propagation,
 )
-from bnaudit.recording import record
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])

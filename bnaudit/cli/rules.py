@@ -15,7 +15,7 @@ def rules_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the catalogue as JSON.")] = False,
 ) -> None:
     """List the rules, or print one rule's documentation: what it checks, why, its options, and examples."""
-    from bnaudit.rules.base import all_rules, get_rule
+    from bnaudit.rules.catalog import all_rules, get_rule
 
     if code is not None:
         rule = get_rule(code)

@@ -154,7 +154,7 @@ class Config:
         """
         new = self
         if select or ignore:
-            from bnaudit.rules.base import validate_patterns
+            from bnaudit.rules.catalog import validate_patterns
 
             # Checked here, before any audit runs, so a typo fails in a second rather than after the first model.
             validate_patterns(select or [], "--select")
@@ -182,7 +182,7 @@ class Config:
 
         A prefix key (``BN2``) expands to every rule it matches; an exact code or name wins over a prefix.
         """
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         out: dict[str, dict[str, Any]] = {}
         # Broad keys first so that narrower ones (longer prefixes, exact codes) overwrite them.
@@ -203,7 +203,7 @@ class Config:
         ``enabled: true`` wins over any ignore pattern that covers the rule: a prefix or glob that does
         (``ignore: [BN3]`` with ``BN307: {enabled: true}``) is replaced by the codes it covers, less the
         rules switched on."""
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         select = list(self.select)
         ignore = list(self.ignore)

@@ -95,7 +95,7 @@ class _Validator:
         return value
 
     def rule_patterns(self, patterns: tuple[str, ...], path: KeyPath) -> tuple[str, ...]:
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         rules = all_rules()
         names = [*(r.code for r in rules), *(r.name for r in rules)]
@@ -128,7 +128,7 @@ class _Validator:
                       sources)
 
     def rules(self, section: dict) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, RuleSettings]]:
-        from bnaudit.rules.base import all_rules, matches
+        from bnaudit.rules.catalog import all_rules, matches
 
         registry = all_rules()
         names = [*RULES_RESERVED, *(r.code for r in registry), *(r.name for r in registry)]

@@ -1,6 +1,7 @@
 """Loading the model to audit: from a Python spec (a module instance or a zero-argument factory), from a
-file saved by bnaudit (rebuilt safely), or — only with ``trust_pickle`` — from a whole pickled module.
-Weights files are read with ``torch.load(weights_only=True)`` or safetensors, never unpickled by default."""
+file saved by bnaudit (rebuilt safely: its source from the spec, then its plans and weights through
+``bnaudit.loading.modelfile``), or — only with ``trust_pickle`` — from a whole pickled module. Weights files
+are read with ``torch.load(weights_only=True)`` or safetensors, never unpickled by default."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import torch
 from torch import nn
 
 from bnaudit import usercode
-from bnaudit.errors import SpecError, WeightsError
+from bnaudit.errors import BnauditError, SpecError, WeightsError
+from bnaudit.loading.modelfile import MODEL_FILE_SUFFIXES, check_model_file, is_model_file, load_into, read_model_file
 from bnaudit.loading.specs import describe_exception, import_target, lookup, missing_file, parse_py_spec
 
-MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
@@ -171,9 +172,7 @@ def _load_model_file(path: Path, *, trust_pickle: bool) -> LoadedModel:
             raise SpecError(f"{path}: unpickling failed ({describe_exception(exc)})") from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, str(path), path.resolve())
-    if isinstance(obj, dict) and "bnaudit_format" in obj:
-        from bnaudit.transforms.saving import load_saved
-
+    if is_model_file(obj):
         return LoadedModel(load_saved(obj, path), str(path), path.resolve())
     if isinstance(obj, dict):
         raise SpecError(
@@ -181,6 +180,38 @@ def _load_model_file(path: Path, *, trust_pickle: bool) -> LoadedModel:
             f"`bnaudit inspect MODEL.py:build_model --weights {path}`"
         )
     raise SpecError(f"{path} holds a {type(obj).__name__}, not a model")
+
+
+def load_saved(obj: dict[str, Any], path: Path) -> nn.Module:
+    """Rebuild the model stored in a bnaudit file: build its source from the spec, replay, load weights.
+
+    Args:
+        obj: the dict ``torch.load(path, weights_only=True)`` returned.
+        path: the file, for messages.
+
+    Returns:
+        The transformed model, in the mode it was saved in.
+
+    Raises:
+        WeightsError: the dict is damaged, from a newer format, or does not fit the rebuilt source.
+        SpecError: the source spec no longer builds (file moved or changed).
+    """
+    check_model_file(obj, str(path))
+    try:
+        source = load_model(str(obj["source"])).module
+    except BnauditError as exc:
+        raise SpecError(f"{path}: cannot rebuild its source model {obj['source']} ({exc})") from exc
+    return load_into(source, obj, where=str(path))
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a model file written by ``save_model`` (or ``bnaudit insert-bn -o``).
+
+    Raises:
+        WeightsError: the file is missing, unreadable or not a bnaudit model file.
+        SpecError: its source model cannot be rebuilt.
+    """
+    return load_saved(read_model_file(path), Path(path))
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

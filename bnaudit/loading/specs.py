@@ -25,6 +25,12 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _loaded: dict[Path, types.ModuleType] = {}
 
 
+
+def loaded_files() -> list[Path]:
+    """The ``.py`` files imported so far as ``bnaudit_user_*`` modules, in import order (a spawned process
+    imports them again before it unpickles anything defined in them)."""
+    return list(_loaded)
+
 @dataclass(frozen=True)
 class PySpec:
     """A parsed Python spec: where the module is (a file or an importable name) and the attribute."""
@@ -131,4 +137,3 @@ def missing_file(path: Path) -> str:
 
 
 describe_exception = usercode.describe
-_describe = usercode.describe

@@ -67,7 +67,7 @@ from torch import nn
 
 from bnaudit.distributed import is_active
 from bnaudit.errors import BnauditError, UsageError
-from bnaudit.layers import is_activation, is_batchnorm, is_conv, is_norm, is_weight_layer
+from bnaudit.layers import batchnorm_layers, is_activation, is_batchnorm, is_conv, is_norm, is_weight_layer
 from bnaudit.recording.history import History
 from bnaudit.recording.layout import EXTRA, Layout, collapse, merge_blocks
 from bnaudit.recording.reduce import reduce_row
@@ -171,7 +171,7 @@ class Recorder:
         self._slots: list[_Slot] = []
         self._order: list[_Slot] = []  # slots in the order of their first call
         self._handles: list[Any] = []
-        self._bns = [(n, m) for n, m in self.model.named_modules() if n and is_batchnorm(m)]
+        self._bns = [(n, m) for n, m in batchnorm_layers(self.model).items() if n]
         self._params = list(self.model.parameters())
         self._step = 0
         self._active = True

@@ -71,7 +71,7 @@ def to_element(reports: Sequence[Report], *, fail_on: str = "warning") -> ET.Ele
 
 def _rule_name(code: str) -> str:
     try:
-        from bnaudit.rules.base import get_rule
+        from bnaudit.rules.catalog import get_rule
 
         return get_rule(code).name
     except Exception:  # a code this installation does not know: the testcase is named by code alone

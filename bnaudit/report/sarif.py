@@ -54,7 +54,7 @@ def finding_text(finding: Finding, report: Report) -> str:
 
 def _rule_descriptor(code: str, sample: Finding | None) -> dict[str, Any]:
     try:
-        from bnaudit.rules.base import get_rule
+        from bnaudit.rules.catalog import get_rule
 
         rule = get_rule(code)
     except Exception:  # unknown code, or a rule family that fails to import: describe it from its finding

@@ -3,7 +3,8 @@
 A rule is a small class with class attributes (code, name, severity, summary, fix, options, defaults,
 requires) and one method, ``check(ctx)``, that yields Findings. Its docstring is its documentation: ``bnaudit
 rules CODE`` prints it. ``@register`` adds it to the registry and refuses a duplicate code or name.
-Nothing here imports torch at module load."""
+The complete catalogue, and the look-ups that need all of it, live in ``catalog``, which imports every family;
+this module never imports it. Nothing here imports torch at module load."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from bnaudit.errors import ConfigError, UsageError
-from bnaudit.findings import SEVERITY_RANK, Finding, check_severity
+from bnaudit.errors import ConfigError
+from bnaudit.findings import Finding, check_severity
 
 if TYPE_CHECKING:
     from bnaudit.context import RuleContext
@@ -104,10 +105,6 @@ class Rule:
             merged[key] = value
         return merged
 
-    @property
-    def effective_severity(self) -> str:
-        return self.severity_override or self.severity
-
     def check(self, ctx: RuleContext) -> Iterator[Finding]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -175,38 +172,20 @@ def register(cls: type[Rule]) -> type[Rule]:
     return cls
 
 
-def _load_families() -> None:
-    # Importing the family modules runs their @register decorators; they import torch lazily inside
-    # check() so listing the catalogue stays cheap.
-    from bnaudit.rules import catalog  # noqa: F401
-
-
-def all_rules() -> list[type[Rule]]:
-    """Every registered rule, ordered by code."""
-    _load_families()
+def registered_rules() -> list[type[Rule]]:
+    """The rules registered so far, ordered by code. ``bnaudit.rules.catalog.all_rules`` is the complete list:
+    it imports every family first."""
     return [_REGISTRY[c] for c in sorted(_REGISTRY)]
 
 
-def get_rule(code_or_name: str) -> type[Rule]:
-    """Look a rule up by code (``BN101``, any case) or name (``redundant-bias``).
-
-    Raises:
-        UsageError: no such rule; the message suggests the closest code or name.
-    """
-    _load_families()
+def find_registered(code_or_name: str) -> type[Rule] | None:
+    """A registered rule by code (``BN101``, any case) or name (``redundant-bias``), or None."""
     key = code_or_name.strip()
     if key.upper() in _REGISTRY:
         return _REGISTRY[key.upper()]
     if key in _BY_NAME:
         return _REGISTRY[_BY_NAME[key]]
-    raise UsageError(f"no rule {code_or_name!r}{_did_you_mean(key, [*_REGISTRY, *_BY_NAME])}; `bnaudit rules` lists them")
-
-
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return None
 
 
 def matches(code: str, name: str, patterns: Iterable[str]) -> bool:
@@ -219,40 +198,3 @@ def matches(code: str, name: str, patterns: Iterable[str]) -> bool:
         if p == name or code.startswith(p.upper()) or fnmatch.fnmatch(code, p.upper()):
             return True
     return False
-
-
-def validate_patterns(patterns: Iterable[str], what: str) -> list[str]:
-    """Reject a --select/--ignore entry that selects no rule, so a typo never silently disables a gate.
-
-    Raises:
-        UsageError: a pattern that matches no registered code or name.
-    """
-    rules = all_rules()
-    out = []
-    for pattern in patterns:
-        p = pattern.strip()
-        if not p:
-            continue
-        if not any(matches(r.code, r.name, [p]) for r in rules):
-            hint = _did_you_mean(p, [*(r.code for r in rules), *(r.name for r in rules)])
-            raise UsageError(f"{what} {p!r} matches no rule{hint}; `bnaudit rules` lists them")
-        out.append(p)
-    return out
-
-
-def select_rules(select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> list[type[Rule]]:
-    """Rules chosen by ``select`` (default: all) minus ``ignore``; both take codes, prefixes or names."""
-    select = validate_patterns(select or [], "--select")
-    ignore = validate_patterns(ignore or [], "--ignore")
-    chosen = []
-    for rule in all_rules():
-        if select and not matches(rule.code, rule.name, select):
-            continue
-        if ignore and matches(rule.code, rule.name, ignore):
-            continue
-        chosen.append(rule)
-    return chosen
-
-
-def severity_at_least(severity: str, threshold: str) -> bool:
-    return SEVERITY_RANK[severity] >= SEVERITY_RANK[threshold]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import DataError, UsageError
-from bnaudit.layers import is_activation, is_batchnorm
+from bnaudit.layers import batchnorm_layers, is_activation
 from bnaudit.training.data import TensorData
 from bnaudit.training.losses import check_outputs
 from bnaudit.usercode import describe
@@ -113,7 +113,7 @@ def check_batch_norm_batch(model: nn.Module, variant: str, batch_size: int) -> N
     """
     if batch_size >= 2:
         return
-    layer = next((n for n, m in model.named_modules() if is_batchnorm(m)), None)
+    layer = next(iter(batchnorm_layers(model)), None)
     if layer is not None:
         raise DataError(
             f"the {variant!r} variant has BatchNorm ({layer}), which cannot train on batches of one example "

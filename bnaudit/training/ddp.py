@@ -326,9 +326,9 @@ def _rank_main(rank: int, launch: _Launch) -> None:
 
 def _user_files() -> list[str]:
     """Files the loader imported (``bnaudit_user_*`` modules): a spawned rank imports them before unpickling."""
-    from bnaudit.loading import specs
+    from bnaudit.loading.specs import loaded_files
 
-    return [str(path) for path in getattr(specs, "_loaded", {})]
+    return [str(path) for path in loaded_files()]
 
 
 def _raise_rank_error(folder: Path, exc: BaseException) -> None:

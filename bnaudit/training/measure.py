@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import UsageError
-from bnaudit.layers import is_activation, is_norm, is_weight_layer
+from bnaudit.layers import is_norm, is_weight_layer
 
 
 def tracked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -49,13 +49,6 @@ class GradNorms:
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "layers": {k: list(v) for k, v in self.values.items()}}
-
-
-def default_unit_layer(model: nn.Module) -> str | None:
-    """The last activation (nonlinearity) module: Ioffe & Szegedy's Fig. 1 follows a sigmoid's input in the
-    last hidden layer."""
-    names = [n for n, m in model.named_modules() if is_activation(m)]
-    return names[-1] if names else None
 
 
 @dataclass

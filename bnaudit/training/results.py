@@ -14,10 +14,6 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
-
-
 def _round(x: Any, nd: int = 6) -> Any:
     if isinstance(x, float):
         return round(x, nd) if math.isfinite(x) else None

@@ -34,9 +34,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import DataError, UsageError
-from bnaudit.usercode import describe
 from bnaudit.layers import is_activation
-from bnaudit.training.data import TensorData, as_tensor_data, batch_order, eval_batches, match_dtype, split_validation
 from bnaudit.training.checks import (
     check_batch_norm_batch,
     check_finite,
@@ -46,11 +44,13 @@ from bnaudit.training.checks import (
     check_unit,
     unit_layer_of,
 )
+from bnaudit.training.data import TensorData, as_tensor_data, batch_order, eval_batches, match_dtype, split_validation
 from bnaudit.training.losses import LossFn, accuracy, default_target, resolve_loss
 from bnaudit.training.measure import ICS, GradNorms, check_ics_layer
 from bnaudit.training.results import CompareResult, RunResult, summarize
 from bnaudit.training.variants import ModelArg, base_model, build_variant, check_variants, weight_layers
 from bnaudit.training.verdict import verdict
+from bnaudit.usercode import describe
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LRS = {"sgd": (0.01, 0.1, 1.0), "adam": (0.001, 0.01, 0.1)}

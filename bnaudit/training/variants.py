@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import SpecError, TransformError, UsageError
-from bnaudit.layers import is_batchnorm, is_weight_layer
+from bnaudit.layers import batchnorm_layers, is_weight_layer
 
 VARIANTS = ("baseline", "bn", "syncbn", "groupnorm", "layernorm", "user")
 
@@ -143,7 +143,7 @@ def swap_norm_variant(base: nn.Module, to: str, example: torch.Tensor, notes: li
             f"the '{to}norm' variant needs bnaudit.swap_norm, which cannot be imported ({exc}); "
             "use --variants baseline,bn"
         ) from None
-    with_bn = base if any(is_batchnorm(m) for m in base.modules()) else insert_bn_variant(base, example, notes)
+    with_bn = base if batchnorm_layers(base) else insert_bn_variant(base, example, notes)
     return _unwrap(swap_norm(with_bn, to, example=example), f"swap_norm({to})", notes)
 
 
@@ -161,7 +161,7 @@ def syncbn_variant(base: nn.Module, example: torch.Tensor, notes: list[str] | No
         raise TransformError(
             f"the 'syncbn' variant needs bnaudit.swap_norm, which cannot be imported ({exc}); use --variants bn"
         ) from None
-    with_bn = base if any(is_batchnorm(m) for m in base.modules()) else insert_bn_variant(base, example, notes)
+    with_bn = base if batchnorm_layers(base) else insert_bn_variant(base, example, notes)
     return _unwrap(swap_norm(with_bn, "sync", example=example), "swap_norm(sync)", notes)
 
 

@@ -7,10 +7,9 @@ BatchNorm by GroupNorm/LayerNorm/InstanceNorm/FrozenBatchNorm/SyncBatchNorm, and
 write and read the result as a safe ``weights_only`` torch file. ``recalibrate`` lives in
 ``bnaudit.transforms.recalibrate``."""
 
-from bnaudit.transforms.base import Change, TransformResult, apply_plan, architecture_diff
-from bnaudit.transforms.fold_bn import fold_bn, fused_weights
-from bnaudit.transforms.insert_bn import insert_bn
-from bnaudit.transforms.modules import (
+from bnaudit.loading.modelfile import load_into
+from bnaudit.loading.models import load, load_saved
+from bnaudit.loading.modules import (
     FeatureBatchNorm1d,
     FrozenBatchNorm,
     FrozenBatchNorm1d,
@@ -18,7 +17,11 @@ from bnaudit.transforms.modules import (
     FrozenBatchNorm3d,
     NormalizedLayer,
 )
-from bnaudit.transforms.saving import load, load_into, load_saved, save_model
+from bnaudit.loading.plan import apply_plan
+from bnaudit.transforms.base import Change, TransformResult, architecture_diff
+from bnaudit.transforms.fold_bn import fold_bn, fused_weights
+from bnaudit.transforms.insert_bn import insert_bn
+from bnaudit.transforms.saving import save_model
 from bnaudit.transforms.swap_norm import group_count, swap_norm
 
 __all__ = [

@@ -1,15 +1,13 @@
-"""What every model transform shares: the ``Change`` and ``TransformResult`` records, the replayable plan,
-and module surgery through parents.
+"""What every model transform shares: the ``Change`` and ``TransformResult`` records, the inputs a transform
+runs its model on, and the before/after presentation.
 
 A transform never edits the model it is given. It deep-copies it, decides from the layer graph what to
-change, and records each structural edit as a plan step (plain dicts: ``wrap``, ``replace``, ``add_bias``,
-``drop_bias``) that ``apply_plan`` performs. The same plan, stored in a saved file, rebuilds the
-architecture later without re-deciding anything, so a saved model loads back identically even without the
-data or example input it was made with."""
+change, and records each structural edit as a plan step that ``bnaudit.loading.plan.apply_plan`` performs.
+The same plan, stored in a saved file, rebuilds the architecture later without re-deciding anything, so a
+saved model loads back identically even without the data or example input it was made with."""
 
 from __future__ import annotations
 
-import copy
 import difflib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,9 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from bnaudit.errors import DataError, TransformError
-from bnaudit.graph import default_run
-from bnaudit.loading.data import move_to as to_device
-from bnaudit.transforms.modules import NormalizedLayer, build_module
+from bnaudit.graph import LayerGraph, build_graph
 
 RunFn = Callable[[nn.Module, Any], Any]
 
@@ -89,111 +85,9 @@ class TransformResult:
         return text
 
 
-# ---------------------------------------------------------------------------------------------- surgery
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """``model``'s submodule at the qualified ``name`` ("" is the model itself).
-
-    Raises:
-        TransformError: no module of that name.
-    """
-    try:
-        return model.get_submodule(name) if name else model
-    except AttributeError as exc:
-        raise TransformError(f"the model has no submodule {name!r}; it does not match the saved plan") from exc
-
-
-def replace_module(model: nn.Module, target: nn.Module, new: nn.Module) -> list[str]:
-    """Put ``new`` wherever ``target`` is registered in ``model`` (every parent, aliases included).
-
-    Returns:
-        The qualified names that now hold ``new``.
-
-    Raises:
-        TransformError: ``target`` is the model itself or is not inside it.
-    """
-    # Find every slot first, then swap: ``new`` may contain ``target`` (a wrapper), and must not be walked.
-    slots = [
-        (parent_name, parent, attr)
-        for parent_name, parent in model.named_modules(remove_duplicate=False)
-        if parent is not new
-        for attr, child in parent._modules.items()
-        if child is target
-    ]
-    names: list[str] = []
-    for parent_name, parent, attr in slots:
-        # Through __setattr__ so Module bookkeeping (and subclasses that override it) sees the swap.
-        setattr(parent, attr, new)
-        names.append(f"{parent_name}.{attr}" if parent_name else attr)
-    if not names:
-        raise TransformError(f"cannot replace the model itself ({type(target).__name__}); wrap it in a parent module")
-    return sorted(set(names))
-
-
-def drop_bias(layer: nn.Module) -> None:
-    """Remove a Linear/Conv bias: the layer then computes ``W x`` (its forward passes ``bias=None``)."""
-    layer.register_parameter("bias", None)
-
-
-def add_zero_bias(layer: nn.Module) -> None:
-    """Give a bias-free Linear/Conv a zero bias parameter on its weight's device and dtype."""
-    w = layer.weight
-    channels = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
-    layer.bias = nn.Parameter(torch.zeros(channels, device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-
-
-def apply_plan(model: nn.Module, plan: Iterable[dict[str, Any]]) -> nn.Module:
-    """Perform a plan's structural edits on ``model`` in place (used on fresh copies only).
-
-    Steps: ``{"op": "wrap", "target", "module"}`` puts ``NormalizedLayer(target, module)`` where ``target``
-    was; ``{"op": "replace", "target", "module"}`` puts ``module`` there; ``{"op": "drop_bias"|"add_bias",
-    "target"}`` removes or adds a Linear/Conv bias. Module records are rebuilt by ``build_module``.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        TransformError: a step names a module the model lacks, or an unknown operation.
-    """
-    for step in plan:
-        op = step.get("op")
-        target = get_module(model, str(step.get("target", "")))
-        if op == "wrap":
-            norm = build_module(step["module"], like=target)
-            norm.train(target.training)
-            replace_module(model, target, NormalizedLayer(target, norm))
-        elif op == "replace":
-            new = build_module(step["module"], like=target)
-            new.train(target.training)
-            replace_module(model, target, new)
-        elif op == "drop_bias":
-            drop_bias(target)
-        elif op == "add_bias":
-            add_zero_bias(target)
-        else:
-            raise TransformError(f"unknown plan step {op!r}; the file was written by a newer bnaudit")
-    return model
-
-
-def pristine_copy(model: nn.Module) -> nn.Module:
-    """A deep copy to transform.
-
-    Raises:
-        TransformError: the model cannot be deep-copied (the message says what to do).
-    """
-    try:
-        return copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001 - deepcopy failures come in many types
-        raise TransformError(
-            f"cannot copy the model ({type(exc).__name__}: {str(exc)[:120]}); bnaudit transforms a copy and never "
-            "edits yours, so the model must support copy.deepcopy"
-        ) from exc
-
-
 # --------------------------------------------------------------------------------------------- inputs
-# default_run (bnaudit.graph) and to_device (bnaudit.loading.data.move_to) are imported above: one way to
-# call a model and one way to move a batch, shared with the audit.
+# The transforms call a model with bnaudit.graph.default_run and move a batch with
+# bnaudit.loading.data.move_to: one way each, shared with the audit.
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -273,8 +167,27 @@ def max_abs_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
 
 
-def max_abs_value(a: list[torch.Tensor]) -> float:
-    return max((float(x.double().abs().max()) for x in a if x.numel()), default=0.0)
+def transform_graph(work: nn.Module, example: Any, run: RunFn) -> LayerGraph:
+    """The layer graph a transform decides from, traced on ``example``.
+
+    Raises:
+        TransformError: no example and the graph cannot be found without one.
+        DataError: the model's forward fails on the example.
+    """
+    try:
+        return build_graph(work, example, run=run)
+    except ValueError as exc:
+        if example is None:
+            raise TransformError(
+                f"{exc}; pass example= (CLI: --data DATA or --input-shape 3x32x32)"
+            ) from exc
+        raise DataError(f"the model rejected the example input ({type(exc).__name__}: {str(exc)[:160]})") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises on the example
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise DataError(
+            f"the model raised {type(exc).__name__} on the example input ({first}); "
+            "check the input shape (--input-shape) or the data"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------- presentation
@@ -304,8 +217,3 @@ def describe(module: nn.Module) -> str:
     if hasattr(module, "out_features") and hasattr(module, "in_features"):
         return f"{name}({module.in_features}, {module.out_features})"
     return name
-
-
-def short_repr(module: nn.Module, width: int = 60) -> str:
-    text = " ".join(repr(module).split())
-    return text if len(text) <= width else text[: width - 3] + "..."

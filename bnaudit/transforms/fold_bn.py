@@ -18,23 +18,20 @@ from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from bnaudit.errors import TransformError
-from bnaudit.graph import LayerGraph
-from bnaudit.layers import RESHAPE_FUNCTIONS, has_bias, is_batchnorm, is_conv, is_linear
+from bnaudit.graph import LayerGraph, default_run
+from bnaudit.layers import RESHAPE_FUNCTIONS, batchnorm_layers, has_bias, is_batchnorm, is_conv, is_linear
+from bnaudit.loading.data import move_to
+from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
+from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     TransformResult,
-    apply_plan,
-    default_run,
     describe,
     eval_outputs,
-    get_module,
     max_abs_difference,
     model_device_dtype,
-    pristine_copy,
-    to_device,
+    transform_graph,
 )
-from bnaudit.transforms.insert_bn import _graph
-from bnaudit.transforms.modules import FeatureBatchNorm1d, module_record
 
 
 def fused_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +119,7 @@ def fold_bn(
         TransformError: a BatchNorm is in training mode (call ``model.eval()``), or no graph can be built.
         DataError: the model rejects the example input.
     """
-    training = [name for name, m in model.named_modules() if is_batchnorm(m) and m.training]
+    training = [name for name, m in batchnorm_layers(model).items() if m.training]
     if training:
         raise TransformError(
             f"fold-bn needs an eval-mode model, but BatchNorm {training[0]} is in training mode "
@@ -132,8 +129,8 @@ def fold_bn(
     work = pristine_copy(model)
     device, dtype = model_device_dtype(work)
     if example is not None:
-        example = to_device(example, device, dtype)
-    graph = _graph(work, example, run_fn)
+        example = move_to(example, device, dtype)
+    graph = transform_graph(work, example, run_fn)
 
     plan: list[dict[str, Any]] = []
     changes: list[Change] = []

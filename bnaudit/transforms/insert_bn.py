@@ -17,13 +17,14 @@ layer bias)``, so in eval mode it is the identity on the old activations."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from bnaudit.errors import DataError, TransformError, UsageError
-from bnaudit.graph import OUTPUT, LayerGraph, build_graph
+from bnaudit.errors import DataError, UsageError
+from bnaudit.graph import OUTPUT, LayerGraph, default_run
 from bnaudit.layers import (
     ACTIVATION_FUNCTIONS,
     RESHAPE_FUNCTIONS,
@@ -35,23 +36,21 @@ from bnaudit.layers import (
     is_norm,
     out_features,
 )
+from bnaudit.loading.data import move_to
+from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
+from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     RunFn,
     TransformResult,
-    apply_plan,
-    default_run,
     describe,
     eval_outputs,
     first_input,
-    get_module,
     iter_inputs,
     max_abs_difference,
     model_device_dtype,
-    pristine_copy,
-    to_device,
+    transform_graph,
 )
-from bnaudit.transforms.modules import FeatureBatchNorm1d, module_record
 
 LAYER_KINDS = ("linear", "conv")
 PLACEMENTS = ("after-layer", "after-activation")
@@ -171,23 +170,6 @@ def _check_options(layers: Sequence[str], placement: str, momentum: float | None
     return tuple(dict.fromkeys(layers))
 
 
-def _graph(work: nn.Module, example: Any, run: RunFn) -> LayerGraph:
-    try:
-        return build_graph(work, example, run=run)
-    except ValueError as exc:
-        if example is None:
-            raise TransformError(
-                f"{exc}; pass example= (CLI: --data DATA or --input-shape 3x32x32)"
-            ) from exc
-        raise DataError(f"the model rejected the example input ({type(exc).__name__}: {str(exc)[:160]})") from exc
-    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises on the example
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise DataError(
-            f"the model raised {type(exc).__name__} on the example input ({first}); "
-            "check the input shape (--input-shape) or the data"
-        ) from exc
-
-
 def insert_bn(
     model: nn.Module,
     *,
@@ -238,74 +220,14 @@ def insert_bn(
     if example is None and calibrate is not None:
         example = first_input(calibrate)
     if example is not None:
-        example = to_device(example, device, dtype)
-    graph = _graph(work, example, run_fn)
-
-    plan: list[dict[str, Any]] = []
-    changes: list[Change] = []
-    skipped: list[Change] = []
-    biases: dict[str, torch.Tensor | None] = {}  # new norm name -> the dropped bias (calibration adds it back)
-    for name, layer in _candidates(work, graph):
-        kind = _kind(layer)
-        if kind is None or kind not in kinds:
-            continue
-        node = graph.nodes.get(name)
-
-        def skip(reason: str, _name: str = name, _layer: nn.Module = layer) -> None:
-            skipped.append(Change("skip", _name, describe(_layer), reason))
-
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in layer.parameters(recurse=False)):
-            skip("lazy layer not initialised yet; run one forward pass first")
-            continue
-        if node is None or (graph.shapes_known and node.calls == 0):
-            skip("never called as a module on the example input (its weights are used functionally or by a fast path)")
-            continue
-        if node.calls > 1:
-            skip(f"called {node.calls} times per forward; one BatchNorm would mix the statistics of every call")
-            continue
-        if skip_output and is_output_layer(graph, name):
-            skip("output layer (normalize it too with skip_output=False / --include-output)")
-            continue
-        norm_name = feeds_norm(graph, name)
-        if norm_name is not None:
-            skip(f"already feeds {type(graph.nodes[norm_name].module).__name__} {norm_name}")
-            continue
-
-        target = name
-        if placement == "after-activation":
-            act, why = _activation_after(graph, name)
-            if act is None:
-                skip(why)
-                continue
-            target = act
-        shape = node.output_shapes[0] if graph.shapes_known and node.output_shapes else None
-        if target != name and graph.shapes_known and graph.nodes[target].output_shapes:
-            shape = graph.nodes[target].output_shapes[0]
-        cls, note = _norm_for(layer, shape)
-        if cls is None:
-            skip(note)
-            continue
-        channels = out_features(layer)
-        norm = cls(channels, eps=eps, momentum=momentum)
-        remove_bias = drop_bias and placement == "after-layer" and has_bias(layer)
-        if remove_bias:
-            plan.append({"op": "drop_bias", "target": name})
-        plan.append({
-            "op": "wrap",
-            "target": target,
-            "module": module_record(norm, num_features=channels, eps=eps, momentum=momentum),
-        })
-        new_name = f"{target}.1"
-        biases[new_name] = layer.bias.detach().clone() if remove_bias else None
-        where = f"after {describe(layer)}" if target == name else f"after its activation {target}"
-        detail = f"{cls.__name__}({channels}) {where}"  # e.g. BatchNorm2d(64) after Conv2d
-        reasons = [note] if note else []
-        if remove_bias:
-            reasons.append("bias removed: BatchNorm's shift replaces it")
-        changes.append(Change("insert", name, detail, "; ".join(reasons), new=new_name))
-
-    reference = pristine_copy(work) if calibrate is not None and changes else None
-    apply_plan(work, plan)
+        example = move_to(example, device, dtype)
+    graph = transform_graph(work, example, run_fn)
+    planned = _plan_insertions(
+        work, graph, kinds, placement=placement, skip_output=skip_output, drop_bias=drop_bias, momentum=momentum,
+        eps=eps,
+    )
+    reference = pristine_copy(work) if calibrate is not None and planned.changes else None
+    apply_plan(work, planned.steps)
     options = {
         "layers": list(kinds),
         "skip_output": skip_output,
@@ -315,14 +237,122 @@ def insert_bn(
         "eps": eps,
         "calibrated": calibrate is not None,
     }
-    result = TransformResult("insert_bn", work, changes, skipped, options, plan, graph_method=graph.method)
+    result = TransformResult(
+        "insert_bn", work, planned.changes, planned.skipped, options, planned.steps, graph_method=graph.method
+    )
     if reference is not None:
-        _calibrate(work, biases, calibrate, run_fn, device, dtype, calibrate_batches)
+        _calibrate(work, planned.biases, calibrate, run_fn, device, dtype, calibrate_batches)
         check = example if example is not None else first_input(calibrate)
         result.max_abs_error = max_abs_difference(
-            eval_outputs(reference, check, run_fn), eval_outputs(work, to_device(check, device, dtype), run_fn)
+            eval_outputs(reference, check, run_fn), eval_outputs(work, move_to(check, device, dtype), run_fn)
         )
     return result
+
+
+@dataclass
+class _Insertions:
+    """What ``insert_bn`` decided: the plan steps, a Change per BatchNorm and per layer left alone, and the
+    bias each new BatchNorm replaced (by the new module's name; calibration adds it back)."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Change] = field(default_factory=list)
+    biases: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def skip(self, name: str, layer: nn.Module, reason: str) -> None:
+        self.skipped.append(Change("skip", name, describe(layer), reason))
+
+    def insert(
+        self, name: str, layer: nn.Module, target: str, norm: nn.Module, note: str, *,
+        channels: int, eps: float, momentum: float | None, remove_bias: bool,
+    ) -> None:
+        """Wrap ``target`` (the layer, or its activation) with ``norm`` (built with ``channels``, ``eps`` and
+        ``momentum``), and drop the layer's bias when ``remove_bias``."""
+        if remove_bias:
+            self.steps.append({"op": "drop_bias", "target": name})
+        self.steps.append({
+            "op": "wrap",
+            "target": target,
+            "module": module_record(norm, num_features=channels, eps=eps, momentum=momentum),
+        })
+        new_name = f"{target}.1"
+        self.biases[new_name] = layer.bias.detach().clone() if remove_bias else None
+        where = f"after {describe(layer)}" if target == name else f"after its activation {target}"
+        detail = f"{type(norm).__name__}({channels}) {where}"  # e.g. BatchNorm2d(64) after Conv2d
+        reasons = [note] if note else []
+        if remove_bias:
+            reasons.append("bias removed: BatchNorm's shift replaces it")
+        self.changes.append(Change("insert", name, detail, "; ".join(reasons), new=new_name))
+
+
+def _plan_insertions(
+    work: nn.Module,
+    graph: LayerGraph,
+    kinds: tuple[str, ...],
+    *,
+    placement: str,
+    skip_output: bool,
+    drop_bias: bool,
+    momentum: float | None,
+    eps: float,
+) -> _Insertions:
+    """Decide, candidate by candidate in model order, where a BatchNorm goes and why a layer gets none."""
+    out = _Insertions()
+    for name, layer in _candidates(work, graph):
+        kind = _kind(layer)
+        if kind is None or kind not in kinds:
+            continue
+        reason = _skip_reason(graph, name, layer, skip_output)
+        if reason is not None:
+            out.skip(name, layer, reason)
+            continue
+        target, shape, why = _insertion_point(graph, name, placement)
+        if target is None:
+            out.skip(name, layer, why)
+            continue
+        cls, note = _norm_for(layer, shape)
+        if cls is None:
+            out.skip(name, layer, note)
+            continue
+        channels = out_features(layer)
+        norm = cls(channels, eps=eps, momentum=momentum)
+        remove_bias = drop_bias and placement == "after-layer" and has_bias(layer)
+        out.insert(name, layer, target, norm, note, channels=channels, eps=eps, momentum=momentum,
+                   remove_bias=remove_bias)
+    return out
+
+
+def _skip_reason(graph: LayerGraph, name: str, layer: nn.Module, skip_output: bool) -> str | None:
+    """Why a candidate layer gets no BatchNorm whatever the placement, or None."""
+    node = graph.nodes.get(name)
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in layer.parameters(recurse=False)):
+        return "lazy layer not initialised yet; run one forward pass first"
+    if node is None or (graph.shapes_known and node.calls == 0):
+        return "never called as a module on the example input (its weights are used functionally or by a fast path)"
+    if node.calls > 1:
+        return f"called {node.calls} times per forward; one BatchNorm would mix the statistics of every call"
+    if skip_output and is_output_layer(graph, name):
+        return "output layer (normalize it too with skip_output=False / --include-output)"
+    norm_name = feeds_norm(graph, name)
+    if norm_name is not None:
+        return f"already feeds {type(graph.nodes[norm_name].module).__name__} {norm_name}"
+    return None
+
+
+def _insertion_point(graph: LayerGraph, name: str, placement: str) -> tuple[str | None, tuple[int, ...] | None, str]:
+    """``(target, its output shape, "")``: the module the BatchNorm follows (the layer, or with after-activation
+    placement its activation); ``(None, None, why)`` when there is none."""
+    target = name
+    if placement == "after-activation":
+        act, why = _activation_after(graph, name)
+        if act is None:
+            return None, None, why
+        target = act
+    node = graph.nodes[name]
+    shape = node.output_shapes[0] if graph.shapes_known and node.output_shapes else None
+    if target != name and graph.shapes_known and graph.nodes[target].output_shapes:
+        shape = graph.nodes[target].output_shapes[0]
+    return target, shape, ""
 
 
 class _Moments:
@@ -391,7 +421,7 @@ def _calibrate(
         for name, norm in norms.items():
             handles.append(norm.register_forward_hook(hook(name, norm)))
         for inputs in iter_inputs(data, limit=limit):
-            run(model, to_device(inputs, device, dtype))
+            run(model, move_to(inputs, device, dtype))
             batches += 1
     except DataError:
         raise

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from bnaudit.errors import DataError, TransformError
-from bnaudit.loading.data import non_finite_at
-from bnaudit.probes.common import batch_size, bn_layers, bn_statistics_mode, forward, tracks_running_stats
+from bnaudit.layers import batchnorm_layers
+from bnaudit.loading.data import DataSource, non_finite_at
+from bnaudit.probes.common import batch_size, bn_statistics_mode, forward, tracks_running_stats
 from bnaudit.probes.running_stats import ChannelMoments, collect_moments, layer_fit
 
 __all__ = ["LayerRecalibration", "RecalibrationTable", "has_uninitialized", "recalibrate"]
@@ -172,6 +173,38 @@ def recalibrate(
             modules.
         DataError: no data, no batch of two or more samples, or the model rejects a batch.
     """
+    tracked, skipped = _tracked_layers(model, batches)
+    source = _source(data, batch_size, input_key)
+    home = _device_of(model)
+    run_on = torch.device(device) if device is not None else home
+    dtype = _dtype_of(model)
+
+    new = copy.deepcopy(model).to(run_on)
+    new_layers = {name: m for name, m in batchnorm_layers(new).items() if name in tracked}
+    moments = {name: ChannelMoments() for name in new_layers}
+    count, samples, dropped = _reestimate(new, new_layers, moments, source, batches, run_on, dtype)
+    if count == 0:
+        raise DataError(
+            f"{source.spec}: no batch of two or more samples to estimate statistics from; use a batch size of 2 or more"
+        )
+    for name, m in new_layers.items():
+        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+            raise DataError(
+                f"{source.spec}: the recalibrated statistics of {name} are not finite (the model's activations "
+                "overflow or its weights hold NaN/Inf on this data); nothing was written"
+            )
+    rows = _compare(new_layers, tracked, moments, skipped)
+    new.to(home)
+    return new, RecalibrationTable(tuple(rows), skipped, count, samples, dropped)
+
+
+def _tracked_layers(model: nn.Module, batches: int | None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The BatchNorm layers that keep running statistics, and why each other one is left alone.
+
+    Raises:
+        DataError: ``batches`` is below 1.
+        TransformError: uninitialized lazy modules, or no BatchNorm layer with running statistics.
+    """
     if batches is not None and batches < 1:
         raise DataError(f"--batches must be at least 1, got {batches}")
     if has_uninitialized(model):
@@ -179,7 +212,7 @@ def recalibrate(
             "the model has uninitialized lazy modules (LazyLinear, LazyBatchNorm...); run one forward pass on a "
             "batch first so their shapes are known (`bnaudit recalibrate` does this on its own copy)"
         )
-    layers = bn_layers(model)
+    layers = batchnorm_layers(model)
     tracked = {name: m for name, m in layers.items() if tracks_running_stats(m)}
     skipped = {
         name: "keeps no running statistics (track_running_stats=False)" for name in layers if name not in tracked
@@ -188,14 +221,27 @@ def recalibrate(
         raise TransformError(
             "the model has no BatchNorm layer with running statistics; there is nothing to recalibrate"
         )
-    source = _source(data, batch_size, input_key)
-    home = _device_of(model)
-    run_on = torch.device(device) if device is not None else home
-    dtype = _dtype_of(model)
+    return tracked, skipped
 
-    new = copy.deepcopy(model).to(run_on)
-    new_layers = {name: m for name, m in bn_layers(new).items() if name in tracked}
-    moments = {name: ChannelMoments() for name in new_layers}
+
+def _reestimate(
+    new: nn.Module,
+    new_layers: dict[str, nn.Module],
+    moments: dict[str, ChannelMoments],
+    source: DataSource,
+    batches: int | None,
+    run_on: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[int, int, int]:
+    """Reset ``new_layers`` and run one pass of ``source`` through ``new`` with cumulative-average momentum,
+    collecting each layer's input moments; momentum is restored and the hooks removed however it ends.
+
+    Returns:
+        ``(batches used, samples used, batches dropped for having fewer than two samples)``.
+
+    Raises:
+        DataError: a batch holds NaN/Inf, or the model rejects a batch.
+    """
     momenta = {name: m.momentum for name, m in new_layers.items()}
     handles = [m.register_forward_pre_hook(collect_moments(moments[name])) for name, m in new_layers.items()]
     count = samples = dropped = 0
@@ -209,22 +255,7 @@ def recalibrate(
                 if n < 2:
                     dropped += 1
                     continue
-                bad = non_finite_at(batch.inputs)
-                if bad is not None:
-                    raise DataError(
-                        f"{source.spec}: batch {index} holds a non-finite input (NaN or Inf at index {bad}); its "
-                        "statistics would be NaN and poison every eval-mode prediction: clean the data. Nothing "
-                        "was written"
-                    )
-                try:
-                    forward(new, batch.inputs)
-                except Exception as exc:  # noqa: BLE001 - the model's own error, reported with the data named
-                    from bnaudit.loading.specs import describe_exception
-
-                    raise DataError(
-                        f"{source.spec}: the model rejected a batch while recalibrating ({describe_exception(exc)}); "
-                        "check that the data matches the model's input"
-                    ) from exc
+                _forward_batch(new, batch.inputs, source.spec, index)
                 count += 1
                 samples += n
     finally:
@@ -232,16 +263,37 @@ def recalibrate(
             h.remove()
         for name, m in new_layers.items():
             m.momentum = momenta[name]
-    if count == 0:
+    return count, samples, dropped
+
+
+def _forward_batch(model: nn.Module, inputs: Any, spec: str, index: int) -> None:
+    """One recalibration forward pass, refusing non-finite inputs and naming the data when the model fails."""
+    bad = non_finite_at(inputs)
+    if bad is not None:
         raise DataError(
-            f"{source.spec}: no batch of two or more samples to estimate statistics from; use a batch size of 2 or more"
+            f"{spec}: batch {index} holds a non-finite input (NaN or Inf at index {bad}); its "
+            "statistics would be NaN and poison every eval-mode prediction: clean the data. Nothing "
+            "was written"
         )
-    for name, m in new_layers.items():
-        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
-            raise DataError(
-                f"{source.spec}: the recalibrated statistics of {name} are not finite (the model's activations "
-                "overflow or its weights hold NaN/Inf on this data); nothing was written"
-            )
+    try:
+        forward(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported with the data named
+        from bnaudit.loading.specs import describe_exception
+
+        raise DataError(
+            f"{spec}: the model rejected a batch while recalibrating ({describe_exception(exc)}); "
+            "check that the data matches the model's input"
+        ) from exc
+
+
+def _compare(
+    new_layers: dict[str, nn.Module],
+    tracked: dict[str, nn.Module],
+    moments: dict[str, ChannelMoments],
+    skipped: dict[str, str],
+) -> list[LayerRecalibration]:
+    """Each recalibrated layer's fit before and after; a layer that never ran gets its old buffers back and a
+    line in ``skipped`` instead."""
     rows = []
     for name, m in new_layers.items():
         mom = moments[name]
@@ -268,8 +320,7 @@ def recalibrate(
                 num_batches_tracked_after=after.num_batches_tracked,
             )
         )
-    new.to(home)
-    return new, RecalibrationTable(tuple(rows), skipped, count, samples, dropped)
+    return rows
 
 
 def batch_size_of(inputs: Any) -> int:

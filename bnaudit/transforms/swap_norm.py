@@ -19,22 +19,20 @@ import torch
 from torch import nn
 
 from bnaudit.errors import UsageError
-from bnaudit.layers import is_batchnorm
+from bnaudit.graph import default_run
+from bnaudit.layers import batchnorm_layers
+from bnaudit.loading.data import move_to
+from bnaudit.loading.modules import FeatureBatchNorm1d, module_record
+from bnaudit.loading.plan import apply_plan, get_module, pristine_copy
 from bnaudit.transforms.base import (
     Change,
     TransformResult,
-    apply_plan,
-    default_run,
     describe,
     eval_outputs,
-    get_module,
     max_abs_difference,
     model_device_dtype,
-    pristine_copy,
-    to_device,
+    transform_graph,
 )
-from bnaudit.transforms.insert_bn import _graph
-from bnaudit.transforms.modules import FeatureBatchNorm1d, module_record
 
 TARGETS = ("group", "layer", "instance", "frozen", "sync")
 MAX_GROUPS = 32
@@ -78,7 +76,7 @@ def _target(bn: nn.Module, to: str, rank: int | None, groups: int | None) -> tup
             return None, {}, "has no running statistics to freeze (track_running_stats=False)"
         dims = _spatial_dims(bn, rank)
         cls = {2: "FrozenBatchNorm2d", 3: "FrozenBatchNorm3d"}.get(dims or 0, "FrozenBatchNorm1d")
-        from bnaudit.transforms import modules
+        from bnaudit.loading import modules
 
         args = {"num_features": c, "eps": float(bn.eps), "channel_last": last}
         return getattr(modules, cls)(**args), args, ""
@@ -166,8 +164,8 @@ def swap_norm(
     ranks: dict[str, int] = {}
     method = ""
     if example is not None:
-        example = to_device(example, device, dtype)
-        graph = _graph(work, example, run_fn)
+        example = move_to(example, device, dtype)
+        graph = transform_graph(work, example, run_fn)
         method = graph.method
         ranks = {n: len(node.input_shapes[0]) for n, node in graph.nodes.items() if node.input_shapes}
 
@@ -175,8 +173,8 @@ def swap_norm(
     changes: list[Change] = []
     skipped: list[Change] = []
     pending: list[tuple[str, nn.Module]] = []
-    for name, module in work.named_modules():
-        if not is_batchnorm(module) or (to == "sync" and isinstance(module, nn.SyncBatchNorm)):
+    for name, module in batchnorm_layers(work).items():
+        if to == "sync" and isinstance(module, nn.SyncBatchNorm):
             continue
         if any(name.startswith(p + ".") for p, _ in pending):
             continue
@@ -189,7 +187,7 @@ def swap_norm(
         changes.append(Change("swap", name, f"{describe(module)} -> {describe(new)}", note, new=name))
 
     if to == "group" and groups is not None and skipped and not changes:
-        channels = sorted({int(getattr(m, "num_features", 0)) for n, m in work.named_modules() if is_batchnorm(m)})
+        channels = sorted({int(getattr(m, "num_features", 0)) for m in batchnorm_layers(work).values()})
         divisors = sorted({g for c in channels for g in range(2, min(c, 32) + 1) if c % g == 0 and c // g >= 2})
         raise UsageError(
             f"--groups {groups} divides none of the BatchNorm channel counts ({', '.join(map(str, channels))}), so "

@@ -142,7 +142,7 @@ def test_sarif_from_a_real_audit_uses_registry_metadata():
     doc = json.loads(render([report], "sarif", root=DATA.parent.parent))
     _sarif_validator().validate(doc)
     rules = {r["id"]: r for r in doc["runs"][0]["tool"]["driver"]["rules"]}
-    from bnaudit.rules.base import get_rule
+    from bnaudit.rules import get_rule
 
     bn101 = get_rule("BN101")
     assert rules["BN101"]["name"] == bn101.name
