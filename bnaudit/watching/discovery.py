@@ -15,7 +15,6 @@ first step)."""
 from __future__ import annotations
 
 import gc
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -56,9 +55,9 @@ def find_roots(params: Iterable[torch.Tensor]) -> list[tuple[nn.Module, bool]]:
     order = {id(p): i for i, p in enumerate(params)}
     if not order:
         return []
-    with warnings.catch_warnings():  # isinstance() on a deprecated torch alias would warn
-        warnings.simplefilter("ignore")
-        modules = [o for o in gc.get_objects() if isinstance(o, nn.Module)]
+    # type(), not isinstance(): a weak proxy claims its referent's class (and fails once it is dead), and a
+    # deprecated torch alias warns when asked
+    modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module)]
     children = {id(c) for m in modules for c in m.children()}
     found: dict[int, tuple[int, nn.Module, bool]] = {}
     for m in modules:

@@ -85,3 +85,27 @@ def test_a_missing_script_is_one_line_and_status_2(tmp_path):
     assert got.returncode == 2
     assert got.stderr.startswith("bnaudit: error:") and len(got.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bnaudit-watch").exists()
+
+
+def test_ctrl_c_writes_the_report_then_exits_130(tmp_path):
+    import signal
+    import subprocess
+
+    from tests.watching.helpers import env
+
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "bnaudit", "watch", "--out", str(out), "--no-plots",
+                             str(SCRIPTS / "long_train.py")], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "step 5":
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.index("wrote") < err.index("KeyboardInterrupt")
+    rep = _report(out)
+    assert rep["watch"]["outcome"] == "interrupted" and rep["reports"][0]["meta"]["steps"] >= 5

@@ -130,3 +130,18 @@ def test_watch_removes_every_hook():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     opt.step()  # the global optimizer hooks are gone too: nothing is counted
     assert w.models[0].steps == 3
+
+
+def test_a_compiled_model_is_found_unwrapped_with_one_note():
+    model, _, x, y = _setup()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.01)
+    with bnaudit.watch() as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+    (m,) = w.models
+    assert m.model is model and m.compiled and m.steps == 3
+    (note,) = w.reports[0].meta["notes"]
+    assert "torch.compile" in note and "not recorded" in note
