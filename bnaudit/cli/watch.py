@@ -31,7 +31,7 @@ def _summary(w: Any, folder: Path | None, console: Any) -> None:
     for model, report in zip(w.models, w.reports, strict=True):
         meta = report.meta
         console.print(f"[bold]bnaudit watch[/]: [bold]{escape(model.name)}[/] ({escape(model.optimizer)}): "
-                      f"{meta['steps']} steps, {meta['recorded_steps']} recorded, {meta['layers_recorded']} layers, "
+                      f"{meta['steps']} steps ({meta['recorded_steps']} history rows), {meta['layers_recorded']} layers, "
                       f"{meta['batchnorm_layers']} BatchNorm; {len(report.findings)} finding(s)")
         for f in report.findings:
             where = f" at {escape(f.location)}" if f.location else ""

@@ -46,23 +46,31 @@ def _drifting(history: Any, top: int) -> list[Any]:
     return sorted(drifts, key=lambda d: -d.shift)[:top]
 
 
+def _shift_series(history: Any, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per recorded step, the layer's mean shift from its first fifth of steps in early standard deviations,
+    averaged over channels: the measure BN206 compares between the first and last fifth, step by step."""
+    cm, cv = history.series(layer, "channel_mean"), history.series(layer, "channel_var")
+    ok = np.isfinite(cm).all(axis=1)
+    cm, cv = cm[ok], cv[ok]
+    w = max(1, len(cm) // 5)
+    m0 = cm[:w].mean(axis=0)
+    s0 = np.sqrt(cv[:w].mean(axis=0) + cm[:w].var(axis=0))
+    floor = max(float(np.median(s0)) if s0.size else 0.0, 1e-12)
+    s0 = np.where(s0 > 1e-12, s0, floor)
+    return history.steps[ok], (np.abs(cm - m0) / s0).mean(axis=1)
+
+
 def _drift(history: Any, title: str, Figure: Any) -> Any | None:
-    top = _drifting(history, 6)
+    top = [d for d in _drifting(history, 6) if history.info[d.layer].get("channel_dim") is not None]
     if not top:
         return None
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
-    steps = history.steps
     for d in top:
-        mean, std = history.series(d.layer, "mean"), history.series(d.layer, "std")
-        ok = np.isfinite(mean)
-        if not ok.any():
-            continue
-        first = np.flatnonzero(ok)[: max(1, ok.sum() // 5)]
-        scale = float(np.nanmean(std[first])) or 1.0
-        ax.plot(steps[ok], (mean[ok] - np.nanmean(mean[first])) / scale, label=f"{d.layer} ({d.shift:.2g})")
+        steps, shift = _shift_series(history, d.layer)
+        ax.plot(steps, shift, label=f"{d.layer} (BN206 shift {d.shift:.2g})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean shift (early stds)")
+    ax.set_ylabel("mean shift from the first steps (stds)")
     ax.set_title(f"{title}: the most drifting layers")
     ax.legend(fontsize=7)
     return fig
@@ -91,7 +99,9 @@ def _percentiles(history: Any, title: str, Figure: Any) -> Any | None:
     for j, lab in enumerate(("15th", "50th", "85th")):
         ax.plot(steps[ok], q[ok, j], label=lab)
     ax.set_xlabel("optimizer step")
-    ax.set_title(f"{title}: {layer} unit {unit}, percentiles over training")
+    watched = unit in (history.info[layer].get("units") or ())
+    how = "" if watched else " (Gaussian view from its mean and std)"
+    ax.set_title(f"{title}: {layer} unit {unit}, percentiles over training{how}", fontsize=10)
     ax.legend(fontsize=7)
     return fig
 
@@ -111,7 +121,7 @@ def _modes(history: Any, title: str, Figure: Any, events: dict[str, list[int]]) 
         for s in marks:
             ax.axvline(s, color="black", lw=0.8, ls="--")
         if marks:
-            ax.text(marks[0], -0.5, f" {code}", fontsize=7, va="bottom")
+            ax.text(marks[0], len(bns) - 0.6, f" {code}", fontsize=7, va="bottom", color="white")
     ax.set_xlabel("optimizer step (green: train mode, red: eval mode)")
     ax.set_title(f"{title}: BatchNorm modes")
     return fig

@@ -232,7 +232,7 @@ class LiveChecks:
     @staticmethod
     def _common(ev: _Event) -> dict[str, Any]:
         return {"layers": list(ev.layers), "first_step": ev.first_step, "last_step": ev.last_step,
-                "steps": len(ev.steps), "calls": ev.count}
+                "steps": len(ev.steps), "calls": ev.count, "at_steps": sorted(ev.steps)[:50]}
 
     def _bn306(self, rule: Any, ev: _Event) -> Finding:
         layers = list(ev.layers)

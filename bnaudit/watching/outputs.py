@@ -38,7 +38,8 @@ def _events(report: Any) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for f in report.findings:
         if f.step is not None and f.code in ("BN306", "BN307", "BN209"):
-            out.setdefault(f.code, []).append(int(f.step))
+            at = f.evidence.get("at_steps") or [f.step]
+            out.setdefault(f.code, []).extend(int(s) for s in at)
     return out
 
 

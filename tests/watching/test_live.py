@@ -145,3 +145,17 @@ def test_a_compiled_model_is_found_unwrapped_with_one_note():
     assert m.model is model and m.compiled and m.steps == 3
     (note,) = w.reports[0].meta["notes"]
     assert "torch.compile" in note and "not recorded" in note
+
+
+def test_the_shipped_example_finds_its_one_mistake():
+    from bnaudit import watching
+    from tests.watching.helpers import ROOT
+
+    script = ROOT / "examples" / "watch_train.py"
+    with bnaudit.watch() as w:
+        outcome = watching.run_program(str(script), ["--epochs", "3"])  # the README tour's command
+    assert outcome.code == 0
+    (report,) = w.reports
+    assert [f.code for f in report.findings] == ["BN306"]
+    line = next(i for i, t in enumerate(script.read_text().splitlines(), 1) if "model(x).argmax" in t)
+    assert report.findings[0].location == f"{script}:{line}" and report.findings[0].step == 28
