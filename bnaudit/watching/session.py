@@ -98,13 +98,14 @@ class Watch:
 
     def __init__(self, *, layers: Iterable[str] | None = None, every: int = 1, max_steps: int | None = None,
                  reduce: bool = False, select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
-                 rule_config: Mapping[str, Mapping[str, Any]] | None = None, name: str = "watch"):
+                 rule_config: Mapping[str, Mapping[str, Any]] | None = None, only: Iterable[Any] | None = None):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise UsageError(f"every must be a positive integer, got {every!r}")
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
             raise UsageError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.layers = list(layers) if layers else None
-        self.every, self.max_steps, self.reduce, self.name = every, max_steps, reduce, name
+        self.every, self.max_steps, self.reduce = every, max_steps, reduce
+        self.only = None if only is None else list(only)
         self.rules = self._rules(select, ignore, rule_config or {})
         self.models: list[WatchedModel] = []
         self.notes: list[str] = []
@@ -149,19 +150,24 @@ class Watch:
         self.reports = [self._report(w) for w in self.models]
 
     # -- optimizer hooks --
+    def _ignored(self, opt: Any) -> bool:
+        return self.only is not None and not any(opt is o for o in self.only)
+
     def _entry(self, opt: Any) -> tuple[list[WatchedModel], list[WatchedModel]] | None:
         got = self._by_opt.get(id(opt))
         return (got[1], got[2]) if got is not None and got[0] is opt else None
 
     def _pre(self, opt: Any, args: Any, kwargs: Any) -> None:
         entry = self._entry(opt)
-        if entry is None:
+        if entry is None or self._ignored(opt):
             return
         for w in entry[0]:
             if not w._stopped:
                 w.live.before_step()
 
     def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self._ignored(opt):
+            return
         entry = self._entry(opt)
         if entry is None:
             self._discover(opt)
@@ -290,7 +296,7 @@ def _named(finding: Any, name: str) -> Any:
 
 def watch(*, layers: Iterable[str] | None = None, every: int = 1, max_steps: int | None = None, reduce: bool = False,
           select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
-          rule_config: Mapping[str, Mapping[str, Any]] | None = None) -> Watch:
+          rule_config: Mapping[str, Mapping[str, Any]] | None = None, only: Iterable[Any] | None = None) -> Watch:
     """Find every model trained inside the block (by its ``optimizer.step()`` calls) and record it.
 
     Use as ``with bnaudit.watch() as w: train()``; then ``w.reports`` (one Report per model, findings with
@@ -306,6 +312,7 @@ def watch(*, layers: Iterable[str] | None = None, every: int = 1, max_steps: int
             BN306, BN307).
         ignore: rule codes/prefixes/names to skip.
         rule_config: code -> {"severity": ..., "options": {...}}, as ``bnaudit check`` configures rules.
+        only: watch only the models of these optimizers (default: every optimizer that steps).
 
     Returns:
         A Watch (a context manager).
@@ -314,4 +321,4 @@ def watch(*, layers: Iterable[str] | None = None, every: int = 1, max_steps: int
         UsageError: invalid ``every``/``max_steps`` or unknown rule codes.
     """
     return Watch(layers=layers, every=every, max_steps=max_steps, reduce=reduce, select=select, ignore=ignore,
-                 rule_config=rule_config)
+                 rule_config=rule_config, only=only)
