@@ -109,3 +109,9 @@ def test_ctrl_c_writes_the_report_then_exits_130(tmp_path):
     assert err.index("wrote") < err.index("KeyboardInterrupt")
     rep = _report(out)
     assert rep["watch"]["outcome"] == "interrupted" and rep["reports"][0]["meta"]["steps"] >= 5
+
+
+def test_an_unknown_rule_is_refused_before_the_script_runs(tmp_path):
+    got = bnaudit_watch("--select", "BN999", str(SCRIPTS / "argv_echo.py"), cwd=tmp_path)
+    assert got.returncode == 2 and got.stdout == ""
+    assert got.stderr.startswith("bnaudit: error:") and len(got.stderr.strip().splitlines()) == 1
