@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -147,6 +147,7 @@ class Watch:
             h.remove()
         for w in self.models:
             w.stop()
+        self._by_opt.clear()  # the optimizers are the user's: hold them no longer than the block
         self.reports = [self._report(w) for w in self.models]
 
     # -- optimizer hooks --
@@ -264,7 +265,7 @@ class Watch:
         history = w.history
         ends, skipped = history_findings(w.model, history, self.rules, w.live.location_at)
         findings += ends
-        findings = [f if f.audit else _named(f, w.name) for f in findings]
+        findings = [f if f.audit else replace(f, audit=w.name) for f in findings]
         notes = [*w.notes, *w.live.errors, *history.notes]
         meta = {"steps": w.steps, "recorded_steps": len(history), "optimizer": w.optimizer, "every": self.every,
                 "layers_recorded": len(history.layers), "batchnorm_layers": len(history.bn_layers),
@@ -286,12 +287,6 @@ class Watch:
         if self._open:
             raise UsageError("write() after the `with bnaudit.watch()` block has ended")
         return write_outputs(self, Path(out), force=force, program=program or {}, plots=plots)
-
-
-def _named(finding: Any, name: str) -> Any:
-    from dataclasses import replace
-
-    return replace(finding, audit=name)
 
 
 def watch(*, layers: Iterable[str] | None = None, every: int = 1, max_steps: int | None = None, reduce: bool = False,

@@ -159,3 +159,15 @@ def test_the_shipped_example_finds_its_one_mistake():
     assert [f.code for f in report.findings] == ["BN306"]
     line = next(i for i, t in enumerate(script.read_text().splitlines(), 1) if "model(x).argmax" in t)
     assert report.findings[0].location == f"{script}:{line}" and report.findings[0].step == 28
+
+
+def test_every_and_layers_reach_the_recorder():
+    model, opt, x, y = _setup()
+    with bnaudit.watch(every=2, layers=["1", "4"]) as w:
+        for _ in range(7):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    h = w.models[0].history
+    assert list(h.steps) == [0, 2, 4, 6]
+    assert h.layers == ["1", "4"] and h.bn_layers == ["1", "4"]
