@@ -84,7 +84,7 @@ class WatchedModel:
         if self.recorder is not None:
             try:
                 self.recorder.__exit__(None, None, None)
-            except RecordingError as exc:
+            except Exception as exc:  # noqa: BLE001 - the hooks are gone either way; say why the end is missing
                 self.notes.append(f"recording stopped: {exc}")
 
 
@@ -164,7 +164,7 @@ class Watch:
             return
         for w in entry[0]:
             if not w._stopped:
-                w.live.before_step()
+                w.live.before_step()  # catches its own errors
 
     def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._ignored(opt):
@@ -174,7 +174,12 @@ class Watch:
             self._discover(opt)
             return
         for w in entry[0]:
-            self._end_step(w)
+            try:
+                self._end_step(w)
+            except Exception as exc:  # noqa: BLE001 - never break the user's training: stop watching this model
+                w.notes.append(f"{w.name}: watching stopped at step {w.steps} ({type(exc).__name__}: {exc})")
+                self._drop_recorder(w)
+                w.stop()
 
     def _discover(self, opt: Any) -> None:
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -212,10 +217,11 @@ class Watch:
             try:
                 rec = Recorder(model, layers=self.layers, every=self.every, reduce=self.reduce)
                 rec.__enter__()
-                rec.step()  # step 0: its forward passes came before discovery; this row holds the buffers
                 w.recorder = rec
+                rec.step()  # step 0: its forward passes came before discovery; this row holds the buffers
             except Exception as exc:  # noqa: BLE001 - a bad --layers or an odd model: note it, train on
                 w.notes.append(f"{name} is not recorded: {exc}")
+                self._drop_recorder(w)
         live.attach()
         w.steps = 1
         self._check_max(w)
@@ -228,7 +234,7 @@ class Watch:
         if w.recorder is not None:
             try:
                 w.recorder.step()
-            except RecordingError as exc:
+            except RecordingError as exc:  # hooks that never fire (a model compiled after it was found)
                 w.notes.append(f"{w.name}: recording stopped at step {w.steps}: {exc}")
                 self._drop_recorder(w)
         w.steps += 1

@@ -171,3 +171,15 @@ def test_every_and_layers_reach_the_recorder():
     h = w.models[0].history
     assert list(h.steps) == [0, 2, 4, 6]
     assert h.layers == ["1", "4"] and h.bn_layers == ["1", "4"]
+
+
+def test_layers_that_name_nothing_give_a_note_and_training_goes_on():
+    model, opt, x, y = _setup()
+    with bnaudit.watch(layers=["no.such.layer"]) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    (m,) = w.models
+    assert m.steps == 3 and m.recorder is None and len(m.history) == 0
+    assert any("not recorded" in n and "no.such.layer" in n for n in w.reports[0].meta["notes"])
