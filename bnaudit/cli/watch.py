@@ -52,7 +52,7 @@ def _summary(w: Any, folder: Path | None, console: Any) -> None:
 
 @command("watch", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
 def watch_cmd(
-    script: Annotated[str, typer.Argument(help="The training script (a .py file), or with -m a module name.",
+    script: Annotated[str, typer.Argument(help="The training script (a .py file), or with -m a module name.", metavar="SCRIPT",
                                           show_default=False)],
     args: Annotated[list[str] | None, typer.Argument(help="The script's own arguments.", show_default=False)] = None,
     module: Annotated[bool, typer.Option("-m", "--module", help="Run SCRIPT as a module, like python -m.")] = False,

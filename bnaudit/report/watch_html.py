@@ -24,7 +24,7 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}code{backgro
 """
 
 CAPTIONS = {
-    "drift": "Mean activation of the most drifting layers over training, in early standard deviations.",
+    "drift": "The most drifting layers: mean shift per channel from the first steps, in early standard deviations.",
     "percentiles": "15th/50th/85th percentiles of the most drifting unit (Ioffe & Szegedy 2015, Fig. 1 view).",
     "modes": "BatchNorm train (green) / eval (red) mode at every recorded step; dashed lines mark live findings.",
     "running": "A BatchNorm layer's running mean against the batch means it normalized with.",
@@ -70,7 +70,7 @@ def render_watch(reports: Sequence[Report], pngs: Mapping[str, Mapping[str, byte
         meta = r.meta
         parts += [f"<h2>{esc(r.model)}</h2>",
                   (f"<p>{meta.get('steps', 0)} optimizer steps ({esc(str(meta.get('optimizer', '')))}), "
-                   f"{meta.get('recorded_steps', 0)} recorded, {meta.get('layers_recorded', 0)} layers, "
+                   f"{meta.get('recorded_steps', 0)} history rows, {meta.get('layers_recorded', 0)} layers, "
                    f"{meta.get('batchnorm_layers', 0)} BatchNorm layers.</p>")]
         parts += _findings_table(r)
         top = (drifting or {}).get(r.model) or []
