@@ -20,6 +20,8 @@ of landing on whichever variant ran then; the median step time is printed beside
   scalar      bnaudit.record(per_channel=False);
   channel     bnaudit.record() (per-channel mean/variance, BatchNorm buffers and modes);
   every10     bnaudit.record(every=10): the same, one step in ten;
+  watch       bnaudit.watch(): the model found from its optimizer's steps (no rec.step() in the loop), the
+              same recorder plus the live checks' BatchNorm hooks and the global optimizer step hooks;
   fastai      ActivationStats-style hooks on the same modules: the output copied to the CPU, then mean,
               std and the near-zero fraction, each read with .item(), per module per step.
 Memory: after the timing rounds, each variant in turn runs ``--steps`` more steps (500 by default) and the
@@ -55,7 +57,7 @@ import bnaudit
 from bnaudit.recording import default_layers
 from bnaudit.recording.recorder import reduce_call
 
-VARIANTS = ("none", "floor", "scalar", "channel", "every10", "fastai")
+VARIANTS = ("none", "floor", "scalar", "channel", "every10", "watch", "fastai")
 # The restated targets: per-channel ratio at most this, and the recorder's overhead at most 2/3 of fastai-style's.
 TARGETS = {"a": 1.35, "b": 1.20, "c": 1.06}
 
@@ -177,7 +179,11 @@ class Runner:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.rec = None
         self.fastai = None
-        if variant in ("scalar", "channel", "every10"):
+        self.watch = None
+        if variant == "watch":  # only this runner's optimizer: the other variants' models stay unwatched
+            self.watch = bnaudit.watch(only=[self.opt])
+            self.watch.__enter__()
+        elif variant in ("scalar", "channel", "every10"):
             self.rec = bnaudit.record(self.model, per_channel=variant != "scalar", every=10 if variant == "every10" else 1)
             self.rec.__enter__()
         elif variant == "fastai":
@@ -193,13 +199,25 @@ class Runner:
         if self.rec is not None:
             self.rec.step()
 
+    @property
+    def history(self):
+        """The recorder's history (for ``watch``: the one of the model it found), or None."""
+        if self.rec is not None:
+            return self.rec.history
+        if self.watch is not None and self.watch.models:
+            return self.watch.models[0].history
+        return None
+
     def settle(self) -> None:
         """Wait until the recorder has written every step taken (on an accelerator the last row's host copy
         may still be in flight)."""
-        if self.rec is not None and self.rec.history.settle is not None:
-            self.rec.history.settle()
+        h = self.history
+        if h is not None and h.settle is not None:
+            h.settle()
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         if self.rec is not None:
             self.rec.__exit__(None, None, None)
         if self.fastai is not None:
@@ -251,15 +269,15 @@ def bench(key: str, rounds: int, block: int, mem_steps: int, device: torch.devic
     mem: dict[str, tuple[int, int]] = {}
     for v in VARIANTS:
         run = runners[v]
-        rows0 = len(run.rec.history) if run.rec else 0
+        rows0 = len(run.history) if run.history is not None else 0
         start = rss_bytes()
         peak = start
         for s in range(mem_steps):
             x, y = batches[s % len(batches)]
             run.step(x, y)
             peak = max(peak, rss_bytes())
-        per_step = run.rec.history.bytes_per_step if run.rec else 0
-        kept = (len(run.rec.history) - rows0) * per_step if run.rec else 0
+        per_step = run.history.bytes_per_step if run.history is not None else 0
+        kept = (len(run.history) - rows0) * per_step if run.history is not None else 0
         mem[v] = (peak - start, kept, per_step)
     for run in runners.values():
         run.close()
@@ -297,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:<9} {med[v] * 1e3:>10.3f} {ratio[v]:>7.3f} {100 * (ratio[v] - 1):>8.1f}%"
                   f"   {grow / 1e6:+.2f} MB RSS{extra}")
         over_fa = ratio["fastai"] - 1
-        for v in ("channel", "scalar", "every10"):
+        for v in ("channel", "scalar", "every10", "watch"):
             over = ratio[v] - 1
             share = over / over_fa if over_fa > 0 else float("inf")
             print(f"  bnaudit {v} overhead / fastai-style overhead = {share:.2f}")

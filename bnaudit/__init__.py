@@ -20,6 +20,7 @@ _API = {
     "swap_norm": "bnaudit.transforms",
     "recalibrate": "bnaudit.transforms.recalibrate",
     "record": "bnaudit.recording",
+    "watch": "bnaudit.watching",
     "train_compare": "bnaudit.training",
     "run_checks": "bnaudit.gate",
     "inspect_distributed": "bnaudit.distributed",

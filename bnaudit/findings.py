@@ -77,6 +77,8 @@ class Finding:
         fix: what to change, naming the bnaudit command that repairs it where one exists.
         evidence: the numbers that justified the finding, including the threshold crossed.
         audit: the name of the audit (model spec or config entry) that produced it.
+        step: the training step at which it was seen (``bnaudit watch``), or None.
+        location: ``file:line`` in the user's code where the offending call was made, or None.
     """
 
     code: str
@@ -87,6 +89,8 @@ class Finding:
     fix: str
     evidence: Mapping[str, Any] = field(default_factory=dict)
     audit: str | None = None
+    step: int | None = None
+    location: str | None = None
 
     def sort_key(self) -> tuple:
         return (-SEVERITY_RANK[self.severity], self.audit or "", self.code, self.layer or "", self.message)
@@ -95,8 +99,9 @@ class Finding:
         return replace(self, severity=check_severity(severity))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; evidence floats rounded to ``EVIDENCE_DIGITS`` significant digits."""
-        return {
+        """JSON-ready dict; evidence floats rounded to ``EVIDENCE_DIGITS`` significant digits. ``step`` and
+        ``location`` appear only when set, so reports without them keep their shape."""
+        out = {
             "code": self.code,
             "name": self.name,
             "severity": self.severity,
@@ -106,6 +111,11 @@ class Finding:
             "evidence": _plain(dict(self.evidence)),
             "audit": self.audit,
         }
+        if self.step is not None:
+            out["step"] = self.step
+        if self.location is not None:
+            out["location"] = self.location
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Finding:
@@ -118,6 +128,8 @@ class Finding:
             fix=data.get("fix", ""),
             evidence=dict(data.get("evidence") or {}),
             audit=data.get("audit"),
+            step=data.get("step"),
+            location=data.get("location"),
         )
 
 
