@@ -23,6 +23,7 @@ _API = {
     "train_compare": "bnaudit.training",
     "run_checks": "bnaudit.checking",
     "inspect_distributed": "bnaudit.distributed",
+    "fix": "bnaudit.fixing",
     "Report": "bnaudit.findings",
     "Finding": "bnaudit.findings",
     "BnauditError": "bnaudit.errors",

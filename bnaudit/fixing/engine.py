@@ -1,0 +1,430 @@
+"""``bnaudit.fix``: audit, plan the edits, apply them in memory, re-audit the edited code, roll back any fix
+whose finding remains, then write (or only diff).
+
+Every audit, the first included, runs on a copy of the model's file in a private temporary folder (with the
+file's own folder on ``sys.path``, so its imports resolve as before): Python caches an imported file by its
+path, so auditing the user's path twice in one process would see the first version. The user's file is
+written only at the end, atomically, and only when something changed and ``diff`` is false; a checkpoint is
+written only to ``output``, never over the user's weights."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bnaudit.errors import UsageError
+from bnaudit.findings import Finding, Report
+from bnaudit.fixing.catalog import fix_info
+from bnaudit.fixing.planning import Planned, layer_key, plan_source_edits, sequential_index
+from bnaudit.fixing.source import SourceEdit, Unfixable, apply_edits, reorder
+
+__all__ = ["FixOutcome", "FixResult", "fix"]
+
+APPLIED, ROLLED_BACK, NOT_FIXABLE, SKIPPED = "applied", "rolled-back", "not-fixable", "skipped"
+_AUDIT_OPTIONS = frozenset({
+    "predict", "weights", "trust_pickle", "select", "ignore", "rule_config", "input_shape", "input_key",
+    "batch_size", "steps", "device", "graph",
+})
+
+
+@dataclass(frozen=True)
+class FixOutcome:
+    """What happened to one finding.
+
+    Attributes:
+        code, layer: the finding's rule and layer.
+        line: the line of its layer's constructor call in the model's file (None when unknown).
+        kind: ``safe``, ``unsafe`` or ``checkpoint``.
+        status: ``applied``, ``rolled-back`` (applied, but the re-audit still reported the finding),
+            ``not-fixable`` (edit it by hand at ``line``) or ``skipped`` (an unsafe fix without
+            ``unsafe_fixes``, a checkpoint fix without an output).
+        detail: what was done, or why not.
+    """
+
+    code: str
+    layer: str | None
+    line: int | None
+    kind: str
+    status: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "layer": self.layer, "line": self.line, "kind": self.kind, "status": self.status,
+                "detail": self.detail}
+
+
+@dataclass
+class FixResult:
+    """The outcome of ``bnaudit.fix``.
+
+    Attributes:
+        path: the model's file.
+        outcomes: one per fixable finding, in the report's order.
+        diff: the unified diff of the model's file ("" when nothing changed).
+        before: the audit before any fix.
+        after: the audit of the fixed code (and checkpoint); ``before`` when nothing was applied.
+        written: the files written (none with ``diff=True``).
+        checkpoint_notes: what the checkpoint fix did to each entry it dropped, added or re-estimated.
+    """
+
+    path: Path
+    outcomes: list[FixOutcome]
+    diff: str
+    before: Report
+    after: Report
+    written: list[Path] = field(default_factory=list)
+    checkpoint_notes: list[str] = field(default_factory=list)
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def applied(self) -> list[FixOutcome]:
+        return [o for o in self.outcomes if o.status == APPLIED]
+
+    def _rename(self, layer: str | None) -> str | None:
+        return self.renames.get(layer, layer) if layer is not None else None
+
+    @property
+    def gone(self) -> list[Finding]:
+        """Findings of ``before`` that the re-audit no longer reports."""
+        after = {layer_key(f) for f in self.after.findings}
+        return [f for f in self.before.findings if (f.code, self._rename(f.layer)) not in after]
+
+    @property
+    def new(self) -> list[Finding]:
+        """Findings the re-audit reports that ``before`` did not."""
+        before = {(f.code, self._rename(f.layer)) for f in self.before.findings}
+        return [f for f in self.after.findings if layer_key(f) not in before]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "diff": self.diff,
+            "written": [str(p) for p in self.written],
+            "gone": [f.to_dict() for f in self.gone],
+            "new": [f.to_dict() for f in self.new],
+            "checkpoint_notes": list(self.checkpoint_notes),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+        }
+
+
+@contextlib.contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    text = str(folder)
+    added = text not in sys.path
+    if added:
+        sys.path.insert(0, text)
+    try:
+        yield
+    finally:
+        if added and text in sys.path:
+            sys.path.remove(text)
+
+
+class _Workspace:
+    """Fresh temporary copies of the model's file (and checkpoint) to audit or load."""
+
+    def __init__(self, source: Path, attr: str, name: str, audit: Mapping[str, Any]) -> None:
+        self.source, self.attr, self.name, self.audit_args = source, attr, name, dict(audit)
+        self.dir = Path(tempfile.mkdtemp(prefix="bnaudit-fix-"))
+        self.count = 0
+
+    def _write(self, text: str, weights: Any) -> tuple[str, Path | None]:
+        self.count += 1
+        sub = self.dir / str(self.count)
+        sub.mkdir()
+        copy = sub / self.source.name
+        copy.write_text(text, encoding="utf-8")
+        if isinstance(weights, Mapping):
+            import torch
+
+            path = sub / "weights.pt"
+            torch.save(dict(weights), path)
+            weights = path
+        return f"{copy}:{self.attr}", weights
+
+    def audit(self, text: str, weights: Any) -> Report:
+        from bnaudit.api import inspect
+
+        spec, wpath = self._write(text, weights)
+        with _on_path(self.source.parent):
+            report = inspect(spec, weights=wpath, name=self.name, **self.audit_args)
+        return replace(report, source_path=str(self.source))
+
+    def load(self, text: str, weights: Any) -> Any:
+        from bnaudit.api import load_model
+
+        spec, wpath = self._write(text, weights)
+        with _on_path(self.source.parent):
+            return load_model(spec, weights=wpath, trust_pickle=bool(self.audit_args.get("trust_pickle")))
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _renamer(made: Iterable[SourceEdit], lines: Mapping[str, int]) -> dict[str, Callable[[str], str]]:
+    """Per moved nn.Sequential (its layer prefix): a function from old layer names to new ones."""
+    moves: dict[str, list[tuple[int, int]]] = {}
+    for e in made:
+        if e.op == "move":
+            (parent, i), (_, j) = sequential_index(e.layer), sequential_index(e.after_layer)  # type: ignore[misc]
+            moves.setdefault(parent, []).append((i, j))
+    out: dict[str, Callable[[str], str]] = {}
+    for parent, pairs in moves.items():
+        head = f"{parent}." if parent else ""
+        count = 1 + max(int(n[len(head):].split(".")[0]) for n in lines
+                        if n.startswith(head) and n[len(head):].split(".")[0].isdigit() and n != parent)
+        order = reorder(count, pairs)
+        out[parent] = _index_renamer(head, {old: new for new, old in enumerate(order)})
+    return out
+
+
+def _index_renamer(head: str, new_index: Mapping[int, int]) -> Callable[[str], str]:
+    def rename(name: str) -> str:
+        if not name.startswith(head):
+            return name
+        first, dot, tail = name[len(head):].partition(".")
+        if not first.isdigit() or int(first) not in new_index:
+            return name
+        return f"{head}{new_index[int(first)]}{dot}{tail}"
+
+    return rename
+
+
+def _compose(renamers: Mapping[str, Callable[[str], str]]) -> Callable[[str], str]:
+    def rename(name: str) -> str:
+        for fn in renamers.values():
+            name = fn(name)
+        return name
+
+    return rename
+
+
+def _state_key_renamer(rename: Callable[[str], str]) -> Callable[[str], str]:
+    def key(name: str) -> str:
+        layer, _, leaf = name.rpartition(".")
+        return f"{rename(layer)}.{leaf}" if layer else name
+
+    return key
+
+
+@dataclass
+class _Run:
+    """The working state of one fix: the plan, the edits still active, what was rolled back or refused."""
+
+    text: str
+    planned: list[Planned]
+    active: list[SourceEdit]
+    refused: dict[int, str] = field(default_factory=dict)  # id(edit) -> why
+    rolled_back: set[int] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_model_spec(model: Any) -> tuple[Path, str]:
+    from bnaudit.loading.specs import parse_py_spec
+
+    if not isinstance(model, (str, Path)):
+        raise UsageError("bnaudit.fix edits the model's source file: give MODEL as PATH.py[:NAME], not an object")
+    spec = parse_py_spec(str(model))
+    if spec is None or spec.path is None:
+        raise UsageError(f"{model}: bnaudit fix edits a Python file; give MODEL as PATH.py[:NAME]")
+    path = spec.path.expanduser()
+    if not path.is_file():
+        from bnaudit.loading.specs import missing_file
+
+        raise UsageError(f"{model}: {missing_file(path)}")
+    return path.resolve(), spec.attr or "build_model"
+
+
+def _fixed_state(ws: _Workspace, run: _Run, made: list[SourceEdit], original: Mapping[str, Any],
+                 new_text: str, rename: Callable[[str], str]) -> dict[str, Any]:
+    """The user's checkpoint fitted to the edited source: BN101 biases folded, keys renamed and fitted."""
+    from bnaudit.fixing.checkpoint import adapt_state, fold_bias
+
+    state = dict(original)
+    for e in made:
+        if e.code == "BN101":
+            feeds = next(p.finding.evidence.get("feeds") or [] for p in run.planned if p.edit is e)
+            state = fold_bias(state, e.layer, feeds)
+    template = ws.load(new_text, None).module.state_dict()
+    fitted, notes = adapt_state(state, template, _state_key_renamer(rename))
+    run.notes = notes
+    return fitted
+
+
+def _check_folds(run: _Run, original: Mapping[str, Any]) -> None:
+    """With a checkpoint, a BN101 fix whose bias cannot be folded exactly is refused up front."""
+    from bnaudit.fixing.checkpoint import fold_bias
+
+    for p in run.planned:
+        if p.edit is not None and p.edit.code == "BN101":
+            try:
+                fold_bias(original, p.edit.layer, p.finding.evidence.get("feeds") or [])
+            except Unfixable as exc:
+                run.refused[id(p.edit)] = f"{exc}; with --weights the bias must fold into the BatchNorm"
+                run.active.remove(p.edit)
+
+
+def _iterate(ws: _Workspace, run: _Run, before: Report, original: Mapping[str, Any] | None, path: Path) -> tuple[
+        str, Report, list[SourceEdit], dict[str, Any] | None, Callable[[str], str]]:
+    """Apply the active edits, re-audit, and roll back the edits whose findings remain, until none does."""
+    while True:
+        new_text, made, refused = apply_edits(run.text, run.active, indices=_indices(run.active), path=str(path))
+        for edit, why in refused:
+            run.refused[id(edit)] = why
+        rename = _compose(_renamer(made, before.source_lines))
+        if not made:
+            return run.text, before, [], (dict(original) if original is not None else None), rename
+        state = _fixed_state(ws, run, made, original, new_text, rename) if original is not None else None
+        after = ws.audit(new_text, state)
+        remaining = {layer_key(f) for f in after.findings}
+        stuck = [e for e in made if (e.code, rename(e.layer)) in remaining]
+        if not stuck:
+            return new_text, after, made, state, rename
+        run.rolled_back.update(id(e) for e in stuck)
+        run.active = [e for e in made if id(e) not in run.rolled_back]
+
+
+def _indices(edits: Iterable[SourceEdit]) -> dict[str, int]:
+    return {e.layer: sequential_index(e.layer)[1] for e in edits  # type: ignore[index]
+            if e.op == "move" and sequential_index(e.layer) is not None}
+
+
+def _outcomes(run: _Run, made: list[SourceEdit], checkpoint: list[FixOutcome]) -> list[FixOutcome]:
+    done = {id(e) for e in made}
+    out = []
+    for p in run.planned:
+        f = p.finding
+        if p.edit is None:
+            out.append(FixOutcome(f.code, f.layer, p.line, p.kind, p.status, p.reason))
+        elif id(p.edit) in done:
+            out.append(FixOutcome(f.code, f.layer, p.line, p.kind, APPLIED, p.edit.description))
+        elif id(p.edit) in run.rolled_back:
+            out.append(FixOutcome(f.code, f.layer, p.line, p.kind, ROLLED_BACK,
+                                  f"{p.edit.description}: the re-audit still reported {f.code}, so it was not applied"))
+        else:
+            out.append(FixOutcome(f.code, f.layer, p.line, p.kind, NOT_FIXABLE, run.refused.get(id(p.edit), "")))
+    out.extend(checkpoint)
+    return out
+
+
+def fix(
+    model: str | Path,
+    data: Any = None,
+    *,
+    unsafe_fixes: bool = False,
+    diff: bool = False,
+    output: str | Path | None = None,
+    force: bool = False,
+    **audit: Any,
+) -> FixResult:
+    """Audit MODEL, fix what can be fixed in its source file (and checkpoint), and re-audit the result.
+
+    Safe fixes (BN101, BN106, BN108) keep the model's function and are always applied; unsafe ones (BN103,
+    BN104, BN107) only with ``unsafe_fixes``. Each fix edits only the constructor call its finding points at
+    (LibCST: comments and formatting are kept). A fix whose finding the re-audit still reports is rolled back.
+    With ``weights`` and ``output``, the checkpoint is fixed too (BN101's bias folded into running_mean, keys
+    fitted to the edited source) and BN302/BN303/BN209 are repaired by recalibrating on ``data``.
+
+    Args:
+        model: ``PATH.py[:NAME]`` (NAME defaults to ``build_model``); that file is the one edited.
+        data: as for ``bnaudit.inspect``.
+        unsafe_fixes: apply the unsafe fixes too.
+        diff: compute the diff only; write nothing.
+        output: where to write the fixed checkpoint (needs ``weights``); the user's weights are never changed.
+        force: replace an existing ``output``.
+        **audit: ``bnaudit.inspect``'s options (``weights``, ``predict``, ``select``, ``ignore``,
+            ``rule_config``, ``input_shape``, ``batch_size``, ...), used for every audit the fix runs.
+
+    Returns:
+        A FixResult: the outcomes, the diff, the audits before and after, the files written.
+
+    Raises:
+        UsageError: MODEL is not a Python file spec, or ``output`` without ``weights``.
+        FixSourceError: the file does not parse, or an edit would leave it unparsable (nothing is written).
+        SpecError, WeightsError, DataError, ConfigError, OutputError: as for ``bnaudit.inspect``.
+    """
+    path, attr = _check_model_spec(model)
+    unknown = sorted(set(audit) - _AUDIT_OPTIONS)
+    if unknown:
+        raise UsageError(f"bnaudit.fix got an unknown option {unknown[0]!r}")
+    weights = audit.pop("weights", None)
+    if output is not None and weights is None:
+        raise UsageError("-o/--output writes the fixed checkpoint: give the checkpoint with --weights")
+    from bnaudit.files import OutputPlan, read_text_capped, spec_paths
+
+    plan = OutputPlan(inputs=spec_paths(model, data, audit.get("predict"), weights))
+    if output is not None and not diff:
+        plan.file(output, label="--output", replace=force)
+    plan.check()
+    text = read_text_capped(path, what="model file")
+    ws = _Workspace(path, attr, str(model), {**audit, "data": data})
+    try:
+        before = ws.audit(text, weights)
+        planned = plan_source_edits(before, unsafe_fixes=unsafe_fixes)
+        run = _Run(text, planned, [p.edit for p in planned if p.edit is not None])
+        original = ws.load(text, weights).module.state_dict() if weights is not None else None
+        if original is not None:
+            _check_folds(run, original)
+        new_text, after, made, state, rename = _iterate(ws, run, before, original, path)
+        checkpoint: list[FixOutcome] = []
+        if state is not None:
+            from bnaudit.fixing.repair import repair_checkpoint
+
+            state, after, checkpoint = repair_checkpoint(
+                ws, new_text, state, after, data=data, enabled=output is not None,
+                batch_size=audit.get("batch_size", 32), input_key=audit.get("input_key"), notes=run.notes,
+            )
+        else:
+            checkpoint = _checkpoint_skips(before, "give the checkpoint with --weights and -o OUT to fix it")
+    finally:
+        ws.close()
+    result = FixResult(
+        path=path, outcomes=_outcomes(run, made, checkpoint), diff=_diff(text, new_text, model),
+        before=before, after=after, checkpoint_notes=run.notes,
+        renames={f.layer: rename(f.layer) for f in before.findings if f.layer and rename(f.layer) != f.layer},
+    )
+    if not diff:
+        result.written = _write(plan, path, text, new_text, output, state)
+    return result
+
+
+def _checkpoint_skips(report: Report, why: str) -> list[FixOutcome]:
+    out = []
+    for f in report.findings:
+        info = fix_info(f.code)
+        if info is not None and info.kind == "checkpoint":
+            line = report.source_lines.get(f.layer or "\0")
+            out.append(FixOutcome(f.code, f.layer, line, info.kind, SKIPPED, why))
+    return out
+
+
+def _diff(old: str, new: str, model: Any) -> str:
+    if old == new:
+        return ""
+    name = str(model).rpartition(":")[0] if str(model).rpartition(":")[0].endswith(".py") else str(model)
+    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                        fromfile=f"a/{name}", tofile=f"b/{name}"))
+
+
+def _write(plan: Any, path: Path, old: str, new: str, output: str | Path | None, state: Any) -> list[Path]:
+    contents: dict[Path, Any] = {}
+    if new != old:
+        # The model file is the one file bnaudit rewrites: that is what `fix` is for (after the plan's checks,
+        # which refuse any .py output, so it is declared only now).
+        plan.file(path, label="the model file", replace=True)
+        contents[path] = new
+    if output is not None and state is not None:
+        import torch
+
+        payload = {k: v.detach().cpu().clone() for k, v in state.items()}
+        contents[Path(output)] = lambda tmp: torch.save(payload, tmp)
+    return plan.commit(contents) if contents else []
