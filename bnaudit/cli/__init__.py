@@ -7,7 +7,7 @@ import importlib
 
 from bnaudit.cli.app import app
 
-_COMMANDS = ("inspect", "rules", "check", "transforms", "recalibrate", "train_compare")
+_COMMANDS = ("inspect", "rules", "check", "transforms", "recalibrate", "train_compare", "fix")
 
 for _name in _COMMANDS:
     importlib.import_module(f"bnaudit.cli.{_name}")
