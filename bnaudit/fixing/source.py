@@ -197,15 +197,15 @@ def _set_arg(call: cst.Call, edit: SourceEdit) -> cst.Call:
 
 def _reordered(args: Sequence[cst.Arg], moves: list[tuple[int, int]]) -> list[cst.Arg]:
     """``args`` in the new order; each keeps its own comma (and the comment on it), except that the last
-    position keeps the original last comma, so a trailing comma (or its absence) stays where it was."""
+    position keeps the original last comma and the space before ``)``, so a trailing comma (or its absence)
+    stays where it was."""
     order = reorder(len(args), moves)
     out = [args[i] for i in order]
     if order[-1] != len(args) - 1:
-        moved_last = order.index(len(args) - 1)
-        out[moved_last], out[-1] = (
-            out[moved_last].with_changes(comma=out[-1].comma),
-            out[-1].with_changes(comma=args[-1].comma),
-        )
+        was_last = order.index(len(args) - 1)
+        tail = out[-1]
+        out[-1] = tail.with_changes(comma=out[was_last].comma, whitespace_after_arg=out[was_last].whitespace_after_arg)
+        out[was_last] = out[was_last].with_changes(comma=tail.comma, whitespace_after_arg=tail.whitespace_after_arg)
     return out
 
 
