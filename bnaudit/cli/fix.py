@@ -66,7 +66,7 @@ def fix_cmd(
     select: Annotated[list[str] | None, typer.Option("--select", help="Rules to audit and fix: codes, prefixes or names.")] = None,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Rules to skip: codes, prefixes or names.")] = None,
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff of the edits and write nothing.")] = False,
-    unsafe_fixes: Annotated[bool, typer.Option("--unsafe-fixes", help="Also apply the fixes that change behaviour (BN103, BN104, BN107).")] = False,
+    unsafe_fixes: Annotated[bool, typer.Option("--unsafe-fixes", help="Also apply the fixes that change behaviour (BN103, BN104, BN105, BN107).")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the fixed checkpoint (from --weights) here.")] = None,
     force: ForceOpt = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="text or json.")] = "text",

@@ -44,6 +44,9 @@ _CATALOG = {
                 "the model's outputs are no longer normalized: its scale and the loss it trains to change"),
         FixInfo("BN104", "unsafe", "the Dropout moves after the last BatchNorm it feeds (nn.Sequential literals only)",
                 "the regularization acts at another depth, and the Sequential's later indices (checkpoint keys) shift"),
+        FixInfo("BN105", "unsafe", "one BatchNorm per loop step: an nn.ModuleList created in __init__, indexed by "
+                "the loop variable", "each step then keeps its own statistics and learns its own scale and shift; the "
+                "checkpoint's one set of entries is copied to every step"),
         FixInfo("BN107", "unsafe", "track_running_stats=True",
                 "eval mode then uses running statistics, which a checkpoint lacks until `bnaudit recalibrate` fills "
                 "them"),

@@ -254,10 +254,24 @@ def _fixed_state(ws: _Workspace, run: _Run, made: list[SourceEdit], original: Ma
         if e.code == "BN101":
             feeds = next(p.finding.evidence.get("feeds") or [] for p in run.planned if p.edit is e)
             state = fold_bias(state, e.layer, feeds)
+        elif e.code == "BN105":
+            state = _per_step(state, e.layer, int(e.expect))  # type: ignore[call-overload]
     template = ws.load(new_text, None).module.state_dict()
     fitted, notes = adapt_state(state, template, _state_key_renamer(rename))
     run.notes = notes
     return fitted
+
+
+def _per_step(state: Mapping[str, Any], layer: str, steps: int) -> dict[str, Any]:
+    """BN105: the shared BatchNorm's entries copied to each step's BatchNorm in the new ModuleList."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key.startswith(layer + "."):
+            for i in range(steps):
+                out[f"{layer}.{i}.{key[len(layer) + 1:]}"] = value.clone()
+        else:
+            out[key] = value
+    return out
 
 
 def _check_folds(run: _Run, original: Mapping[str, Any]) -> None:
@@ -329,7 +343,7 @@ def fix(
     """Audit MODEL, fix what can be fixed in its source file (and checkpoint), and re-audit the result.
 
     Safe fixes (BN101, BN106, BN108) keep the model's function and are always applied; unsafe ones (BN103,
-    BN104, BN107) only with ``unsafe_fixes``. Each fix edits only the constructor call its finding points at
+    BN104, BN105, BN107) only with ``unsafe_fixes``. Each fix edits only the constructor call its finding points at
     (LibCST: comments and formatting are kept). A fix whose finding the re-audit still reports is rolled back.
     With ``weights`` and ``output``, the checkpoint is fixed too (BN101's bias folded into running_mean, keys
     fitted to the edited source) and BN302/BN303/BN209 are repaired by recalibrating on ``data``.
@@ -411,8 +425,9 @@ def _diff(old: str, new: str, model: Any) -> str:
     if old == new:
         return ""
     name = str(model).rpartition(":")[0] if str(model).rpartition(":")[0].endswith(".py") else str(model)
+    before, after = (name, name) if Path(name).is_absolute() else (f"a/{name}", f"b/{name}")
     return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
-                                        fromfile=f"a/{name}", tofile=f"b/{name}"))
+                                        fromfile=before, tofile=after))
 
 
 def _write(plan: Any, path: Path, old: str, new: str, output: str | Path | None, state: Any) -> list[Path]:

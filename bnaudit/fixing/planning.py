@@ -65,6 +65,13 @@ def _edit(f: Finding, line: int, callee: str, report: Report, types: Mapping[str
                           description=f"{callee}(...) -> Identity() (the output is no longer normalized)")
     if f.code == "BN104":
         return _move_edit(f, line, callee, report, types)
+    if f.code == "BN105":
+        attr = layer.rpartition(".")[2]
+        calls = int(ev.get("calls", 0))
+        if not attr.isidentifier() or calls < 2:
+            raise Unfixable("the BatchNorm is not an attribute of its module")
+        return SourceEdit(f.code, layer, line, callee, "per-call", attr, expect=calls,
+                          description=f"one {callee} per loop step: nn.ModuleList of {calls}, self.{attr}[t] in the loop")
     raise Unfixable("bnaudit has no source fix for this rule")
 
 

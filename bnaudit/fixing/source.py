@@ -46,8 +46,10 @@ class SourceEdit:
         layer: the layer the finding names.
         line: the line the constructor call starts on.
         callee: the class the call constructs (``Linear``, ``BatchNorm1d``); the call's name must end in it.
-        op: ``set`` (one argument), ``identity`` (the call becomes ``<prefix>.Identity()``) or ``move`` (the
-            call, an element of an ``nn.Sequential`` literal, moves to just after another element).
+        op: ``set`` (one argument), ``identity`` (the call becomes ``<prefix>.Identity()``), ``move`` (the
+            call, an element of an ``nn.Sequential`` literal, moves to just after another element) or
+            ``per-call`` (``self.<arg> = call`` becomes an ``nn.ModuleList`` of ``expect`` copies, and its one
+            use, in a ``for t in range(expect)`` loop, ``self.<arg>[t]``).
         arg: for ``set``: the keyword.
         value: for ``set``: the new value's source text.
         expect: for ``set``: the value the argument must have now (its literal, or None when absent means
@@ -149,12 +151,19 @@ class _Locator(cst.CSTVisitor):
 
 
 class _Editor(cst.CSTTransformer):
-    def __init__(self, calls: dict[cst.Call, list[SourceEdit]], moves: dict[cst.Call, list[tuple[int, int]]]):
+    def __init__(self, calls: dict[cst.Call, list[SourceEdit]], moves: dict[cst.Call, list[tuple[int, int]]],
+                 uses: dict[cst.Call, str] | None = None):
         self.calls = calls
         self.moves = moves
+        self.uses = uses or {}
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if original in self.uses:  # self.bn(x) in the loop -> self.bn[t](x)
+            index = cst.SubscriptElement(cst.Index(cst.Name(self.uses[original])))
+            updated = updated.with_changes(func=cst.Subscript(value=updated.func, slice=[index]))
         for edit in self.calls.get(original, []):
+            if edit.op == "per-call":
+                return _module_list(updated, int(edit.expect))  # type: ignore[call-overload]
             if edit.op == "set":
                 updated = _set_arg(updated, edit)
             elif edit.op == "identity":
@@ -164,6 +173,13 @@ class _Editor(cst.CSTTransformer):
         if original in self.moves:
             updated = updated.with_changes(args=_reordered(updated.args, self.moves[original]))
         return updated
+
+
+def _module_list(call: cst.Call, count: int) -> cst.Call:
+    """``nn.BatchNorm1d(8)`` -> ``nn.ModuleList([nn.BatchNorm1d(8) for _ in range(count)])``."""
+    func = call.func.with_changes(attr=cst.Name("ModuleList"))  # type: ignore[union-attr]
+    comp = cst.ListComp(elt=call, for_in=cst.CompFor(target=cst.Name("_"), iter=cst.parse_expression(f"range({count})")))
+    return cst.Call(func=func, args=[cst.Arg(comp)])
 
 
 def _keyword_arg(name: str, value: cst.BaseExpression, comma: cst.Comma | cst.MaybeSentinel) -> cst.Arg:
@@ -272,6 +288,53 @@ def _plan_move(
     return seq, (index, list(seq.args).index(target_arg))
 
 
+def _is_self_attr(node: cst.CSTNode, attr: str) -> bool:
+    return (isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self"
+            and node.attr.value == attr)
+
+
+class _SelfAttrs(cst.CSTVisitor):
+    def __init__(self, attr: str) -> None:
+        self.attr, self.found = attr, 0
+
+    def visit_Attribute(self, node: cst.Attribute) -> None:
+        self.found += _is_self_attr(node, self.attr)
+
+
+def _ancestor(parent: Callable[[cst.CSTNode], cst.CSTNode | None], node: cst.CSTNode, kind: type) -> cst.CSTNode | None:
+    current = parent(node)
+    while current is not None and not isinstance(current, kind):
+        current = parent(current)
+    return current
+
+
+def _plan_per_call(
+    calls: dict[int, list[cst.Call]], parent: Callable[[cst.CSTNode], cst.CSTNode | None], call: cst.Call,
+    edit: SourceEdit,
+) -> tuple[cst.Call, str]:
+    """For BN105: the one ``self.<attr>(...)`` call in a ``for VAR in range(N)`` loop of the class that
+    assigns ``self.<attr> = <call>`` (N the number of calls the audit counted), and VAR."""
+    assign = parent(call)
+    if not (isinstance(assign, cst.Assign) and len(assign.targets) == 1
+            and _is_self_attr(assign.targets[0].target, edit.arg)) or not isinstance(call.func, cst.Attribute):
+        raise Unfixable(f"the BatchNorm is not created as self.{edit.arg} = nn.<BatchNorm>(...)")
+    cls = _ancestor(parent, call, cst.ClassDef)
+    uses = [c for cs in calls.values() for c in cs
+            if _is_self_attr(c.func, edit.arg) and _ancestor(parent, c, cst.ClassDef) is cls]
+    counter = _SelfAttrs(edit.arg)
+    if cls is not None:
+        cls.visit(counter)
+    if cls is None or len(uses) != 1 or counter.found != 2:
+        raise Unfixable(f"self.{edit.arg} must be called at exactly one place in its class, and used nowhere else")
+    loop = _ancestor(parent, uses[0], (cst.For, cst.FunctionDef))  # type: ignore[arg-type]
+    it = loop.iter if isinstance(loop, cst.For) else None
+    if not (isinstance(loop, cst.For) and isinstance(loop.target, cst.Name) and isinstance(it, cst.Call)
+            and _callee_name(it) == "range" and len(it.args) == 1 and isinstance(it.args[0].value, cst.Integer)
+            and it.args[0].value.evaluated_value == edit.expect):
+        raise Unfixable(f"the call is not in a `for t in range({edit.expect})` loop")
+    return uses[0], loop.target.value
+
+
 def apply_edits(
     text: str, edits: Sequence[SourceEdit], *, indices: dict[str, int] | None = None, path: str = "<source>",
 ) -> tuple[str, list[SourceEdit], list[tuple[SourceEdit, str]]]:
@@ -303,6 +366,7 @@ def apply_edits(
 
     by_call: dict[cst.Call, list[SourceEdit]] = {}
     moves: dict[cst.Call, list[tuple[int, int]]] = {}
+    uses: dict[cst.Call, str] = {}
     made: list[SourceEdit] = []
     refused: list[tuple[SourceEdit, str]] = []
     for edit in edits:
@@ -311,6 +375,12 @@ def apply_edits(
             _check_literal_call(parent, call)
             if edit.op == "set":
                 _check_set(call, edit)
+                by_call.setdefault(call, []).append(edit)
+            elif any(e.op != "set" for e in by_call.get(call, [])) and edit.op != "set":
+                raise Unfixable("another fix already replaces this call")
+            elif edit.op == "per-call":
+                use, var = _plan_per_call(locator.calls, parent, call, edit)
+                uses[use] = var
                 by_call.setdefault(call, []).append(edit)
             elif edit.op == "identity":
                 if not isinstance(call.func, cst.Attribute):
@@ -325,7 +395,7 @@ def apply_edits(
         made.append(edit)
     if not made:
         return text, made, refused
-    return render_checked(wrapper, _Editor(by_call, moves), path=path), made, refused
+    return render_checked(wrapper, _Editor(by_call, moves, uses), path=path), made, refused
 
 
 def render_checked(wrapper: MetadataWrapper | cst.Module, transformer: cst.CSTTransformer, *, path: str) -> str:

@@ -25,6 +25,7 @@ CASES = {
     "output_bn": (True, {"BN103"}),
     "dropout": (True, {"BN104"}),
     "running_stats": (True, {"BN107"}),
+    "per_step": (True, {"BN105"}),
 }
 
 
@@ -110,3 +111,21 @@ def test_a_fix_whose_finding_remains_is_rolled_back(tmp_path: Path) -> None:
     result = bnaudit.fix(str(path))
     assert [(o.code, o.status) for o in result.outcomes] == [("BN106", "rolled-back")]
     assert result.diff == "" and path.read_text() == before
+
+
+def test_per_step_checkpoint_copies_the_shared_statistics(tmp_path: Path) -> None:
+    import torch
+
+    path = _copy("per_step", tmp_path)
+    model = bnaudit.load_model(str(GOLDEN / "per_step.before.py")).module
+    with torch.no_grad():
+        model.bn.running_mean.uniform_()
+    weights, out = tmp_path / "w.pt", tmp_path / "out.pt"
+    torch.save(model.state_dict(), weights)
+    result = bnaudit.fix(str(path), unsafe_fixes=True, weights=weights, output=out)
+    assert [o.code for o in result.applied] == ["BN105"]
+    state = torch.load(out, weights_only=True)
+    for i in range(3):
+        assert torch.equal(state[f"bn.{i}.running_mean"], model.bn.running_mean)
+        assert torch.equal(state[f"bn.{i}.weight"], model.bn.weight)
+    assert "bn.weight" not in state
