@@ -52,7 +52,8 @@ _CATALOG = {
                 "them"),
         FixInfo("BN302", "checkpoint", "running statistics recalibrated on --data"),
         FixInfo("BN303", "checkpoint", "running statistics recalibrated on --data"),
-        FixInfo("BN305", "checkpoint", "frozen BatchNorm layers become FrozenBatchNorm (as `swap-norm --to frozen`)"),
+        FixInfo("BN305", "checkpoint", "the reported BatchNorm layers become FrozenBatchNorm (as `swap-norm --to "
+                "frozen`); OUT is then a bnaudit model file"),
         FixInfo("BN209", "checkpoint", "NaN/Inf BatchNorm buffers re-estimated on --data"),
     )
 }

@@ -159,8 +159,25 @@ class _Workspace:
             report = inspect(spec, weights=wpath, name=self.name, **self.audit_args)
         return replace(report, source_path=str(self.source))
 
+    def audit_model_file(self, payload: Mapping[str, Any]) -> Report:
+        """Audit a bnaudit model file's contents (its ``source`` should name a copy from ``copy``)."""
+        import torch
+
+        from bnaudit.api import inspect
+
+        self.count += 1
+        path = self.dir / f"model{self.count}.pt"
+        torch.save(dict(payload), path)
+        args = {k: v for k, v in self.audit_args.items() if k != "trust_pickle"}
+        with _on_path(self.source.parent):
+            return inspect(str(path), name=self.name, **args)
+
+    def copy(self, text: str) -> str:
+        """A fresh copy of ``text``; its model spec."""
+        return self._write(text, None)[0]
+
     def load(self, text: str, weights: Any) -> Any:
-        from bnaudit.api import load_model
+        from bnaudit.loading import load_model
 
         spec, wpath = self._write(text, weights)
         with _on_path(self.source.parent):
@@ -394,7 +411,7 @@ def fix(
             from bnaudit.fixing.repair import repair_checkpoint
 
             state, after, checkpoint = repair_checkpoint(
-                ws, new_text, state, after, data=data, enabled=output is not None,
+                ws, new_text, state, after, data=data, enabled=output is not None, source=f"{path}:{attr}",
                 batch_size=audit.get("batch_size", 32), input_key=audit.get("input_key"), notes=run.notes,
             )
         else:
@@ -440,6 +457,6 @@ def _write(plan: Any, path: Path, old: str, new: str, output: str | Path | None,
     if output is not None and state is not None:
         import torch
 
-        payload = {k: v.detach().cpu().clone() for k, v in state.items()}
+        payload = dict(state) if "bnaudit_format" in state else {k: v.detach().cpu().clone() for k, v in state.items()}
         contents[Path(output)] = lambda tmp: torch.save(payload, tmp)
     return plan.commit(contents) if contents else []

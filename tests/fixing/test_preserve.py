@@ -170,3 +170,47 @@ def test_without_an_output_the_checkpoint_fix_is_only_listed(tmp_path: Path) -> 
     result = bnaudit.fix(str(path), weights=weights, select=["BN302"], diff=True)
     assert [(o.code, o.status) for o in result.outcomes] == [("BN302", "skipped")]
     assert "-o OUT" in result.outcomes[0].detail and result.written == []
+
+
+FROZEN = '''"""A fine-tuning fixture: the first BatchNorm's weights are frozen, but model.train() still moves its
+statistics (BN305)."""
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    model[1].requires_grad_(False)
+    return model
+
+
+def build_data():
+    x = load_digits().data.astype(np.float32)
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    return [torch.tensor(x[i:i + 64]) for i in range(0, 512, 64)]
+'''
+
+
+def test_frozen_batchnorm_is_swapped_into_a_bnaudit_model_file(tmp_path: Path) -> None:
+    path = tmp_path / "frozen.py"
+    path.write_text(FROZEN)
+    model = _build(FROZEN, tmp_path)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.1, 0.1)
+    weights, out = tmp_path / "w.pt", tmp_path / "frozen-fixed.pt"
+    torch.save(model.state_dict(), weights)
+    result = bnaudit.fix(str(path), weights=weights, output=out, select=["BN305"])
+    assert [(o.code, o.layer, o.status) for o in result.outcomes] == [("BN305", "1", "applied")]
+    assert "BN305" not in {f.code for f in result.after.findings}
+    fixed = bnaudit.load_model(str(out)).module
+    assert type(fixed[1]).__name__ == "FrozenBatchNorm1d"
+    x, _ = _digits()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        fixed.train()  # frozen: train mode changes nothing
+        assert _relative(fixed(x), expected) < 1e-5
