@@ -1,190 +1,40 @@
 """``bnaudit.fix``: audit, plan the edits, apply them in memory, re-audit the edited code, roll back any fix
 whose finding remains, then write (or only diff).
 
-Every audit, the first included, runs on a copy of the model's file in a private temporary folder (with the
-file's own folder on ``sys.path``, so its imports resolve as before): Python caches an imported file by its
-path, so auditing the user's path twice in one process would see the first version. The user's file is
-written only at the end, atomically, and only when something changed and ``diff`` is false; a checkpoint is
-written only to ``output``, never over the user's weights."""
+Every audit runs on a copy of the model's file (``bnaudit.fixing.workspace``). The user's file is written
+only at the end, atomically, and only when something changed and ``diff`` is false; a checkpoint is written
+only to ``output``, never over the user's weights."""
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bnaudit.errors import UsageError
-from bnaudit.findings import Finding, Report
+from bnaudit.findings import Report
 from bnaudit.fixing.catalog import fix_info
-from bnaudit.fixing.planning import Planned, layer_key, plan_source_edits, sequential_index
+from bnaudit.fixing.planning import Planned, plan_source_edits, sequential_index
+from bnaudit.fixing.results import (
+    APPLIED,
+    NOT_FIXABLE,
+    ROLLED_BACK,
+    SKIPPED,
+    FixOutcome,
+    FixResult,
+    layer_key,
+)
 from bnaudit.fixing.source import SourceEdit, Unfixable, apply_edits, reorder
+from bnaudit.fixing.workspace import Workspace
 
 __all__ = ["FixOutcome", "FixResult", "fix"]
 
-APPLIED, ROLLED_BACK, NOT_FIXABLE, SKIPPED = "applied", "rolled-back", "not-fixable", "skipped"
 _AUDIT_OPTIONS = frozenset({
     "predict", "weights", "trust_pickle", "select", "ignore", "rule_config", "input_shape", "input_key",
     "batch_size", "steps", "device", "graph",
 })
-
-
-@dataclass(frozen=True)
-class FixOutcome:
-    """What happened to one finding.
-
-    Attributes:
-        code, layer: the finding's rule and layer.
-        line: the line of its layer's constructor call in the model's file (None when unknown).
-        kind: ``safe``, ``unsafe`` or ``checkpoint``.
-        status: ``applied``, ``rolled-back`` (applied, but the re-audit still reported the finding),
-            ``not-fixable`` (edit it by hand at ``line``) or ``skipped`` (an unsafe fix without
-            ``unsafe_fixes``, a checkpoint fix without an output).
-        detail: what was done, or why not.
-    """
-
-    code: str
-    layer: str | None
-    line: int | None
-    kind: str
-    status: str
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "layer": self.layer, "line": self.line, "kind": self.kind, "status": self.status,
-                "detail": self.detail}
-
-
-@dataclass
-class FixResult:
-    """The outcome of ``bnaudit.fix``.
-
-    Attributes:
-        path: the model's file.
-        outcomes: one per fixable finding, in the report's order.
-        diff: the unified diff of the model's file ("" when nothing changed).
-        before: the audit before any fix.
-        after: the audit of the fixed code (and checkpoint); ``before`` when nothing was applied.
-        written: the files written (none with ``diff=True``).
-        checkpoint_notes: what the checkpoint fix did to each entry it dropped, added or re-estimated.
-    """
-
-    path: Path
-    outcomes: list[FixOutcome]
-    diff: str
-    before: Report
-    after: Report
-    written: list[Path] = field(default_factory=list)
-    checkpoint_notes: list[str] = field(default_factory=list)
-    renames: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def applied(self) -> list[FixOutcome]:
-        return [o for o in self.outcomes if o.status == APPLIED]
-
-    def _rename(self, layer: str | None) -> str | None:
-        return self.renames.get(layer, layer) if layer is not None else None
-
-    @property
-    def gone(self) -> list[Finding]:
-        """Findings of ``before`` that the re-audit no longer reports."""
-        after = {layer_key(f) for f in self.after.findings}
-        return [f for f in self.before.findings if (f.code, self._rename(f.layer)) not in after]
-
-    @property
-    def new(self) -> list[Finding]:
-        """Findings the re-audit reports that ``before`` did not."""
-        before = {(f.code, self._rename(f.layer)) for f in self.before.findings}
-        return [f for f in self.after.findings if layer_key(f) not in before]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "outcomes": [o.to_dict() for o in self.outcomes],
-            "diff": self.diff,
-            "written": [str(p) for p in self.written],
-            "gone": [f.to_dict() for f in self.gone],
-            "new": [f.to_dict() for f in self.new],
-            "checkpoint_notes": list(self.checkpoint_notes),
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
-        }
-
-
-@contextlib.contextmanager
-def _on_path(folder: Path) -> Iterator[None]:
-    text = str(folder)
-    added = text not in sys.path
-    if added:
-        sys.path.insert(0, text)
-    try:
-        yield
-    finally:
-        if added and text in sys.path:
-            sys.path.remove(text)
-
-
-class _Workspace:
-    """Fresh temporary copies of the model's file (and checkpoint) to audit or load."""
-
-    def __init__(self, source: Path, attr: str, name: str, audit: Mapping[str, Any]) -> None:
-        self.source, self.attr, self.name, self.audit_args = source, attr, name, dict(audit)
-        self.dir = Path(tempfile.mkdtemp(prefix="bnaudit-fix-"))
-        self.count = 0
-
-    def _write(self, text: str, weights: Any) -> tuple[str, Path | None]:
-        self.count += 1
-        sub = self.dir / str(self.count)
-        sub.mkdir()
-        copy = sub / self.source.name
-        copy.write_text(text, encoding="utf-8")
-        if isinstance(weights, Mapping):
-            import torch
-
-            path = sub / "weights.pt"
-            torch.save(dict(weights), path)
-            weights = path
-        return f"{copy}:{self.attr}", weights
-
-    def audit(self, text: str, weights: Any) -> Report:
-        from bnaudit.api import inspect
-
-        spec, wpath = self._write(text, weights)
-        with _on_path(self.source.parent):
-            report = inspect(spec, weights=wpath, name=self.name, **self.audit_args)
-        return replace(report, source_path=str(self.source))
-
-    def audit_model_file(self, payload: Mapping[str, Any]) -> Report:
-        """Audit a bnaudit model file's contents (its ``source`` should name a copy from ``copy``)."""
-        import torch
-
-        from bnaudit.api import inspect
-
-        self.count += 1
-        path = self.dir / f"model{self.count}.pt"
-        torch.save(dict(payload), path)
-        args = {k: v for k, v in self.audit_args.items() if k != "trust_pickle"}
-        with _on_path(self.source.parent):
-            return inspect(str(path), name=self.name, **args)
-
-    def copy(self, text: str) -> str:
-        """A fresh copy of ``text``; its model spec."""
-        return self._write(text, None)[0]
-
-    def load(self, text: str, weights: Any) -> Any:
-        from bnaudit.loading import load_model
-
-        spec, wpath = self._write(text, weights)
-        with _on_path(self.source.parent):
-            return load_model(spec, weights=wpath, trust_pickle=bool(self.audit_args.get("trust_pickle")))
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _renamer(made: Iterable[SourceEdit], lines: Mapping[str, int]) -> dict[str, Callable[[str], str]]:
@@ -261,7 +111,7 @@ def _check_model_spec(model: Any) -> tuple[Path, str]:
     return path.resolve(), spec.attr or "build_model"
 
 
-def _fixed_state(ws: _Workspace, run: _Run, made: list[SourceEdit], original: Mapping[str, Any],
+def _fixed_state(ws: Workspace, run: _Run, made: list[SourceEdit], original: Mapping[str, Any],
                  new_text: str, rename: Callable[[str], str]) -> dict[str, Any]:
     """The user's checkpoint fitted to the edited source: BN101 biases folded, keys renamed and fitted."""
     from bnaudit.fixing.checkpoint import adapt_state, fold_bias
@@ -304,7 +154,7 @@ def _check_folds(run: _Run, original: Mapping[str, Any]) -> None:
                 run.active.remove(p.edit)
 
 
-def _iterate(ws: _Workspace, run: _Run, before: Report, original: Mapping[str, Any] | None, path: Path) -> tuple[
+def _iterate(ws: Workspace, run: _Run, before: Report, original: Mapping[str, Any] | None, path: Path) -> tuple[
         str, Report, list[SourceEdit], dict[str, Any] | None, Callable[[str], str]]:
     """Apply the active edits, re-audit, and roll back the edits whose findings remain, until none does."""
     while True:
@@ -397,7 +247,7 @@ def fix(
         plan.file(output, label="--output", replace=force)
     plan.check()
     text = read_text_capped(path, what="model file")
-    ws = _Workspace(path, attr, str(model), {**audit, "data": data})
+    ws = Workspace(path, attr, str(model), {**audit, "data": data})
     try:
         before = ws.audit(text, weights)
         planned = plan_source_edits(before, unsafe_fixes=unsafe_fixes)

@@ -12,7 +12,7 @@ from bnaudit.findings import Finding, Report
 from bnaudit.fixing.catalog import fix_info
 from bnaudit.fixing.source import SourceEdit, Unfixable
 
-__all__ = ["Planned", "layer_key", "plan_source_edits", "sequential_index"]
+__all__ = ["Planned", "plan_source_edits", "sequential_index"]
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,6 @@ class Planned:
     edit: SourceEdit | None = None
     reason: str = ""
     status: str = ""  # "" (planned), "not-fixable" or "skipped"
-
-
-def layer_key(finding: Finding) -> tuple[str, str | None]:
-    return (finding.code, finding.layer)
 
 
 def sequential_index(layer: str) -> tuple[str, int] | None:

@@ -39,7 +39,7 @@ def repair_checkpoint(
         (the state, or a bnaudit model file's contents after a BN305 fix; the audit of it; one FixOutcome
         per checkpoint finding).
     """
-    from bnaudit.fixing.engine import SKIPPED, FixOutcome
+    from bnaudit.fixing.results import SKIPPED, FixOutcome
 
     targets = [f for f in after.findings if fix_kind(f.code) == "checkpoint"]
 
@@ -65,7 +65,7 @@ def repair_checkpoint(
 def _recalibrate(ws: Any, text: str, state: dict[str, Any], after: Report, recal: list[Any], data: Any,
                  batch_size: int, input_key: str | None, notes: list[str], outcome: Any) -> tuple[Any, Report, list]:
     from bnaudit.fixing.checkpoint import recalibrated
-    from bnaudit.fixing.engine import APPLIED, NOT_FIXABLE, ROLLED_BACK, SKIPPED
+    from bnaudit.fixing.results import APPLIED, NOT_FIXABLE, ROLLED_BACK, SKIPPED
     from bnaudit.loading import load_data
 
     loaded = ws.load(text, state)
@@ -88,7 +88,7 @@ def _recalibrate(ws: Any, text: str, state: dict[str, Any], after: Report, recal
 def _freeze(ws: Any, text: str, state: dict[str, Any], after: Report, frozen: list[Any], source: str,
             notes: list[str], outcome: Any) -> tuple[Any, Report, list]:
     """The reported layers swapped for FrozenBatchNorm (their statistics and affine values kept)."""
-    from bnaudit.fixing.engine import APPLIED, ROLLED_BACK
+    from bnaudit.fixing.results import APPLIED, ROLLED_BACK
     from bnaudit.transforms import swap_norm
     from bnaudit.transforms.base import TransformResult, apply_plan, pristine_copy
     from bnaudit.transforms.saving import saved_dict
