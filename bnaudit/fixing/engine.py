@@ -96,17 +96,26 @@ class _Run:
 
 
 def _check_model_spec(model: Any) -> tuple[Path, str]:
-    from bnaudit.loading.specs import parse_py_spec
+    """The model's file and NAME (``""`` for a bnaudit model file).
+
+    Raises:
+        UsageError: not a ``PATH.py[:NAME]`` spec or a model file, or the file is missing.
+    """
+    from bnaudit.loading.models import MODEL_FILE_SUFFIXES
+    from bnaudit.loading.specs import missing_file, parse_py_spec
 
     if not isinstance(model, (str, Path)):
         raise UsageError("bnaudit.fix edits the model's source file: give MODEL as PATH.py[:NAME], not an object")
+    if str(model).endswith(MODEL_FILE_SUFFIXES):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{model}: {missing_file(path)}")
+        return path.resolve(), ""
     spec = parse_py_spec(str(model))
     if spec is None or spec.path is None:
         raise UsageError(f"{model}: bnaudit fix edits a Python file; give MODEL as PATH.py[:NAME]")
     path = spec.path.expanduser()
     if not path.is_file():
-        from bnaudit.loading.specs import missing_file
-
         raise UsageError(f"{model}: {missing_file(path)}")
     return path.resolve(), spec.attr or "build_model"
 
@@ -216,7 +225,8 @@ def fix(
     fitted to the edited source) and BN302/BN303/BN209 are repaired by recalibrating on ``data``.
 
     Args:
-        model: ``PATH.py[:NAME]`` (NAME defaults to ``build_model``); that file is the one edited.
+        model: ``PATH.py[:NAME]`` (NAME defaults to ``build_model``); that file is the one edited. A bnaudit
+            model file (``.pt``) gets the checkpoint fixes only, written to ``output``.
         data: as for ``bnaudit.inspect``.
         unsafe_fixes: apply the unsafe fixes too.
         diff: compute the diff only; write nothing.
@@ -229,7 +239,8 @@ def fix(
         A FixResult: the outcomes, the diff, the audits before and after, the files written.
 
     Raises:
-        UsageError: MODEL is not a Python file spec, or ``output`` without ``weights``.
+        UsageError: MODEL is neither a Python file spec nor a bnaudit model file, or ``output`` without
+            ``weights`` for a Python MODEL.
         FixSourceError: the file does not parse, or an edit would leave it unparsable (nothing is written).
         SpecError, WeightsError, DataError, ConfigError, OutputError: as for ``bnaudit.inspect``.
     """
@@ -238,6 +249,8 @@ def fix(
     if unknown:
         raise UsageError(f"bnaudit.fix got an unknown option {unknown[0]!r}")
     weights = audit.pop("weights", None)
+    if not attr:
+        return _fix_model_file(path, str(model), data, weights, audit, diff=diff, output=output, force=force)
     if output is not None and weights is None:
         raise UsageError("-o/--output writes the fixed checkpoint: give the checkpoint with --weights")
     from bnaudit.files import OutputPlan, read_text_capped, spec_paths
@@ -310,3 +323,42 @@ def _write(plan: Any, path: Path, old: str, new: str, output: str | Path | None,
         payload = dict(state) if "bnaudit_format" in state else {k: v.detach().cpu().clone() for k, v in state.items()}
         contents[Path(output)] = lambda tmp: torch.save(payload, tmp)
     return plan.commit(contents) if contents else []
+
+
+def _fix_model_file(path: Path, name: str, data: Any, weights: Any, audit: dict[str, Any], *, diff: bool,
+                    output: str | Path | None, force: bool) -> FixResult:
+    """The checkpoint fixes for a bnaudit model file; its source fixes are listed (the file holds no source)."""
+    import torch
+
+    from bnaudit.files import OutputPlan, spec_paths
+    from bnaudit.fixing.repair import repair_checkpoint
+    from bnaudit.fixing.workspace import ModelFileWorkspace
+
+    plan = OutputPlan(inputs=spec_paths(name, data, audit.get("predict"), weights))
+    if output is not None and not diff:
+        plan.file(output, label="--output", replace=force)
+    plan.check()
+    ws = ModelFileWorkspace(path, name, {**audit, "data": data})
+    notes: list[str] = []
+    try:
+        before = ws.audit("", weights)
+        original = ws.load("", weights).module.state_dict()
+        state, after, checkpoint = repair_checkpoint(
+            ws, "", original, before, data=data, enabled=output is not None, source=str(path),
+            batch_size=audit.get("batch_size", 32), input_key=audit.get("input_key"), notes=notes,
+        )
+    finally:
+        ws.close()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    source = saved.get("source", "its source") if isinstance(saved, dict) else "its source"
+    outcomes = [
+        FixOutcome(f.code, f.layer, None, info.kind, NOT_FIXABLE,
+                   f"MODEL is a bnaudit model file: fix the source it is built from ({source}), then redo the transforms")
+        for f in before.findings if (info := fix_info(f.code)) is not None and info.kind != "checkpoint"
+    ]
+    result = FixResult(path=path, outcomes=outcomes + checkpoint, diff="", before=before, after=after,
+                       checkpoint_notes=notes)
+    if state is not original and not diff and output is not None:
+        payload = state if "bnaudit_format" in state else {**saved, "state_dict": state}
+        result.written = _write(plan, path, "", "", output, payload)
+    return result

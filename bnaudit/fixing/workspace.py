@@ -18,7 +18,7 @@ from typing import Any
 
 from bnaudit.findings import Report
 
-__all__ = ["Workspace"]
+__all__ = ["ModelFileWorkspace", "Workspace"]
 
 
 @contextlib.contextmanager
@@ -42,19 +42,27 @@ class Workspace:
         self.dir = Path(tempfile.mkdtemp(prefix="bnaudit-fix-"))
         self.count = 0
 
-    def _write(self, text: str, weights: Any) -> tuple[str, Path | None]:
+    def _folder(self) -> Path:
         self.count += 1
         sub = self.dir / str(self.count)
         sub.mkdir()
-        copy = sub / self.source.name
-        copy.write_text(text, encoding="utf-8")
+        return sub
+
+    def _weights(self, folder: Path, weights: Any) -> Any:
+        """A state_dict saved into ``folder`` (a path or None is returned as it is)."""
         if isinstance(weights, Mapping):
             import torch
 
-            path = sub / "weights.pt"
+            path = folder / "weights.pt"
             torch.save(dict(weights), path)
-            weights = path
-        return f"{copy}:{self.attr}", weights
+            return path
+        return weights
+
+    def _write(self, text: str, weights: Any) -> tuple[str, Path | None]:
+        sub = self._folder()
+        copy = sub / self.source.name
+        copy.write_text(text, encoding="utf-8")
+        return f"{copy}:{self.attr}", self._weights(sub, weights)
 
     def audit(self, text: str, weights: Any) -> Report:
         from bnaudit.api import inspect
@@ -90,3 +98,17 @@ class Workspace:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ModelFileWorkspace(Workspace):
+    """The same for a bnaudit model file (``.pt``): there is no source to copy, the checkpoint is its
+    state_dict, and the text arguments are ignored."""
+
+    def __init__(self, model_file: Path, name: str, audit: Mapping[str, Any]) -> None:
+        super().__init__(model_file, "", name, audit)
+
+    def _write(self, text: str, weights: Any) -> tuple[str, Path | None]:
+        return str(self.source), self._weights(self._folder(), weights)
+
+    def copy(self, text: str) -> str:
+        return str(self.source)

@@ -69,7 +69,8 @@ def test_inspect_fix_reports_the_fixed_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["fix", "model.pt"], "bnaudit fix edits a Python file"),
+        (["fix", "model.txt"], "bnaudit fix edits a Python file"),
+        (["fix", "{tmp}/missing.pt"], "not found"),
         (["fix", "{tmp}/m.py", "-o", "{tmp}/out.pt"], "give the checkpoint with --weights"),
         (["fix", "{tmp}/m.py", "--format", "yaml"], "choose text or json"),
     ],
@@ -90,3 +91,13 @@ def test_rules_show_the_fix_kind() -> None:
     doc = runner.invoke(app, ["rules", "BN104"])
     assert "Automatic fix: unsafe, applied by `bnaudit fix --unsafe-fixes`" in doc.stdout
     assert "Automatic fix: none" in runner.invoke(app, ["rules", "BN110"]).stdout
+
+
+def test_without_libcst_fix_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    (tmp_path / "m.py").write_text("from torch import nn\n\n\ndef build_model():\n    return nn.Linear(2, 2)\n")
+    monkeypatch.setitem(sys.modules, "libcst", None)  # makes `import libcst` raise ImportError
+    result = runner.invoke(app, ["fix", str(tmp_path / "m.py")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "bnaudit: error: bnaudit fix needs LibCST: pip install 'bnaudit[fix]'"

@@ -214,3 +214,24 @@ def test_frozen_batchnorm_is_swapped_into_a_bnaudit_model_file(tmp_path: Path) -
         expected = model(x)
         fixed.train()  # frozen: train mode changes nothing
         assert _relative(fixed(x), expected) < 1e-5
+
+
+def test_a_bnaudit_model_file_gets_its_statistics_recalibrated(tmp_path: Path) -> None:
+    from bnaudit.transforms.base import TransformResult
+    from bnaudit.transforms.saving import save_model
+
+    path, _, original = _trained(tmp_path)
+    with torch.no_grad():
+        original[1].running_mean += 4.0
+    model_file, out = tmp_path / "model.pt", tmp_path / "fixed.pt"
+    save_model(TransformResult("swap_norm", original, options={"to": "frozen"}), model_file,
+               source=f"{path}:build_model")
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    result = bnaudit.fix(str(model_file), data=f"{path}:build_data", output=out, select=["BN302", "BN101"])
+    status = {(o.code, o.status) for o in result.outcomes}
+    assert status == {("BN302", "applied"), ("BN101", "not-fixable")}
+    assert result.written == [out] and result.diff == ""
+    fixed = bnaudit.load_model(str(out)).module
+    assert float((fixed[1].running_mean - original[1].running_mean).abs().max()) > 1.0
+    assert "BN302" not in {f.code for f in bnaudit.inspect(str(out), f"{path}:build_data").findings}
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == digest
