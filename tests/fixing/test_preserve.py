@@ -235,3 +235,26 @@ def test_a_bnaudit_model_file_gets_its_statistics_recalibrated(tmp_path: Path) -
     assert float((fixed[1].running_mean - original[1].running_mean).abs().max()) > 1.0
     assert "BN302" not in {f.code for f in bnaudit.inspect(str(out), f"{path}:build_data").findings}
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == digest
+
+
+def test_bn108_changes_bfloat16_outputs_by_less_than_their_resolution(tmp_path: Path) -> None:
+    path, weights, _ = _trained(tmp_path)
+    half = SOURCE.replace("nn.BatchNorm1d(32, momentum=0.99)", "nn.BatchNorm1d(32, eps=1e-5)").replace(
+        "        nn.Linear(32, 10),\n    )", "        nn.Linear(32, 10),\n    ).to(torch.bfloat16)")
+    path.write_text(half)
+    original = _build(half, tmp_path)
+    original.load_state_dict(torch.load(weights, weights_only=True))
+    out = tmp_path / "fixed.pt"
+    result = bnaudit.fix(str(path), weights=weights, output=out, select=["BN108"])
+    assert [(o.code, o.detail) for o in result.applied] == [
+        ("BN108", "eps=1e-05 -> 0.001 (smallest safe for torch.bfloat16)")]
+    fixed = _build(path.read_text(), tmp_path)
+    fixed.load_state_dict(torch.load(out, weights_only=True))
+    x, _ = _digits()
+    original.eval()
+    fixed.eval()
+    with torch.no_grad():
+        a, b = original(x.to(torch.bfloat16)).float(), fixed(x.to(torch.bfloat16)).float()
+    # eps enters as 1/sqrt(var + eps): a relative change of (1e-3 - 1e-5) / (2 var), below bfloat16's
+    # resolution (2**-8) for the trained variances; not zero, which is why BN108 is safe only to that bound.
+    assert _relative(b, a) < 2 ** -7
