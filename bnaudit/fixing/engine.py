@@ -259,7 +259,9 @@ def fix(
     if output is not None and not diff:
         plan.file(output, label="--output", replace=force)
     plan.check()
-    text = read_text_capped(path, what="model file")
+    read_text_capped(path, what="model file")  # the size and encoding checks
+    with open(path, encoding="utf-8", newline="") as fh:  # keep "\r\n" line endings as they are
+        text = fh.read()
     ws = Workspace(path, attr, str(model), {**audit, "data": data})
     try:
         before = ws.audit(text, weights)
@@ -316,7 +318,7 @@ def _write(plan: Any, path: Path, old: str, new: str, output: str | Path | None,
         # The model file is the one file bnaudit rewrites: that is what `fix` is for (after the plan's checks,
         # which refuse any .py output, so it is declared only now).
         plan.file(path, label="the model file", replace=True)
-        contents[path] = new
+        contents[path] = new.encode("utf-8")
     if output is not None and state is not None:
         import torch
 

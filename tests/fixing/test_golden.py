@@ -129,3 +129,10 @@ def test_per_step_checkpoint_copies_the_shared_statistics(tmp_path: Path) -> Non
         assert torch.equal(state[f"bn.{i}.running_mean"], model.bn.running_mean)
         assert torch.equal(state[f"bn.{i}.weight"], model.bn.weight)
     assert "bn.weight" not in state
+
+
+def test_windows_line_endings_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "bias.py"
+    path.write_bytes((GOLDEN / "bias.before.py").read_bytes().replace(b"\n", b"\r\n"))
+    bnaudit.fix(str(path))
+    assert path.read_bytes() == (GOLDEN / "bias.after.py").read_bytes().replace(b"\n", b"\r\n")
