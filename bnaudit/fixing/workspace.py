@@ -97,6 +97,9 @@ class Workspace:
             return load_model(spec, weights=wpath, trust_pickle=bool(self.audit_args.get("trust_pickle")))
 
     def close(self) -> None:
+        from bnaudit.loading.specs import forget_files
+
+        forget_files(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

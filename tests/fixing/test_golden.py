@@ -136,3 +136,12 @@ def test_windows_line_endings_are_kept(tmp_path: Path) -> None:
     path.write_bytes((GOLDEN / "bias.before.py").read_bytes().replace(b"\n", b"\r\n"))
     bnaudit.fix(str(path))
     assert path.read_bytes() == (GOLDEN / "bias.after.py").read_bytes().replace(b"\n", b"\r\n")
+
+
+def test_the_temporary_copies_are_forgotten(tmp_path: Path) -> None:
+    """Ranks spawned for training import every file bnaudit imported; the deleted copies must not be among them."""
+    import sys
+
+    path = _copy("bias", tmp_path)
+    bnaudit.fix(str(path), diff=True)
+    assert not [m for m in list(sys.modules.values()) if "bnaudit-fix-" in str(getattr(m, "__file__", "") or "")]
