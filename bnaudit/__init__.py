@@ -24,6 +24,7 @@ _API = {
     "train_compare": "bnaudit.training",
     "run_checks": "bnaudit.gate",
     "inspect_distributed": "bnaudit.distributed",
+    "fix": "bnaudit.fixing",
     "Report": "bnaudit.findings",
     "Finding": "bnaudit.findings",
     "BnauditError": "bnaudit.errors",

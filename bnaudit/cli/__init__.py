@@ -7,7 +7,7 @@ import importlib
 
 from bnaudit.cli.app import app
 
-_COMMANDS = ("inspect", "rules", "check", "transforms", "recalibrate", "train_compare", "watch")
+_COMMANDS = ("inspect", "rules", "check", "transforms", "recalibrate", "train_compare", "watch", "fix")
 
 for _name in _COMMANDS:
     importlib.import_module(f"bnaudit.cli.{_name}")

@@ -46,6 +46,7 @@ def inspect_cmd(
     graph: Annotated[str, typer.Option("--graph", help="fx: torch.fx where the model traces; hooks: follow tensors at run time.")] = "fx",
     no_layers: Annotated[bool, typer.Option("--no-layers", help="Leave the per-layer table out of the rich report.")] = False,
     width: Annotated[Optional[int], typer.Option("--width", help="Width of the rich report (default: the terminal's).")] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Apply the safe fixes to MODEL's file first (as `bnaudit fix`); report the fixed model.")] = False,
 ) -> None:
     """Lint how MODEL's normalization is wired and, with --data, probe it on real batches.
 
@@ -67,11 +68,20 @@ def inspect_cmd(
 
     from bnaudit.api import inspect
 
-    report = inspect(
-        model, data, predict=predict, weights=weights, trust_pickle=trust_pickle,
-        select=split_list(select), ignore=split_list(ignore), input_shape=input_shape, input_key=input_key,
-        batch_size=batch_size, steps=steps, device=device, graph=graph,
-    )
+    audit = {
+        "predict": predict, "weights": weights, "trust_pickle": trust_pickle, "select": split_list(select),
+        "ignore": split_list(ignore), "input_shape": input_shape, "input_key": input_key, "batch_size": batch_size,
+        "steps": steps, "device": device, "graph": graph,
+    }
+    if fix:
+        from bnaudit.cli.fix import fix_summary
+        from bnaudit.fixing import fix as fix_model
+
+        fixed = fix_model(model, data, **audit)
+        typer.echo(fix_summary(fixed, dry_run=False), err=True)
+        report = fixed.after
+    else:
+        report = inspect(model, data, **audit)
     color = output is None and concrete == "rich" and stdout().isatty()
     text = render(report, concrete, color=color, width=width, layers=not no_layers)
     if output is not None:

@@ -89,6 +89,15 @@ def import_file(path: Path, spec_text: str) -> types.ModuleType:
     return module
 
 
+def forget_files(folder: Path) -> None:
+    """Forget the files imported from ``folder`` (a temporary folder about to be deleted): later imports of
+    the same path read it again, and ranks spawned for training do not try to import files that are gone."""
+    root = folder.resolve()
+    for key in [k for k in _loaded if root in k.parents]:
+        module = _loaded.pop(key)
+        sys.modules.pop(module.__name__, None)
+
+
 def import_target(spec: PySpec) -> types.ModuleType:
     """The Python module a spec points into.
 
