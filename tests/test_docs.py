@@ -43,6 +43,7 @@ def anchors(page: Path) -> set[str]:
 
 def relative_links(page: Path) -> list[str]:
     text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    text = re.sub(r"`[^`\n]*`", "", text)  # code spans are not links
     links = [a or b for a, b in LINK.findall(text)]
     return [link for link in links if not re.match(r"^[a-z][a-z0-9+.-]*:", link, re.IGNORECASE)]
 
