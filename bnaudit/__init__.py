@@ -22,7 +22,7 @@ _API = {
     "record": "bnaudit.recording",
     "train_compare": "bnaudit.training",
     "run_checks": "bnaudit.checking",
-    "inspect_distributed": "bnaudit.distributed",
+    "inspect_distributed": "bnaudit.api",
     "Report": "bnaudit.findings",
     "Finding": "bnaudit.findings",
     "BnauditError": "bnaudit.errors",

@@ -1,6 +1,4 @@
-"""The public functions behind every command. Each takes either spec strings (as the CLI does) or live
-objects (an nn.Module, a DataLoader, a function), so people with their own training loops call the same code
-the CLI runs."""
+"""``bnaudit.inspect``: one audit of a model, from objects or specs, as ``bnaudit inspect`` runs it."""
 
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ from bnaudit.findings import Report
 from bnaudit.loading import load_data, load_model, load_predict
 from bnaudit.loading.data import random_example
 
-__all__ = ["inspect", "load_data", "load_model"]
+__all__ = ["inspect"]
 
 
 def inspect(
