@@ -41,6 +41,8 @@ class Prepared:
             it; callers may then go on without one).
         data_spec: the data as a spec a later command can take (``random:SHAPE`` for ``input_shape``).
         data_given: the caller gave the data (not found as ``build_data`` in the model's file).
+        owned: the model was built from a spec (bnaudit's own object, free to move or call); False for a
+            module the caller passed in.
     """
 
     loaded: LoadedModel
@@ -53,6 +55,7 @@ class Prepared:
     example_inferred: bool = False
     data_spec: str | None = None
     data_given: bool = False
+    owned: bool = False
 
     @property
     def model(self) -> nn.Module:
@@ -157,6 +160,7 @@ def prepare(
         dtype=_model_dtype(loaded.module),
         data_spec=(data if isinstance(data, str) else source.spec) if source is not None else None,
         data_given=data is not None,
+        owned=not isinstance(model, nn.Module),
     )
     if not example:
         return prepared

@@ -19,7 +19,6 @@ from typer.core import TyperGroup
 from bnaudit import __version__
 from bnaudit.errors import BnauditError, OutputError
 
-
 # Typer >= 0.20 vendors click (its errors derive from typer.TyperException, and click itself may not be
 # installed at all); older Typer raises click's own.
 try:

@@ -8,7 +8,7 @@ config or input). torch is imported only once a command runs."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,35 +21,35 @@ from bnaudit.findings import FAIL_ON_CHOICES
 @command("check")
 def check_cmd(
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="Config file (default: ./bnaudit.yaml).")
+        Path | None, typer.Option("--config", "-c", help="Config file (default: ./bnaudit.yaml).")
     ] = None,
     fail_on: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--fail-on", help="Override the file's fail_on: error, warning, info or never."),
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="Report on stdout: auto, rich, json, sarif, junit, github or markdown.")
     ] = "auto",
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Write the --format report to this file instead of stdout.")
+        Path | None, typer.Option("--output", "-o", help="Write the --format report to this file instead of stdout.")
     ] = None,
     select: Annotated[
-        Optional[list[str]], typer.Option("--select", help="Rules to run (replaces the file's rules.select).")
+        list[str] | None, typer.Option("--select", help="Rules to run (replaces the file's rules.select).")
     ] = None,
     ignore: Annotated[
-        Optional[list[str]], typer.Option("--ignore", help="Rules to skip (added to the file's rules.ignore).")
+        list[str] | None, typer.Option("--ignore", help="Rules to skip (added to the file's rules.ignore).")
     ] = None,
     audit: Annotated[
-        Optional[list[str]], typer.Option("--audit", help="Run only the audit with this name (repeatable).")
+        list[str] | None, typer.Option("--audit", help="Run only the audit with this name (repeatable).")
     ] = None,
     baseline: Annotated[
-        Optional[Path], typer.Option("--baseline", help="Accept the findings recorded in this baseline file.")
+        Path | None, typer.Option("--baseline", help="Accept the findings recorded in this baseline file.")
     ] = None,
     no_baseline: Annotated[
         bool, typer.Option("--no-baseline", help="Ignore the config's baseline: judge every finding.")
     ] = False,
     write_baseline: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--write-baseline", help="Record today's findings in this file and exit 0 (needs --force to "
                      "replace one)."),
     ] = None,

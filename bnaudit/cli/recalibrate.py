@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -65,14 +65,14 @@ def _table(table: Any) -> Any:
 def recalibrate_cmd(
     model: ModelArg,
     output: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--output", "-o", help="Where to write the recalibrated model (.pt; loads back in bnaudit and torch)."
         ),
     ] = None,
     data: DataOpt = None,
     batches: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--batches", "-n", min=1, help="Use at most this many batches (default: one full pass)."),
     ] = None,
     weights: WeightsOpt = None,
@@ -99,32 +99,17 @@ def recalibrate_cmd(
 
     from rich.text import Text
 
-    from bnaudit.audit import resolve_device
-    from bnaudit.loading import load_data, load_model
+    from bnaudit.api import prepare
+    from bnaudit.api.transforms import recalibrate
     from bnaudit.loading.models import MODEL_FILE_SUFFIXES
-    from bnaudit.transforms.recalibrate import has_uninitialized, recalibrate
+    from bnaudit.transforms.recalibrate import has_uninitialized
 
-    dev = resolve_device(device)
-    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
-    if source is None:
-        raise UsageError("recalibrate needs --data: the batches the model is trained on or will serve")
-    module = loaded.module
-    lazy = has_uninitialized(module)
-    if lazy:
-        # Lazy modules learn their shapes from a first call; this is bnaudit's own freshly loaded object,
-        # and an eval-mode pass leaves BatchNorm buffers alone.
-        import torch
-
-        flags = {m: m.training for m in module.modules()}
-        try:
-            module.eval()
-            with torch.no_grad():
-                module.to(dev)(source.first(device=dev).inputs)
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
-    new, table = recalibrate(module, source, batches=batches, device=dev)
+    prepared = prepare(model, data, device=device, weights=weights, trust_pickle=trust_pickle, input_key=input_key,
+                       batch_size=batch_size, example=False)
+    lazy = has_uninitialized(prepared.model)  # decided before the first call gives the lazy modules their shapes
+    new, table = recalibrate(prepared, batches=batches, device=device)
+    source = prepared.data
+    assert source is not None
 
     console = stdout_console(highlight=False, soft_wrap=True)
     console.print(Text(f"recalibrate: {model}", style="bold"))
