@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from bnaudit.api.inspection import inspect
+from bnaudit.api.preparation import prepare, preserved_rng
 from bnaudit.distributed import DistributedError, ddp_context, ddp_facts, dist_info, merge_reports, unwrap_ddp
 from bnaudit.distributed.comm import torch_dist
 from bnaudit.findings import Report
@@ -78,29 +79,29 @@ def inspect_distributed(model: Any, data: Any = None, *, group: Any = None, dst:
 
 
 def _preflight(model: Any, data: Any, kwargs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """Load the model, data and predict function once and run the model on the first batch (in eval mode,
+    """Prepare the model, data and predict function once and run the model on the first batch (in eval mode,
     on a copy), so that errors surface before any collective; returns what ``inspect`` then takes as is."""
-    from bnaudit.audit import model_dtype, resolve_device
-    from bnaudit.loading import load_data, load_model, load_predict
+    from bnaudit.errors import DataError
+    from bnaudit.loading.specs import describe_exception
 
-    loaded = load_model(model, weights=kwargs.pop("weights", None), trust_pickle=kwargs.pop("trust_pickle", False))
-    source = load_data(data, namespace=loaded.namespace, batch_size=kwargs.get("batch_size", 32),
-                       input_key=kwargs.get("input_key"))
-    kwargs["predict"] = load_predict(kwargs.get("predict"), loaded.namespace)
-    kwargs.setdefault("name", loaded.spec)
-    if source is not None:
-        dev = resolve_device(kwargs.get("device", "cpu"))
-        probe = copy.deepcopy(loaded.module).to(dev).eval()
-        batch = source.first(device=dev, dtype=model_dtype(probe))
+    prepared = prepare(
+        model, data, kwargs.get("predict"), device=kwargs.get("device", "cpu"), weights=kwargs.pop("weights", None),
+        trust_pickle=kwargs.pop("trust_pickle", False), input_key=kwargs.get("input_key"),
+        batch_size=kwargs.get("batch_size", 32), example=False,
+    )
+    kwargs["predict"] = prepared.predict
+    kwargs.setdefault("name", prepared.spec)
+    if prepared.data is not None:
+        dev = prepared.device
+        probe = copy.deepcopy(prepared.model).to(dev).eval()
+        with preserved_rng(dev):
+            batch = prepared.data.first(device=dev, dtype=prepared.dtype)
         with torch.no_grad():
             try:
                 probe(batch.inputs)
             except Exception as exc:
-                from bnaudit.errors import DataError
-                from bnaudit.loading.specs import describe_exception
-
                 raise DataError(
-                    f"{loaded.spec}: the model rejected the first batch of its data ({describe_exception(exc)}); "
+                    f"{prepared.spec}: the model rejected the first batch of its data ({describe_exception(exc)}); "
                     "check that this rank's data matches the model"
                 ) from exc
-    return loaded.module, source, kwargs
+    return prepared.model, prepared.data, kwargs

@@ -205,52 +205,25 @@ def train_compare_cmd(
 
         require_matplotlib()  # fail before training when the plot extra is missing
 
-    from bnaudit.loading import load_data, load_model
+    from bnaudit.api import train_compare
+    from bnaudit.cli.progress import live_progress
 
-    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    source = load_data(data, namespace=loaded.namespace, batch_size=max(batch_sizes), input_key=input_key)
-    if source is None:
-        raise UsageError("train-compare needs training data: pass --data (or define build_data in the model file)")
-    val_source = load_data(val_data, batch_size=max(batch_sizes), input_key=input_key) if val_data else None
-    user = load_model(user_model, trust_pickle=trust_pickle).module if user_model else None
-
-    from bnaudit.training import train_compare
-
-    progress_ctx, callback = _progress(quiet)
+    progress_ctx, callback = live_progress(quiet)
     with progress_ctx:
         result = train_compare(
-            loaded.module,
-            source,
-            variants=variant_list,
-            lrs=lrs,
-            batch_sizes=batch_sizes,
-            seeds=seeds,
-            steps=steps,
-            epochs=epochs,
-            optimizer=optimizer,
-            momentum=momentum,
-            loss=loss,
-            val_data=val_source,
-            val_fraction=val_fraction,
-            target_loss=target,
-            reinit=not (keep_weights or weights is not None),
-            user_model=user,
-            record=not no_record,
-            unit_layer=unit_layer,
-            unit=unit,
-            ics_layer=ics_layer,
-            device=device,
-            threads=threads,
-            workers=workers,
-            nproc=nproc,
-            progress=callback,
+            model, data, variants=variant_list, lrs=lrs, batch_sizes=batch_sizes, seeds=seeds, steps=steps,
+            epochs=epochs, optimizer=optimizer, momentum=momentum, loss=loss, val_data=val_data,
+            val_fraction=val_fraction, target_loss=target, weights=weights, trust_pickle=trust_pickle,
+            input_key=input_key, reinit=not (keep_weights or weights is not None), user_model=user_model,
+            record=not no_record, unit_layer=unit_layer, unit=unit, ics_layer=ics_layer, device=device,
+            threads=threads, workers=workers, nproc=nproc, progress=callback,
         )
-    result.settings["model"] = loaded.spec
-    result.settings["data"] = source.spec
     if fmt == "json":
         text = result.to_json()
     else:
-        text = _render_table(result, color=output is None and stdout().isatty())
+        from bnaudit.report.train_compare import render_table
+
+        text = render_table(result, color=output is None and stdout().isatty())
     files: dict[Path, Any] = {}
     if output is not None:
         files[output] = text
@@ -273,119 +246,3 @@ def train_compare_cmd(
     if plot is not None:
         names = [f"{name}.png" for name in pngs]
         typer.echo(f"wrote {len(names)} plots to {plot}/ ({', '.join(names)})", err=True)
-
-
-def _progress(quiet: bool) -> tuple[Any, Any]:
-    """A rich live progress display on stderr (runs, steps, ETA) and the callback feeding it."""
-    import contextlib
-
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        return contextlib.nullcontext(), None
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    tasks: dict[str, Any] = {}
-
-    def callback(ev: Any) -> None:
-        if ev.kind == "start":
-            tasks["all"] = bar.add_task("runs", total=ev.total_runs, info="")
-            tasks["steps"] = bar.add_task("steps", total=ev.total_steps, info="")
-            return
-        info = f"{ev.variant} lr={ev.lr:g} bs={ev.batch_size} seed={ev.seed}"
-        if ev.kind == "run":
-            tasks["run"] = ev.step
-            tasks["last"] = 0
-            bar.update(tasks["all"], info=info)
-        elif ev.kind == "step":
-            bar.update(
-                tasks["steps"],
-                advance=ev.step - tasks.get("last", 0),
-                info=f"loss {ev.loss:.4g}" if ev.loss is not None else "",
-            )
-            tasks["last"] = ev.step
-        elif ev.kind == "done":
-            bar.update(tasks["steps"], advance=max(0, ev.total_steps - tasks.get("last", 0)))
-            tasks["last"] = 0
-            res = ev.result
-            status = (
-                "diverged" if res is not None and res.diverged else f"{res.seconds:.1f}s" if res is not None else ""
-            )
-            bar.update(tasks["all"], advance=1, info=f"{info}: {status}")
-
-    return bar, callback
-
-
-def _render_table(result: Any, *, color: bool) -> str:
-    """The summary table, the verdict and the notes as terminal text (rich)."""
-    import io
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from bnaudit.training.table import HEADERS, summary_rows
-
-    buf = io.StringIO()
-    console = Console(file=buf, force_terminal=color, no_color=not color, width=120 if not color else None)
-    s = result.settings
-    table = Table(
-        title=f"train-compare: {s.get('optimizer')}, loss {s.get('loss')}, target loss {s.get('target_loss')}, "
-        f"{len(s.get('seeds', []))} seeds (mean ± std)"
-        + (f", {s.get('nproc')} processes: batch per device" if int(s.get("nproc") or 1) > 1 else ""),
-        title_justify="left",
-    )
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h == "variant" else "right")
-    for row in summary_rows(result):
-        table.add_row(*[f"[bold green]{v}*[/]" if h in row.best else v for h, v in zip(HEADERS, row.cells)])
-    console.print(table)
-    console.print("* best in its column among cells without divergence", style="dim")
-    console.print()
-    for line in result.verdict:
-        console.print(f"- {line}", highlight=False)
-    for variant, why in getattr(result, "unavailable", {}).items():
-        console.print(f"- {variant}: unavailable here, not run ({why})", highlight=False)
-    nproc = int(s.get("nproc") or 1)
-    if nproc > 1:
-        dist = s.get("distributed") or {}
-        where = f"{nproc} processes ({dist.get('backend')}, DistributedDataParallel)"
-        console.print(
-            f"\n{where}: batch = per-device batch; global batch = {nproc} × batch "
-            f"({', '.join(str(b) for b in s.get('global_batch_sizes', []))}); losses are global-batch losses",
-            highlight=False,
-        )
-        workers = f"{s.get('threads')} thread(s) per process"
-        shown: set[str] = set()
-        for run in result.runs:  # BN402's evidence: one line per variant (its first run)
-            for note in run.notes:
-                if "across the" in note and run.variant not in shown:
-                    shown.add(run.variant)
-                    console.print(f"- {run.variant} (lr {run.lr:g}, seed {run.seed}): {note}", highlight=False)
-    else:
-        workers = f"{s.get('threads')} thread(s), {s.get('workers')} worker(s)"
-    console.print(
-        f"\n{len(result.runs)} runs in {s.get('seconds_total', 0):.1f} s ({s.get('seconds_per_run', 0):.2f} s per run, "
-        f"{workers})",
-        style="dim",
-        highlight=False,
-    )
-    for note in result.notes:
-        console.print(f"note: {note}", style="dim", highlight=False)
-    return buf.getvalue()
