@@ -122,23 +122,36 @@ def recalibrate_cmd(
     for layer, why in table.skipped.items():
         console.print(Text(f"skip {layer}: {why}", style="yellow"))
 
-    data_arg = f" --data {shlex.quote(source.spec)}"
     pickled = model.endswith(MODEL_FILE_SUFFIXES) and not _is_bnaudit_file(model)
     if pickled or lazy:
-        # A pickled module cannot be rebuilt from a spec, and a model with lazy modules cannot be copied
-        # before its first call (which bnaudit's model files need): store the weights for `--weights`.
-        import torch
+        _write_weights(console, new, plan, output, model, source.spec, pickled)
+    else:
+        _write_model(console, new, table, plan, output, model, source.spec, batches)
 
-        state = {k: v.detach().cpu().clone() for k, v in new.state_dict().items()}
-        path = plan.commit({output: lambda tmp: torch.save(state, tmp)})[0]
-        console.print(Text(f"wrote {path} (a plain state_dict: load it with --weights or model.load_state_dict)"))
-        console.print(Text("next:", style="bold"))
-        weights_arg = f"--weights {shlex.quote(str(path))}"
-        trust = " --trust-pickle" if pickled else ""
-        console.print(Text(f"  bnaudit inspect {shlex.quote(model)}{trust} {weights_arg}{data_arg}"))
-        return
 
+def _write_weights(
+    console: Any, new: Any, plan: Any, output: Path, model: str, data_spec: str, pickled: bool
+) -> None:
+    """A pickled module cannot be rebuilt from a spec, and a model with lazy modules cannot be copied before
+    its first call (which bnaudit's model files need): store the weights for ``--weights``."""
     import torch
+    from rich.text import Text
+
+    state = {k: v.detach().cpu().clone() for k, v in new.state_dict().items()}
+    path = plan.commit({output: lambda tmp: torch.save(state, tmp)})[0]
+    console.print(Text(f"wrote {path} (a plain state_dict: load it with --weights or model.load_state_dict)"))
+    console.print(Text("next:", style="bold"))
+    weights_arg = f"--weights {shlex.quote(str(path))}"
+    trust = " --trust-pickle" if pickled else ""
+    console.print(Text(f"  bnaudit inspect {shlex.quote(model)}{trust} {weights_arg} --data {shlex.quote(data_spec)}"))
+
+
+def _write_model(
+    console: Any, new: Any, table: Any, plan: Any, output: Path, model: str, data_spec: str, batches: int | None
+) -> None:
+    """The recalibrated model in bnaudit's model file format, and the commands to run next."""
+    import torch
+    from rich.text import Text
 
     from bnaudit.transforms import TransformResult
     from bnaudit.transforms.saving import saved_dict
@@ -146,11 +159,11 @@ def recalibrate_cmd(
     result = TransformResult(
         name="recalibrate",
         model=new,
-        options={"data": source.spec, "batches": batches, "batches_used": table.batches, "samples": table.samples},
+        options={"data": data_spec, "batches": batches, "batches_used": table.batches, "samples": table.samples},
     )
     payload = saved_dict(result, model)
     path = plan.commit({output: lambda tmp: torch.save(payload, tmp)})[0]
     console.print(Text(f"wrote {path}"))
     console.print(Text("next:", style="bold"))
-    console.print(Text(f"  bnaudit inspect {shlex.quote(str(path))}{data_arg}"))
+    console.print(Text(f"  bnaudit inspect {shlex.quote(str(path))} --data {shlex.quote(data_spec)}"))
     console.print(Text(f"  python -c \"import bnaudit.transforms as t; m = t.load({str(path)!r})\"", style="dim"))

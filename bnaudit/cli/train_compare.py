@@ -21,153 +21,67 @@ from bnaudit.cli.options import (
     WeightsOpt,
     split_list,
 )
+from bnaudit.cli.train_compare_options import (
+    FORMATS,
+    BatchSizesOpt,
+    FmtOpt,
+    HtmlOpt,
+    IcsLayerOpt,
+    KeepWeightsOpt,
+    LossOpt,
+    LrOpt,
+    NoRecordOpt,
+    NprocOpt,
+    OutputOpt,
+    PlotOpt,
+    TargetLossOpt,
+    ThreadsOpt,
+    UnitLayerOpt,
+    UserModelOpt,
+    ValDataOpt,
+    ValFractionOpt,
+    VariantsOpt,
+    WorkersOpt,
+    parse_floats,
+    parse_ints,
+    parse_target,
+)
 from bnaudit.errors import UsageError
-
-FORMATS = ("table", "json")
-
-
-def _floats(values: list[str] | None, name: str) -> list[float] | None:
-    items = split_list(values)
-    if not items:
-        return None
-    try:
-        return [float(v) for v in items]
-    except ValueError:
-        raise UsageError(f"{name} takes numbers, e.g. {name} 0.01,0.1,1; got {','.join(items)}") from None
-
-
-def _ints(values: list[str] | None, name: str) -> list[int] | None:
-    items = split_list(values)
-    if not items:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError:
-        raise UsageError(f"{name} takes whole numbers, e.g. {name} 16,64; got {','.join(items)}") from None
-
-
-def _target(text: str) -> float | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(f"--target-loss takes a number, auto or none; got {text!r}") from None
 
 
 @command("train-compare")
 def train_compare_cmd(
     model: ModelArg,
     data: DataOpt = None,
-    val_data: Annotated[
-        str | None,
-        typer.Option("--val-data", help="Validation data (same forms as --data); default: --val-fraction of --data."),
-    ] = None,
-    variants: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--variants",
-            "-V",
-            help="Comma list of baseline, bn, syncbn (bn with SyncBatchNorm, for --nproc), groupnorm, layernorm, user.",
-        ),
-    ] = None,
-    lr: Annotated[
-        list[str] | None,
-        typer.Option("--lr", help="Learning rates, comma list (default sgd 0.01,0.1,1; adam 0.001,0.01,0.1)."),
-    ] = None,
-    batch_size: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            help="Batch sizes, comma list (default 64). With --nproc N they are per device (per process): "
-            "each step trains on a global batch of N × batch size.",
-        ),
-    ] = None,
+    val_data: ValDataOpt = None,
+    variants: VariantsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizesOpt = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per cell (0..N-1): init and batch order.")] = 3,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps per run (default 300).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs per run instead of --steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adam.")] = "sgd",
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.0,
-    loss: Annotated[
-        str, typer.Option("--loss", help="auto (cross-entropy for integer targets, else MSE), cross_entropy or mse.")
-    ] = "auto",
-    target_loss: Annotated[
-        str,
-        typer.Option(
-            "--target-loss",
-            help="Training loss to reach: a number, auto (1/4 of the constant predictor's loss) or none.",
-        ),
-    ] = "auto",
-    val_fraction: Annotated[
-        float,
-        typer.Option("--val-fraction", help="Share of --data held out for validation when --val-data is not given."),
-    ] = 0.2,
-    user_model: Annotated[
-        str | None,
-        typer.Option("--user-model", help="The 'user' variant: your changed model, same spec forms as MODEL."),
-    ] = None,
+    loss: LossOpt = "auto",
+    target_loss: TargetLossOpt = "auto",
+    val_fraction: ValFractionOpt = 0.2,
+    user_model: UserModelOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
-    keep_weights: Annotated[
-        bool,
-        typer.Option(
-            "--keep-weights",
-            help="Start every seed from MODEL's weights instead of re-initialising (default with --weights).",
-        ),
-    ] = False,
-    no_record: Annotated[
-        bool, typer.Option("--no-record", help="Skip the per-layer activation drift (bnaudit.record).")
-    ] = False,
-    unit_layer: Annotated[
-        str | None,
-        typer.Option(
-            "--unit-layer",
-            help="Module whose input unit is followed for the Fig. 1 percentiles (default: last activation).",
-        ),
-    ] = None,
+    keep_weights: KeepWeightsOpt = False,
+    no_record: NoRecordOpt = False,
+    unit_layer: UnitLayerOpt = None,
     unit: Annotated[int, typer.Option("--unit", min=0, help="Channel of --unit-layer's input to follow.")] = 0,
-    ics_layer: Annotated[
-        str | None,
-        typer.Option(
-            "--ics-layer",
-            help="Also measure Santurkar et al.'s gradient ICS (optimization view) for this Linear/Conv layer.",
-        ),
-    ] = None,
+    ics_layer: IcsLayerOpt = None,
     input_key: InputKeyOpt = None,
     device: DeviceOpt = "cpu",
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            help="Intra-op threads for the runs (default 1 below 1M parameters, else min(4, available)).",
-        ),
-    ] = None,
-    workers: Annotated[
-        int, typer.Option("--workers", min=1, help="Parallel processes for independent runs (CPU only).")
-    ] = 1,
-    nproc: Annotated[
-        int,
-        typer.Option(
-            "--nproc",
-            min=1,
-            help="Train every run with N DDP processes under torch.distributed (gloo on cpu; NCCL with N GPUs "
-            "on cuda); --batch-size is then per device. SyncBatchNorm (syncbn) needs cuda.",
-        ),
-    ] = 1,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write PNG plots into this folder (needs bnaudit[plot]).")
-    ] = None,
-    html: Annotated[
-        Path | None, typer.Option("--html", help="Write a self-contained HTML report with the plots.")
-    ] = None,
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="table (terminal) or json (every run, every curve).")
-    ] = "table",
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the table/JSON to this file instead of stdout.")
-    ] = None,
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = 1,
+    nproc: NprocOpt = 1,
+    plot: PlotOpt = None,
+    html: HtmlOpt = None,
+    fmt: FmtOpt = "table",
+    output: OutputOpt = None,
     force: ForceOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
@@ -186,24 +100,10 @@ def train_compare_cmd(
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     variant_list = split_list(variants) or ["baseline", "bn"]
-    lrs = _floats(lr, "--lr")
-    batch_sizes = _ints(batch_size, "--batch-size") or [64]
-    target = _target(target_loss)
-    # Every output is checked before training (a refusal after minutes of work helps no one) and written
-    # together at the end: all of them or none.
-    plan = plan_outputs([model, data, val_data, user_model, weights])
-    plan.file(output, label="--output", replace=force)
-    plan.file(html, label="--html", replace=force)
-    if plot is not None:
-        from bnaudit.report.plots import FIGURES
-
-        # Which figures a run draws depends on its results; any of them may be written.
-        plan.folder(plot, [f"{name}.png" for name in FIGURES], label="--plot", replace=force)
-    plan.check()
-    if plot is not None or html is not None:
-        from bnaudit.report.plots import require_matplotlib
-
-        require_matplotlib()  # fail before training when the plot extra is missing
+    lrs = parse_floats(lr, "--lr")
+    batch_sizes = parse_ints(batch_size, "--batch-size") or [64]
+    target = parse_target(target_loss)
+    plan = _plan_outputs([model, data, val_data, user_model, weights], output, html, plot, force)
 
     from bnaudit.api import train_compare
     from bnaudit.cli.progress import live_progress
@@ -224,9 +124,34 @@ def train_compare_cmd(
         from bnaudit.report.train_compare import render_table
 
         text = render_table(result, color=output is None and stdout().isatty())
+    _write(result, text, plan, output, html, plot)
+
+
+def _plan_outputs(inputs: list[Any], output: Path | None, html: Path | None, plot: Path | None, force: bool) -> Any:
+    """Every output, checked before training (a refusal after minutes of work helps no one), to be written
+    together at the end: all of them or none."""
+    plan = plan_outputs(inputs)
+    plan.file(output, label="--output", replace=force)
+    plan.file(html, label="--html", replace=force)
+    if plot is not None:
+        from bnaudit.report.plots import FIGURES
+
+        # Which figures a run draws depends on its results; any of them may be written.
+        plan.folder(plot, [f"{name}.png" for name in FIGURES], label="--plot", replace=force)
+    plan.check()
+    if plot is not None or html is not None:
+        from bnaudit.report.plots import require_matplotlib
+
+        require_matplotlib()  # fail before training when the plot extra is missing
+    return plan
+
+
+def _write(result: Any, text: str, plan: Any, output: Path | None, html: Path | None, plot: Path | None) -> None:
+    """Write the table/JSON, the plots and the HTML report as one set, or print the text."""
     files: dict[Path, Any] = {}
     if output is not None:
         files[output] = text
+    pngs: dict[str, bytes] = {}
     if plot is not None or html is not None:
         from bnaudit.report.plots import figures
 

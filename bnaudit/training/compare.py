@@ -260,11 +260,7 @@ def train_compare(
     cells = summarize(runs)
     step_counts = {bs: steps_for(bs) for bs in grid.batch_sizes}
     settings = {
-        "variants": ran,
-        "lrs": grid.lrs,
-        "batch_sizes": grid.batch_sizes,
-        "seeds": grid.seeds,
-        "steps": {str(bs): n for bs, n in step_counts.items()},
+        **_grid_settings(grid, ran, step_counts),
         "epochs": epochs,
         "optimizer": optimizer,
         "momentum": momentum,
@@ -277,13 +273,7 @@ def train_compare(
         "train_examples": len(train),
         "val_examples": len(val),
         "reinit": reinit,
-        "device": str(grid.device),
-        "threads": used_threads,
-        "workers": workers,
-        "nproc": nproc,
-        "batch_size_per": "device" if nproc > 1 else "step",
-        "global_batch_sizes": [bs * nproc for bs in grid.batch_sizes],
-        "distributed": _distributed_settings(grid.launch),
+        **_run_settings(grid, used_threads, workers, nproc),
         "record": record,
         "ics_layer": ics_layer,
         "seconds_total": elapsed,
@@ -444,6 +434,30 @@ def _unavailable_notes(grid: _Grid, unavailable: dict[str, str], nproc: int) -> 
             "exactly like BatchNorm; compare it with nproc > 1"
         )
     return notes
+
+
+def _grid_settings(grid: _Grid, ran: list[str], step_counts: dict[int, int]) -> dict[str, Any]:
+    """The sweep's part of ``CompareResult.settings`` (keys in the order the JSON has always had)."""
+    return {
+        "variants": ran,
+        "lrs": grid.lrs,
+        "batch_sizes": grid.batch_sizes,
+        "seeds": grid.seeds,
+        "steps": {str(bs): n for bs, n in step_counts.items()},
+    }
+
+
+def _run_settings(grid: _Grid, threads: int, workers: int, nproc: int) -> dict[str, Any]:
+    """Where and how the runs ran: device, threads, processes and the distributed launch."""
+    return {
+        "device": str(grid.device),
+        "threads": threads,
+        "workers": workers,
+        "nproc": nproc,
+        "batch_size_per": "device" if nproc > 1 else "step",
+        "global_batch_sizes": [bs * nproc for bs in grid.batch_sizes],
+        "distributed": _distributed_settings(grid.launch),
+    }
 
 
 def _distributed_settings(launch: Any) -> dict[str, str] | None:
