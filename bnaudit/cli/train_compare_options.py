@@ -113,24 +113,24 @@ OutputOpt = Annotated[
 ]
 
 
-def parse_floats(values: list[str] | None, name: str) -> list[float] | None:
+def _numbers(values: list[str] | None, name: str, kind: type, what: str, example: str) -> list | None:
     items = split_list(values)
     if not items:
         return None
     try:
-        return [float(v) for v in items]
+        return [kind(v) for v in items]
     except ValueError:
-        raise UsageError(f"{name} takes numbers, e.g. {name} 0.01,0.1,1; got {','.join(items)}") from None
+        raise UsageError(f"{name} takes {what}, e.g. {name} {example}; got {','.join(items)}") from None
+
+
+def parse_floats(values: list[str] | None, name: str) -> list[float] | None:
+    """``--lr 0.01,0.1 --lr 1`` -> [0.01, 0.1, 1.0] (None when not given)."""
+    return _numbers(values, name, float, "numbers", "0.01,0.1,1")
 
 
 def parse_ints(values: list[str] | None, name: str) -> list[int] | None:
-    items = split_list(values)
-    if not items:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError:
-        raise UsageError(f"{name} takes whole numbers, e.g. {name} 16,64; got {','.join(items)}") from None
+    """``--batch-size 16,64`` -> [16, 64] (None when not given)."""
+    return _numbers(values, name, int, "whole numbers", "16,64")
 
 
 def parse_target(text: str) -> float | str | None:
