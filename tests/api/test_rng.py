@@ -71,3 +71,16 @@ def test_inspect_on_a_shuffling_loader_without_generator_leaves_the_global_rng_a
     torch.manual_seed(7)
     bnaudit.inspect(model, loader, steps=4)
     assert [b[1].tolist() for b in loader][:3] == expected
+
+
+def test_transforms_with_an_inferred_example_leave_the_global_rng_alone():
+    model = nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    torch.manual_seed(5)
+    before = _states()
+    first = bnaudit.insert_bn(model, infer_example=True)
+    _same(before, _states())
+    again = bnaudit.insert_bn(model, infer_example=True)  # the seeded example gives the same new model
+    assert [c.layer for c in first.changes] == [c.layer for c in again.changes] and first.changes
+    assert type(first.model[0][1]) is nn.BatchNorm1d  # the inferred example told insert_bn the input rank
+    for (k, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
