@@ -23,7 +23,7 @@ _API = {
     "record": "bnaudit.api",
     "train_compare": "bnaudit.api",
     "check": "bnaudit.api",
-    "run_checks": "bnaudit.checking",
+    "run_checks": "bnaudit.gate",
     "inspect_distributed": "bnaudit.api",
     "Report": "bnaudit.findings",
     "Finding": "bnaudit.findings",

@@ -12,12 +12,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bnaudit.baseline import Baseline, load_baseline, render_baseline
-from bnaudit.checking import apply_rule_config, run_checks
 from bnaudit.cli import app
-from bnaudit.config import load_config, parse_config
 from bnaudit.errors import ConfigError, SpecError, UsageError, WeightsError
 from bnaudit.findings import Finding
+from bnaudit.gate import (
+    Baseline,
+    apply_rule_config,
+    load_baseline,
+    load_config,
+    parse_config,
+    render_baseline,
+    run_checks,
+)
 from bnaudit.report import FORMAT_CHOICES
 
 DATA = Path(__file__).resolve().parent / "data"

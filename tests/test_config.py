@@ -10,7 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnaudit.config import (
+from bnaudit.errors import ConfigError
+from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
+from bnaudit.gate import (
     AuditSpec,
     Config,
     find_config,
@@ -19,8 +21,6 @@ from bnaudit.config import (
     preset_names,
     starter_config,
 )
-from bnaudit.errors import ConfigError
-from bnaudit.findings import FAIL_ON_CHOICES, SEVERITIES
 from bnaudit.report import FORMATS
 
 FULL = """\

@@ -38,7 +38,7 @@ from bnaudit.cli import app
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the hostile workspace needs Linux")
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "bnaudit" / "presets" / "default.yaml"
+PRESET = ROOT / "bnaudit" / "gate" / "presets" / "default.yaml"
 PEAK_LIMIT = 2 << 30
 TC = ["--steps", "2", "--seeds", "1", "--lr", "0.1", "-q", "--no-record"]  # the smallest train-compare run
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import bnaudit
-from bnaudit.probes import modes as M
+from bnaudit.probes import inference as PI
 from bnaudit.probes.state import ModelState
-from bnaudit.rules import modes as R
+from bnaudit.rules import examples_modes as R
 
 
 def _exact(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[bool], list[bool]]:
@@ -35,7 +35,7 @@ def _assert_exact(model: nn.Module, saved) -> None:
 
 
 def test_restoring_undoes_what_a_hostile_predict_does():
-    model = R._trained_mlp().eval()
+    model = R.trained_mlp().eval()
     saved = _exact(model)
     bn = model[1]
     buffer_object = bn.running_mean
@@ -55,7 +55,7 @@ def test_restoring_undoes_what_a_hostile_predict_does():
 
 
 def test_restore_is_repeatable_and_refuses_another_models_state():
-    model = R._trained_mlp()
+    model = R.trained_mlp()
     saved = _exact(model)
     state = ModelState(model)
     for _ in range(2):
@@ -65,7 +65,7 @@ def test_restore_is_repeatable_and_refuses_another_models_state():
             model(torch.randn(8, 64))
         _assert_exact(model, saved)
     with pytest.raises(ValueError, match="another model"):
-        M.cobatch_invariance(R._trained_mlp(), [torch.rand(16, 64)], state=state)
+        PI.cobatch_invariance(R.trained_mlp(), [torch.rand(16, 64)], state=state)
 
 
 class _Counted(nn.Module):

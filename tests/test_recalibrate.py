@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import bnaudit
 from bnaudit.cli import app
 from bnaudit.errors import DataError, TransformError
-from bnaudit.rules import modes as R
+from bnaudit.rules import examples_modes as R
 from bnaudit.transforms.recalibrate import recalibrate
 
 runner = CliRunner()
@@ -131,14 +131,14 @@ def test_errors():
 
 
 def test_repairs_the_ema_model_that_bn303_reports():
-    broken = R._ema_params_only()
+    broken = R.ema_params_only()
     from bnaudit.api import recalibrate as api_recalibrate
 
     assert bnaudit.recalibrate is api_recalibrate  # the lazily exported public name (specs or objects)
-    fixed, table = bnaudit.recalibrate(broken, R._digits())
+    fixed, table = bnaudit.recalibrate(broken, R.digits())
     assert all(r.num_batches_tracked_before == 0 and r.num_batches_tracked_after > 0 for r in table)
     assert all(abs(r.r_after - 1) < 1e-4 and r.z_after < 1e-4 for r in table)
-    report = bnaudit.inspect(fixed, R._digits(), select=["BN302", "BN303", "BN304"])
+    report = bnaudit.inspect(fixed, R.digits(), select=["BN302", "BN303", "BN304"])
     assert not report.findings
 
 
@@ -166,7 +166,7 @@ def build_data():
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "net.py").write_text(textwrap.dedent(MODEL_PY))
-    torch.save(R._ema_params_only().state_dict(), tmp_path / "ema.pt")  # trained weights, buffers never set
+    torch.save(R.ema_params_only().state_dict(), tmp_path / "ema.pt")  # trained weights, buffers never set
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -217,7 +217,7 @@ def test_cli_input_errors_are_one_line(project: Path):
 
 
 def test_cli_pickled_module_gets_a_plain_state_dict(project: Path):
-    torch.save(R._ema_params_only(), project / "whole.pt")
+    torch.save(R.ema_params_only(), project / "whole.pt")
     result = runner.invoke(app, ["recalibrate", "whole.pt", "--trust-pickle", "--data", "net.py:build_data",
                                  "-o", "whole_fixed.pt", "--batches", "4"])
     assert result.exit_code == 0, result.output

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bnaudit.checking import CheckResult
-    from bnaudit.config import Config
+    from bnaudit.gate import CheckResult, Config
 
 __all__ = ["check", "gate_config"]
 
@@ -34,9 +33,9 @@ def gate_config(
     Raises:
         UsageError: no config file found, or an invalid ``fail_on``. ConfigError: an invalid config.
     """
-    from bnaudit.config import Config, find_config, load_config, parse_config
     from bnaudit.errors import UsageError
     from bnaudit.findings import FAIL_ON_CHOICES
+    from bnaudit.gate import Config, find_config, load_config, parse_config
 
     if fail_on is not None and fail_on not in FAIL_ON_CHOICES:
         raise UsageError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON_CHOICES)}")
@@ -77,6 +76,6 @@ def check(
         UsageError, ConfigError: a bad config or override. SpecError, WeightsError, DataError: an audit's input
             is unusable (the message names the audit and the config line).
     """
-    from bnaudit.checking import run_checks
+    from bnaudit.gate import run_checks
 
     return run_checks(gate_config(config, **overrides), use_baseline=use_baseline)

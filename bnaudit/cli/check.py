@@ -1,7 +1,7 @@
 """``bnaudit check`` (the YAML-configured CI gate) and ``bnaudit init`` (writes a commented starter config).
 
 ``check`` reads bnaudit.yaml (or --config), lays the command-line flags over it, runs every audit through
-``bnaudit.checking.run_checks``, prints the report in --format on stdout, writes the config's ``outputs:``,
+``bnaudit.check`` (``bnaudit.gate.run_checks``), prints the report in --format on stdout, writes the config's ``outputs:``,
 prints a one-line verdict on stderr, and exits 0 (pass), 1 (new findings at or above fail_on) or 2 (bad
 config or input). torch is imported only once a command runs."""
 
@@ -74,7 +74,7 @@ def check_cmd(
     from bnaudit.api import check
 
     if write_baseline is not None:
-        from bnaudit.baseline import render_baseline
+        from bnaudit.gate import render_baseline
 
         result = check(cfg, use_baseline=False)
         plan.commit({write_baseline: render_baseline(result.reports)})
@@ -137,7 +137,7 @@ def init_cmd(
 
     [bold]Example[/]: bnaudit init --preset strict
     """
-    from bnaudit.config import starter_config
+    from bnaudit.gate import starter_config
 
     text = starter_config(preset)
     plan = plan_outputs()

@@ -108,6 +108,136 @@ def _loader_targets(data: Any) -> np.ndarray | None:
     return np.concatenate(out) if out else None
 
 
+class _Hooks:
+    """What moments cannot show, measured by hooks during the probe's forward passes: the fraction of positions
+    whose whole channel vector is zero at each BatchNorm input (padding, BN205), the units of ReLU-like
+    activations ever positive (BN208), and sigmoid/tanh inputs in the flat tails (BN208)."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.zeros: dict[str, list[float]] = {}
+        self.active: dict[str, torch.Tensor] = {}
+        self.tails: dict[str, list[float]] = {}
+        self.sat_at: dict[str, float] = {}
+        self.spatial: dict[str, int] = {}
+
+    def zero_hook(self, name: str):
+        zeros, spatial = self.zeros, self.spatial
+
+        def hook(module: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point():
+                spatial[name] = int(x[0, 0].numel())
+                all_zero = (x == 0).all(dim=1)  # a whole channel vector zero at a position: padding
+                zeros.setdefault(name, [0.0, 0.0])
+                zeros[name][0] += float(all_zero.sum())
+                zeros[name][1] += all_zero.numel()
+        return hook
+
+    def relu_hook(self, name: str):
+        active = self.active
+
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.is_floating_point():
+                cd = 1 if out.dim() >= 2 else 0
+                dims = tuple(d for d in range(out.dim()) if d != cd)
+                pos = (out > 0).any(dim=dims) if dims else out > 0
+                active[name] = pos if name not in active or active[name].shape != pos.shape else active[name] | pos
+        return hook
+
+    def tail_hook(self, name: str, limit: float):
+        tails = self.tails
+
+        def hook(module: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+                tails.setdefault(name, [0.0, 0.0])
+                tails[name][0] += float((x.abs() > limit).sum())
+                tails[name][1] += x.numel()
+        return hook
+
+    def install(self, model: nn.Module) -> None:
+        """Hook every BatchNorm, ReLU-like and saturating layer of ``model``; dropout is put in eval mode."""
+        for name, m in model.named_modules():
+            if not name:
+                continue
+            if is_batchnorm(m):
+                self.handles.append(m.register_forward_pre_hook(self.zero_hook(name)))
+            elif isinstance(m, _RELU_LIKE):
+                self.handles.append(m.register_forward_hook(self.relu_hook(name)))
+            else:
+                for kind, limit in SATURATION.items():
+                    if type(m) is kind:
+                        self.sat_at[name] = limit
+                        self.handles.append(m.register_forward_pre_hook(self.tail_hook(name, limit)))
+            if is_dropout(m):
+                m.eval()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def fill(self, probe: DataProbe) -> None:
+        """Write the tallies into ``probe`` as fractions and counts."""
+        probe.zero_positions = {k: v[0] / v[1] for k, v in self.zeros.items() if v[1]}
+        probe.dead = {k: (int((~v).sum()), int(v.numel())) for k, v in self.active.items()}
+        probe.saturated = {k: (v[0] / v[1], self.sat_at[k]) for k, v in self.tails.items() if v[1]}
+        probe.spatial = self.spatial
+
+
+@dataclass
+class _Seen:
+    """What the probe notes of the batches on the way: their sizes, the model's errors, the targets as class
+    labels (None once a batch has other targets), and the per-feature moments of float inputs."""
+
+    sizes: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    targets: list[np.ndarray] | None = field(default_factory=list)
+    moments: Moments | None = None
+    layout: str | None = None
+
+    def add_inputs(self, x: Any) -> None:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
+            self.layout = self.layout or ("features" if x.dim() == 2 else "channels")
+            if self.moments is None:
+                self.moments = Moments(channel_dim=1)
+            try:
+                self.moments.update(x)
+            except ValueError:
+                pass
+
+    def add_targets(self, targets: Any) -> None:
+        labels = _labels(targets)
+        if self.targets is not None:
+            if labels is None:
+                self.targets = None
+            else:
+                self.targets.append(labels)
+
+    def input_summary(self) -> dict[str, Any] | None:
+        if self.moments is None or self.moments.mean is None:
+            return None
+        host = self.moments.to_numpy()
+        return {"mean": host["mean"], "std": np.sqrt(host["var"]), "layout": self.layout,
+                "nonfinite_frac": host["nonfinite_frac"], "min": host["min"], "max": host["max"]}
+
+
+def _run_batches(model: nn.Module, batches: Iterable[Any], rec: Any, seen: _Seen) -> None:
+    """One forward pass per batch, one recorded step each; a batch the model rejects is noted, not raised."""
+    for i, batch in enumerate(batches):
+        x = batch.inputs
+        seen.add_inputs(x)
+        seen.add_targets(batch.targets)
+        try:
+            model(x)
+        except Exception as exc:  # noqa: BLE001 - e.g. a batch of one at a train-mode BatchNorm
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            seen.errors[i] = f"{type(exc).__name__}: {text[:200]}"
+        else:
+            seen.sizes.append(int(batch.size or 0))
+        rec.step()
+
+
 def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.device | str | None = None) -> DataProbe:
     """Run the probe on ``model`` (whose modes and buffers it changes: pass a copy, or put it back after)
     over ``batches`` (Batch objects).
@@ -124,100 +254,18 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
     for m in model.modules():
         if is_batchnorm(m):
             m.train()
-    handles = []
-    zeros: dict[str, list[float]] = {}
-    active: dict[str, torch.Tensor] = {}
-    tails: dict[str, list[float]] = {}
-    sat_at: dict[str, float] = {}
-    spatial: dict[str, int] = {}
-
-    def zero_hook(name: str):
-        def hook(module: nn.Module, args: Any) -> None:
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point():
-                spatial[name] = int(x[0, 0].numel())
-                all_zero = (x == 0).all(dim=1)  # a whole channel vector zero at a position: padding
-                zeros.setdefault(name, [0.0, 0.0])
-                zeros[name][0] += float(all_zero.sum())
-                zeros[name][1] += all_zero.numel()
-        return hook
-
-    def relu_hook(name: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.is_floating_point():
-                cd = 1 if out.dim() >= 2 else 0
-                dims = tuple(d for d in range(out.dim()) if d != cd)
-                pos = (out > 0).any(dim=dims) if dims else out > 0
-                active[name] = pos if name not in active or active[name].shape != pos.shape else active[name] | pos
-        return hook
-
-    def tail_hook(name: str, limit: float):
-        def hook(module: nn.Module, args: Any) -> None:
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-                tails.setdefault(name, [0.0, 0.0])
-                tails[name][0] += float((x.abs() > limit).sum())
-                tails[name][1] += x.numel()
-        return hook
-
-    for name, m in model.named_modules():
-        if not name:
-            continue
-        if is_batchnorm(m):
-            handles.append(m.register_forward_pre_hook(zero_hook(name)))
-        elif isinstance(m, _RELU_LIKE):
-            handles.append(m.register_forward_hook(relu_hook(name)))
-        else:
-            for kind, limit in SATURATION.items():
-                if type(m) is kind:
-                    sat_at[name] = limit
-                    handles.append(m.register_forward_pre_hook(tail_hook(name, limit)))
-        if is_dropout(m):
-            m.eval()
-    sizes: list[int] = []
-    errors: dict[int, str] = {}
-    targets: list[np.ndarray] | None = []
-    moments: Moments | None = None
-    layout = None
+    hooks = _Hooks()
+    hooks.install(model)
+    seen = _Seen()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(0)
             with record(model) as rec:
-                for i, batch in enumerate(batches):
-                    x = batch.inputs
-                    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
-                        layout = layout or ("features" if x.dim() == 2 else "channels")
-                        if moments is None:
-                            moments = Moments(channel_dim=1)
-                        try:
-                            moments.update(x)
-                        except ValueError:
-                            pass
-                    labels = _labels(batch.targets)
-                    if targets is not None:
-                        if labels is None:
-                            targets = None
-                        else:
-                            targets.append(labels)
-                    try:
-                        model(x)
-                    except Exception as exc:  # noqa: BLE001 - e.g. a batch of one at a train-mode BatchNorm
-                        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                        errors[i] = f"{type(exc).__name__}: {text[:200]}"
-                    else:
-                        sizes.append(int(batch.size or 0))
-                    rec.step()
+                _run_batches(model, batches, rec, seen)
     finally:
-        for h in handles:
-            h.remove()
-    probe = DataProbe(history=rec.history, batch_sizes=sizes, errors=errors, targets=targets or None)
-    if moments is not None and moments.mean is not None:
-        host = moments.to_numpy()
-        probe.input = {"mean": host["mean"], "std": np.sqrt(host["var"]), "layout": layout,
-                       "nonfinite_frac": host["nonfinite_frac"], "min": host["min"], "max": host["max"]}
-    probe.zero_positions = {k: v[0] / v[1] for k, v in zeros.items() if v[1]}
-    probe.dead = {k: (int((~v).sum()), int(v.numel())) for k, v in active.items()}
-    probe.saturated = {k: (v[0] / v[1], sat_at[k]) for k, v in tails.items() if v[1]}
-    probe.spatial = spatial
+        hooks.remove()
+    probe = DataProbe(history=rec.history, batch_sizes=seen.sizes, errors=seen.errors, targets=seen.targets or None)
+    probe.input = seen.input_summary()
+    hooks.fill(probe)
     return probe

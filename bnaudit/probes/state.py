@@ -6,7 +6,7 @@ counter above all; the buffer object too, if the experiment replaced it), the pa
 flags, and the value of any parameter whose version counter, dtype, device or shape changed (a user's
 ``predict()`` is arbitrary code). Buffers are copied back unconditionally: torch's fused BatchNorm updates
 its running statistics without bumping their version counters. The global RNG is not its business: each
-experiment forks it (``probes.modes.seeded``).
+experiment forks it (``probes.common.seeded``).
 
 An audit copies the user's model once and runs every experiment on that copy through one ModelState, one
 after the other; a deep copy per experiment had cost more than the model's own forward passes on

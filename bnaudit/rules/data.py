@@ -21,198 +21,10 @@ from bnaudit.errors import ConfigError
 from bnaudit.findings import Finding
 from bnaudit.graph import INPUT
 from bnaudit.layers import is_batchnorm, is_norm, is_weight_layer
-from bnaudit.recording.measures import depth_trend, drift_all
 from bnaudit.probes.data import data_probe
+from bnaudit.recording.measures import depth_trend, drift_all
+from bnaudit.rules import examples_data as ex
 from bnaudit.rules.base import Example, Rule, register
-
-# --- example factories (small, seeded) ----------------------------------------------------------------------
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data[:256], dtype=torch.float32) / 16.0, torch.tensor(d.target[:256])
-
-
-def _standardized(n: int = 256, f: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(n, f, generator=_gen())
-    return x, (x[:, 0] > 0).long()
-
-
-def _age_income(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _gen()
-    age = 40 + 12 * torch.randn(n, generator=g)
-    income = 60_000 + 25_000 * torch.randn(n, generator=g)
-    x = torch.stack([age, income], dim=1)
-    return x, (income > 60_000).long()
-
-
-def _mlp_bn(f: int = 4, hidden: int = 16, classes: int = 2) -> nn.Module:
-    return nn.Sequential(nn.Linear(f, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-
-def _mlp(f: int = 4, hidden: int = 16, classes: int = 2) -> nn.Module:
-    return nn.Sequential(nn.Linear(f, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-
-def _odd_dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    # 65 samples at the default batch size 32: the last batch holds one sample.
-    x = torch.randn(65, 4, generator=_gen())
-    return x, (x[:, 0] > 0).long()
-
-
-def _even_dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(64, 4, generator=_gen())
-    return x, (x[:, 0] > 0).long()
-
-
-def _tiny_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = _gen()
-    return [(torch.randn(4, 4, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(8)]
-
-
-def _mean_noise_batches(ratio: float, batches: int = 8, size: int = 16, f: int = 4) -> list[tuple[torch.Tensor, ...]]:
-    """Batches whose per-channel batch means spread by exactly ``ratio`` population stds (BN203's statistic).
-
-    Each batch is its mean plus and minus ``sqrt(1 - ratio**2)`` in equal halves, and the batch means are
-    ``ratio`` times standardized draws, so std over batches / population std = ``ratio`` in every channel."""
-    g = _gen()
-    z = torch.randn(batches, f, generator=g, dtype=torch.float64)
-    z = (z - z.mean(0)) / z.std(0, unbiased=False)
-    half = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat_interleave(size // 2)
-    out = []
-    for b in range(batches):
-        x = ratio * z[b] + (1 - ratio**2) ** 0.5 * half[torch.randperm(size, generator=g)][:, None]
-        out.append((x.float(), torch.randint(0, 2, (size,), generator=g)))
-    return out
-
-
-def _conv_bn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-
-
-def _small_image_batches() -> list[torch.Tensor]:
-    # 4 images of 2x2 per batch: 4 samples alone would be too few, 4 x 2 x 2 = 16 values per channel are not.
-    g = _gen()
-    return [torch.randn(4, 3, 2, 2, generator=g) for _ in range(4)]
-
-
-def _sorted_loader():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    x = torch.randn(320, 4, generator=_gen())
-    y = torch.arange(320) // 32  # 10 classes, sorted
-    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
-
-
-def _shuffled_loader():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    x = torch.randn(320, 4, generator=_gen())
-    y = torch.arange(320) // 32
-    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=_gen(1))
-
-
-class _PaddedSeq(nn.Module):
-    """Embeds tokens (0 = padding) and normalizes the (N, C, L) sequence with BatchNorm1d."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8, padding_idx=0)
-        self.bn = nn.BatchNorm1d(8)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.bn(self.emb(tokens).transpose(1, 2))
-        return self.head(h.mean(2))
-
-
-def _padded_tokens(pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _gen()
-    tokens = torch.randint(1, 20, (64, 12), generator=g)
-    if pad:
-        lengths = torch.randint(2, 5, (64,), generator=g)
-        tokens[torch.arange(12)[None, :] >= lengths[:, None]] = 0
-    return tokens, torch.randint(0, 2, (64,), generator=g)
-
-
-def _deep(act: type[nn.Module], scale: float, depth: int = 10, width: int = 32, bn: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        lin = nn.Linear(width, width)
-        with torch.no_grad():
-            nn.init.normal_(lin.weight, std=scale / width**0.5)
-            lin.bias.zero_()
-        layers += [lin, *( [nn.BatchNorm1d(width)] if bn else [] ), act()]
-    return nn.Sequential(*layers, nn.Linear(width, 2))
-
-
-def _wide_x() -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(128, 32, generator=_gen())
-    return x, (x[:, 0] > 0).long()
-
-
-def _dead_relu() -> nn.Module:
-    m = _mlp(4, 16)
-    with torch.no_grad():
-        m[0].bias.fill_(-100.0)
-    return m
-
-
-def _saturated_sigmoid() -> nn.Module:
-    m = nn.Sequential(nn.Linear(4, 16), nn.Sigmoid(), nn.Linear(16, 2))
-    with torch.no_grad():
-        m[0].weight.mul_(100.0)
-    return m
-
-
-def _healthy_sigmoid() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 16), nn.Sigmoid(), nn.Linear(16, 2))
-
-
-def _nan_buffer() -> nn.Module:
-    m = _mlp_bn()
-    m[1].running_var[3] = float("nan")
-    return m
-
-
-def _inf_weight() -> nn.Module:
-    m = _mlp()
-    with torch.no_grad():
-        m[0].weight[0, 0] = float("inf")
-    return m
-
-
-def _history(lr: float, steps: int = 30) -> dict:
-    """Train a small sigmoid MLP on digits under bnaudit.record and hand its History to inspect."""
-    from bnaudit.recording import record
-
-    torch.manual_seed(0)
-    x, y = _digits()
-    model = nn.Sequential(nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    g = _gen()
-    with record(model) as rec:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step()
-    return {"history": rec.history}
-
-
-def _digits_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 10))
 
 
 def _fmt(v: float) -> str:
@@ -262,10 +74,10 @@ class UnnormalizedInput(Rule):
     requires = frozenset({"data"})
     options = {"max_scale_ratio": float, "max_mean_to_std": float}
     defaults = {"max_scale_ratio": 100.0, "max_mean_to_std": 3.0}
-    invalid = (Example(lambda: _mlp(2), _age_income, note="age and income in raw units"),)
+    invalid = (Example(lambda: ex.mlp(2), ex.age_income, note="age and income in raw units"),)
     valid = (
-        Example(_mlp, _standardized, note="standardized features"),
-        Example(lambda: nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2)), _age_income,
+        Example(ex.mlp, ex.standardized, note="standardized features"),
+        Example(lambda: nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2)), ex.age_income,
                 note="a BatchNorm at the input"),
     )
 
@@ -339,12 +151,12 @@ class TooFewValuesPerChannel(Rule):
     options = {"min_values": int}
     defaults = {"min_values": 8}
     invalid = (
-        Example(_mlp_bn, _odd_dataset, layer="1", note="65 samples, batch 32: a last batch of one"),
-        Example(_mlp_bn, _tiny_batches, layer="1", note="batches of 4"),
+        Example(ex.mlp_bn, ex.odd_dataset, layer="1", note="65 samples, batch 32: a last batch of one"),
+        Example(ex.mlp_bn, ex.tiny_batches, layer="1", note="batches of 4"),
     )
     valid = (
-        Example(_mlp_bn, _even_dataset, note="64 samples, batch 32"),
-        Example(_conv_bn, _small_image_batches, note="NCHW: 4 samples x 2 x 2 positions = 16 values per channel"),
+        Example(ex.mlp_bn, ex.even_dataset, note="64 samples, batch 32"),
+        Example(ex.conv_bn, ex.small_image_batches, note="NCHW: 4 samples x 2 x 2 positions = 16 values per channel"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -442,13 +254,13 @@ class BatchStatNoise(Rule):
     options = {"max_mean_noise": float, "confidence": float, "min_batches": int}
     defaults = {"max_mean_noise": 0.3, "confidence": 0.95, "min_batches": 3}
     invalid = (
-        Example(_mlp_bn, _tiny_batches, layer="1", note="batches of 4"),
-        Example(lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)), lambda: _mean_noise_batches(0.6), layer="0",
+        Example(ex.mlp_bn, ex.tiny_batches, layer="1", note="batches of 4"),
+        Example(lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)), lambda: ex.mean_noise_batches(0.6), layer="0",
                 note="batch means spread 0.6 population stds over 8 batches: far above 0.3"),
     )
     valid = (
-        Example(_mlp_bn, lambda: _standardized(512), note="batches of 32"),
-        Example(lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)), lambda: _mean_noise_batches(0.33),
+        Example(ex.mlp_bn, lambda: ex.standardized(512), note="batches of 32"),
+        Example(lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)), lambda: ex.mean_noise_batches(0.33),
                 note="batch means spread 0.33 population stds over 8 batches: above 0.3, within its noise"),
     )
 
@@ -534,8 +346,8 @@ class NonIidBatches(Rule):
     requires = frozenset({"data"})
     options = {"max_purity_excess": float}
     defaults = {"max_purity_excess": 0.25}
-    invalid = (Example(_mlp, _sorted_loader, note="labels sorted, shuffle=False"),)
-    valid = (Example(_mlp, _shuffled_loader, note="the same data shuffled"),)
+    invalid = (Example(ex.mlp, ex.sorted_loader, note="labels sorted, shuffle=False"),)
+    valid = (Example(ex.mlp, ex.shuffled_loader, note="the same data shuffled"),)
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         probe = data_probe(ctx)
@@ -603,10 +415,10 @@ class PaddingInBnInput(Rule):
     requires = frozenset({"data"})
     options = {"max_zero_positions": float}
     defaults = {"max_zero_positions": 0.1}
-    invalid = (Example(_PaddedSeq, _padded_tokens, layer="bn", note="2-4 real tokens of 12"),)
-    valid = (Example(_PaddedSeq, lambda: _padded_tokens(pad=False), note="no padding"),
+    invalid = (Example(ex.PaddedSeq, ex.padded_tokens, layer="bn", note="2-4 real tokens of 12"),)
+    valid = (Example(ex.PaddedSeq, lambda: ex.padded_tokens(pad=False), note="no padding"),
              Example(lambda: nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 2)),
-                     _standardized, note="BatchNorm after ReLU: zeros, but not whole positions"))
+                     ex.standardized, note="BatchNorm after ReLU: zeros, but not whole positions"))
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         probe = data_probe(ctx)
@@ -654,8 +466,8 @@ class ActivationDrift(Rule):
     requires = frozenset({"history"})
     options = {"max_shift": float, "window": int, "top": int}
     defaults = {"max_shift": 1.0, "window": 0, "top": 5}
-    invalid = (Example(_digits_mlp, context=lambda: _history(lr=5.0), note="sigmoid MLP at lr 5"),)
-    valid = (Example(_digits_mlp, context=lambda: _history(lr=0.0), note="the same run at lr 0: nothing moves"),)
+    invalid = (Example(ex.digits_mlp, context=lambda: ex.history(lr=5.0), note="sigmoid MLP at lr 5"),)
+    valid = (Example(ex.digits_mlp, context=lambda: ex.history(lr=0.0), note="the same run at lr 0: nothing moves"),)
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         h = ctx.history
@@ -709,12 +521,12 @@ class VanishingOrExploding(Rule):
     options = {"max_ratio": float, "min_layers": int}
     defaults = {"max_ratio": 1000.0, "min_layers": 4}
     invalid = (
-        Example(lambda: _deep(nn.Tanh, 0.3), _wide_x, note="tanh, weights at 0.3 x the preserving scale: vanishes"),
-        Example(lambda: _deep(nn.Identity, 3.0), _wide_x, note="linear layers at 3 x the scale: explodes"),
+        Example(lambda: ex.deep(nn.Tanh, 0.3), ex.wide_x, note="tanh, weights at 0.3 x the preserving scale: vanishes"),
+        Example(lambda: ex.deep(nn.Identity, 3.0), ex.wide_x, note="linear layers at 3 x the scale: explodes"),
     )
     valid = (
-        Example(lambda: _deep(nn.Tanh, 0.3, bn=True), _wide_x, note="the same with BatchNorm"),
-        Example(lambda: _deep(nn.ReLU, 2**0.5), _wide_x, note="kaiming-scaled ReLU layers"),
+        Example(lambda: ex.deep(nn.Tanh, 0.3, bn=True), ex.wide_x, note="the same with BatchNorm"),
+        Example(lambda: ex.deep(nn.ReLU, 2**0.5), ex.wide_x, note="kaiming-scaled ReLU layers"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -789,11 +601,11 @@ class DeadOrSaturated(Rule):
     options = {"max_dead": float, "max_saturated": float}
     defaults = {"max_dead": 0.5, "max_saturated": 0.5}
     invalid = (
-        Example(_dead_relu, _standardized, layer="1", note="ReLU after a bias of -100"),
-        Example(_saturated_sigmoid, _standardized, layer="1", note="sigmoid after weights x100"),
+        Example(ex.dead_relu, ex.standardized, layer="1", note="ReLU after a bias of -100"),
+        Example(ex.saturated_sigmoid, ex.standardized, layer="1", note="sigmoid after weights x100"),
     )
-    valid = (Example(_mlp_bn, _standardized, note="BatchNorm before ReLU"),
-             Example(_healthy_sigmoid, _standardized, note="default init before a sigmoid"))
+    valid = (Example(ex.mlp_bn, ex.standardized, note="BatchNorm before ReLU"),
+             Example(ex.healthy_sigmoid, ex.standardized, note="default init before a sigmoid"))
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         probe = data_probe(ctx)
@@ -839,10 +651,10 @@ class NonFinite(Rule):
     family = "data"
     requires = frozenset({"data"})
     invalid = (
-        Example(_nan_buffer, _standardized, layer="1", note="a NaN in running_var"),
-        Example(_inf_weight, _standardized, layer="0", note="an Inf weight"),
+        Example(ex.nan_buffer, ex.standardized, layer="1", note="a NaN in running_var"),
+        Example(ex.inf_weight, ex.standardized, layer="0", note="an Inf weight"),
     )
-    valid = (Example(_mlp_bn, _standardized, note="finite everywhere"),)
+    valid = (Example(ex.mlp_bn, ex.standardized, note="finite everywhere"),)
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         for name, m in ctx.model.named_modules():

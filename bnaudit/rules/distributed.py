@@ -19,84 +19,17 @@ from torch import nn
 
 from bnaudit.context import RuleContext
 from bnaudit.distributed import (
-    gather_checked,
     current_ddp_facts,
     ddp_facts,
     dist_info,
     gather_bn_buffers,
+    gather_checked,
     unwrap_ddp,
 )
 from bnaudit.findings import Finding
 from bnaudit.layers import is_batchnorm
+from bnaudit.rules import examples_distributed as ex
 from bnaudit.rules.base import Example, Rule, register
-
-# --- example factories ------------------------------------------------------------------------------------------
-
-
-def _batch(n: int = 32, features: int = 10) -> torch.Tensor:
-    return torch.randn(n, features, generator=torch.Generator().manual_seed(0))
-
-
-def _mlp(norm: nn.Module) -> nn.Module:
-    return nn.Sequential(nn.Linear(10, 8, bias=False), norm, nn.ReLU(), nn.Linear(8, 2))
-
-
-class _CustomBN(nn.Module):
-    """A hand-written BatchNorm (not a torch _BatchNorm subclass): convert_sync_batchnorm skips it."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(c))
-        self.bias = nn.Parameter(torch.zeros(c))
-        self.register_buffer("running_mean", torch.zeros(c))
-        self.register_buffer("running_var", torch.ones(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training)
-
-
-def _mixed_sync() -> nn.Module:
-    """Backbone converted to SyncBatchNorm, head added afterwards with a plain BatchNorm1d."""
-    backbone = nn.SyncBatchNorm.convert_sync_batchnorm(_mlp(nn.BatchNorm1d(8))[:3])
-    return nn.Sequential(backbone, nn.Linear(8, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
-
-
-def _mixed_custom() -> nn.Module:
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(_mlp(nn.BatchNorm1d(8)))
-    return nn.Sequential(model[0], model[1], nn.ReLU(), nn.Linear(8, 6, bias=False), _CustomBN(6), nn.Linear(6, 2))
-
-
-def _shard_trained(sync_buffers: bool) -> nn.Module:
-    """Every rank trains the same init under DDP on its own shard of a dataset sorted by label (the first
-    ranks see digits 0-4, the last 5-9), with buffer broadcasting off (``sync_buffers=False``) or on."""
-    import torch.distributed as dist
-    from sklearn.datasets import load_digits
-
-    info = dist_info()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
-    x, y = load_digits(return_X_y=True)
-    order = np.argsort(y, kind="stable")
-    shard = np.array_split(order, info.world_size)[info.rank]
-    xs = torch.tensor(x[shard] / 16.0, dtype=torch.float32)
-    ys = torch.tensor(y[shard], dtype=torch.long)
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=sync_buffers) if info.active else model
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(info.rank)
-    for _ in range(40):  # long enough for each rank's running statistics to approach its own shard's
-        idx = torch.randint(0, len(xs), (32,), generator=g)
-        loss = nn.functional.cross_entropy(net(xs[idx]), ys[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if info.active:
-        dist.barrier()
-    return model
-
-
-def _digits_batch() -> torch.Tensor:
-    return torch.rand(16, 64, generator=torch.Generator().manual_seed(0))
-
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
@@ -169,15 +102,15 @@ class SmallPerDeviceBatch(Rule):
     options = {"min_batch": int, "min_values": int, "world_size": int}
     defaults = {"min_batch": 16, "min_values": 16, "world_size": 0}
     invalid = (
-        Example(lambda: _mlp(nn.BatchNorm1d(8)), _batch, options={"world_size": 4}, layer="1",
+        Example(lambda: ex.mlp(nn.BatchNorm1d(8)), ex.batch, options={"world_size": 4}, layer="1",
                 note="a global batch of 32 split over 4 devices: 8 samples per BatchNorm1d"),
     )
     valid = (
-        Example(lambda: nn.SyncBatchNorm.convert_sync_batchnorm(_mlp(nn.BatchNorm1d(8))), _batch,
+        Example(lambda: nn.SyncBatchNorm.convert_sync_batchnorm(ex.mlp(nn.BatchNorm1d(8))), ex.batch,
                 options={"world_size": 4}, note="SyncBatchNorm normalizes over the global batch"),
-        Example(lambda: _mlp(nn.GroupNorm(2, 8)), _batch, options={"world_size": 4}, note="GroupNorm needs no batch"),
-        Example(lambda: _mlp(nn.BatchNorm1d(8)), _batch, options={"world_size": 2}, note="16 samples per device"),
-        Example(lambda: _mlp(nn.BatchNorm1d(8)), lambda: _batch(8), note="one device: nothing distributed to check"),
+        Example(lambda: ex.mlp(nn.GroupNorm(2, 8)), ex.batch, options={"world_size": 4}, note="GroupNorm needs no batch"),
+        Example(lambda: ex.mlp(nn.BatchNorm1d(8)), ex.batch, options={"world_size": 2}, note="16 samples per device"),
+        Example(lambda: ex.mlp(nn.BatchNorm1d(8)), lambda: ex.batch(8), note="one device: nothing distributed to check"),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
@@ -270,11 +203,11 @@ class RankDivergentBuffers(Rule):
     options = {"mean_tol": float, "var_ratio": float}
     defaults = {"mean_tol": 0.2, "var_ratio": 1.25}
     invalid = (
-        Example(lambda: _shard_trained(False), _digits_batch, layer="1",
+        Example(lambda: ex.shard_trained(False), ex.digits_batch, layer="1",
                 note="needs a process group: DDP(broadcast_buffers=False) on label-sorted shards"),
     )
     valid = (
-        Example(lambda: _shard_trained(True), _digits_batch,
+        Example(lambda: ex.shard_trained(True), ex.digits_batch,
                 note="needs a process group: the same run with DDP broadcasting rank 0's buffers"),
     )
 
@@ -361,14 +294,14 @@ class SyncBNMisuse(Rule):
     fix = "call nn.SyncBatchNorm.convert_sync_batchnorm(model) on the whole model, on GPU, before wrapping it in DDP"
     requires = frozenset()
     invalid = (
-        Example(lambda: nn.SyncBatchNorm.convert_sync_batchnorm(_mlp(nn.BatchNorm1d(8))), _batch, layer="1",
+        Example(lambda: nn.SyncBatchNorm.convert_sync_batchnorm(ex.mlp(nn.BatchNorm1d(8))), ex.batch, layer="1",
                 note="SyncBatchNorm in a process without torch.distributed"),
-        Example(_mixed_sync, _batch, layer="2", note="a BatchNorm1d head added after the conversion"),
-        Example(_mixed_custom, _batch, layer="4", note="a hand-written BatchNorm convert_sync_batchnorm skips"),
+        Example(ex.mixed_sync, ex.batch, layer="2", note="a BatchNorm1d head added after the conversion"),
+        Example(ex.mixed_custom, ex.batch, layer="4", note="a hand-written BatchNorm convert_sync_batchnorm skips"),
     )
     valid = (
-        Example(lambda: _mlp(nn.BatchNorm1d(8)), _batch, note="plain BatchNorm, no SyncBatchNorm"),
-        Example(lambda: _mlp(nn.GroupNorm(2, 8)), _batch),
+        Example(lambda: ex.mlp(nn.BatchNorm1d(8)), ex.batch, note="plain BatchNorm, no SyncBatchNorm"),
+        Example(lambda: ex.mlp(nn.GroupNorm(2, 8)), ex.batch),
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Finding]:

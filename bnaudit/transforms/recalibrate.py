@@ -9,7 +9,7 @@ with BatchNorm layers in train mode. Unlike ``update_bn``, every other module st
 statistics are gathered, so dropout does not inflate the variances that inference will divide by (the
 "variance shift" of Li et al. 2019); on a model without dropout the buffers equal ``update_bn``'s to float
 tolerance. The model given is never modified: a deep copy is recalibrated and returned with a before/after
-table of the fit measures ``z`` and ``r`` per layer (see ``bnaudit.probes.modes.LayerFit``)."""
+table of the fit measures ``z`` and ``r`` per layer (see ``bnaudit.probes.running_stats.LayerFit``)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,8 @@ from torch import nn
 
 from bnaudit.errors import DataError, TransformError
 from bnaudit.loading.data import non_finite_at
-from bnaudit.probes.modes import (
-    ChannelMoments,
-    batch_size,
-    bn_layers,
-    bn_statistics_mode,
-    collect_moments,
-    forward,
-    layer_fit,
-    tracks_running_stats,
-)
+from bnaudit.probes.common import batch_size, bn_layers, bn_statistics_mode, forward, tracks_running_stats
+from bnaudit.probes.running_stats import ChannelMoments, collect_moments, layer_fit
 
 __all__ = ["LayerRecalibration", "RecalibrationTable", "has_uninitialized", "recalibrate"]
 

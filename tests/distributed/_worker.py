@@ -147,7 +147,7 @@ def divergent(rank: int) -> dict:
     from bnaudit.api import inspect_distributed
     from bnaudit.distributed import gather_bn_buffers
     from bnaudit.rules import get_rule
-    from bnaudit.rules.distributed import _shard_trained
+    from bnaudit.rules.examples_distributed import shard_trained
 
     rule = get_rule("BN402")
     out = {}
@@ -161,7 +161,7 @@ def divergent(rank: int) -> dict:
             out[(kind, i)] = _findings(report)
             out[(kind, i, "skipped")] = dict(report.rules_skipped)
     # The live DDP wrapper: its broadcast setting reaches the evidence through inspect_distributed.
-    model = _shard_trained(False)
+    model = shard_trained(False)
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     out["ddp"] = _findings(inspect_distributed(ddp, None, select=["BN402"], input_shape="64"))
     # The same wrapper passed straight to bnaudit.inspect: it audits the inner module with the wrapper's facts.

@@ -10,7 +10,7 @@ from torch import nn
 
 import bnaudit
 from bnaudit.graph import build_graph
-from bnaudit.rules import architecture as A
+from bnaudit.rules import examples_architecture as A
 from tests.fixtures.architectures import BY_NAME
 
 
@@ -19,7 +19,7 @@ def _bn104(model: nn.Module, x: torch.Tensor):
 
 
 def test_one_finding_per_dropout_listing_every_batchnorm_it_reaches():
-    (f,) = _bn104(A._TwoBranches(), A._x())
+    (f,) = _bn104(A.TwoBranches(), A.x())
     assert f.layer == "drop" and f.severity == "warning"
     assert f.evidence["batchnorms"] == ["bn_a", "bn_b"] and f.evidence["path"] == ["a"] and f.evidence["p"] == 0.3
     assert "2 BatchNorm layers" in f.message and f.fix.startswith("move drop after the last BatchNorm")
@@ -41,7 +41,7 @@ class _ThroughANorm(nn.Module):
 
 
 def test_the_path_stops_at_the_first_normalization():
-    (f,) = _bn104(_ThroughANorm(), A._x())
+    (f,) = _bn104(_ThroughANorm(), A.x())
     assert f.evidence["batchnorms"] == ["bn_direct"]
 
 
@@ -55,7 +55,7 @@ class _FunctionalDropout(nn.Module):
 
 
 def test_a_functional_dropout_is_reported_at_the_batchnorm_it_feeds():
-    (f,) = _bn104(_FunctionalDropout(), A._x())
+    (f,) = _bn104(_FunctionalDropout(), A.x())
     assert f.layer == "bn" and f.evidence["dropout"] == "F.dropout" and f.evidence["batchnorms"] == ["bn"]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import bnaudit
 from bnaudit.recording import record
-from bnaudit.rules.architecture import _MorvanNet
+from bnaudit.rules.examples_architecture import MorvanNet
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_bn111_static_without_data_and_quiet_at_keras_eps():
 
 
 def _without_bn_but_odd_arguments() -> nn.Module:
-    net = _MorvanNet(do_bn=False)
+    net = MorvanNet(do_bn=False)
     # Every constructor argument another rule would object to, on a layer that never runs.
     net.bn_input = nn.BatchNorm1d(1, 0.8, momentum=0.99, track_running_stats=False)
     return net
@@ -121,20 +121,20 @@ def test_bn112_unused_batchnorm_is_absent_for_every_other_rule():
     assert not any("internal error" in why for why in report.rules_skipped.values()), report.rules_skipped
     about = [(f.code, f.message) for f in report.findings if f.layer == "bn_input"]
     assert [c for c, _ in about] == ["BN112"], about
-    assert "_MorvanNet.bn_input" in about[0][1] and "10 recorded steps" in about[0][1]
+    assert "MorvanNet.bn_input" in about[0][1] and "10 recorded steps" in about[0][1]
     assert "BN110" in {f.code for f in report.findings}  # its only BatchNorm never runs: unnormalized
     assert "bn_input" not in {layer.name for layer in report.layers}
 
 
 def test_bn110_and_bn112_follow_the_call_alone():
     x, y = _scalar_data()
-    unused = {f.code for f in bnaudit.inspect(_MorvanNet(do_bn=False), (x, y), select=["BN110", "BN112"]).findings}
-    used = {f.code for f in bnaudit.inspect(_MorvanNet(do_bn=True), (x, y), select=["BN110", "BN112"]).findings}
+    unused = {f.code for f in bnaudit.inspect(MorvanNet(do_bn=False), (x, y), select=["BN110", "BN112"]).findings}
+    used = {f.code for f in bnaudit.inspect(MorvanNet(do_bn=True), (x, y), select=["BN110", "BN112"]).findings}
     assert unused == {"BN110", "BN112"} and used == set()
 
 
 def test_insert_bn_skips_an_unused_batchnorm():
-    net = _MorvanNet(do_bn=False)
+    net = MorvanNet(do_bn=False)
     result = bnaudit.insert_bn(net)
     assert all("bn_input" not in (c.layer, c.new) for c in [*result.changes, *result.skipped])
     assert {c.layer for c in result.changes} == {f"fc{i}" for i in range(5)}

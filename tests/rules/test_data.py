@@ -12,6 +12,7 @@ from torch import nn
 
 import bnaudit
 from bnaudit.rules import data as D
+from bnaudit.rules import examples_data as DE
 
 
 def _run(code, model, data=None, **kw):
@@ -21,22 +22,22 @@ def _run(code, model, data=None, **kw):
 
 
 def test_bn201_reports_scale_ratio_and_off_centre_features():
-    (f,) = _run("BN201", D._mlp(2), D._age_income())
+    (f,) = _run("BN201", DE.mlp(2), DE.age_income())
     ev = f.evidence
     assert ev["scale_ratio"] > 1000  # 25000 / 12
     assert ev["worst_mean_to_std"] > 3 and ev["off_centre_features"] == [0]  # age: 40 / 12; income: 60k / 25k = 2.4
     assert ev["max_scale_ratio"] == 100.0
     # a looser threshold silences the scale part only
-    (g,) = _run("BN201", D._mlp(2), D._age_income(), rule_config={"BN201": {"options": {"max_scale_ratio": 1e5}}})
+    (g,) = _run("BN201", DE.mlp(2), DE.age_income(), rule_config={"BN201": {"options": {"max_scale_ratio": 1e5}}})
     assert "scale_ratio" not in g.evidence
 
 
 def test_bn202_last_batch_of_one_is_an_error_small_batches_a_warning():
-    (f,) = _run("BN202", D._mlp_bn(), D._odd_dataset())
+    (f,) = _run("BN202", DE.mlp_bn(), DE.odd_dataset())
     assert f.severity == "error" and f.layer == "1"
     assert f.evidence["values_per_channel"] == 1 and f.evidence["dataset_len"] == 65 and f.evidence["batch_size"] == 32
     assert "Expected more than 1 value per channel" in f.message
-    (g,) = _run("BN202", D._mlp_bn(), D._tiny_batches())
+    (g,) = _run("BN202", DE.mlp_bn(), DE.tiny_batches())
     assert g.severity == "warning" and g.evidence["values_per_channel"] == 4
     # NCHW: values per channel count the spatial positions too (8 samples x 4 x 4 = 128)
     conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
@@ -48,7 +49,7 @@ def test_bn202_last_batch_of_one_is_an_error_small_batches_a_warning():
 
 
 def test_bn203_noise_close_to_one_over_sqrt_n():
-    (f,) = _run("BN203", D._mlp_bn(), D._tiny_batches())
+    (f,) = _run("BN203", DE.mlp_bn(), DE.tiny_batches())
     # batch means of 4 iid values fluctuate by about 1/sqrt(4) = 0.5 population stds
     assert 0.3 < f.evidence["mean_noise_median"] < 0.75
     assert f.evidence["values_per_channel"] == 4 and f.evidence["batches"] == 8
@@ -61,12 +62,12 @@ def _bn_only():
 
 
 def test_bn203_within_its_noise_of_the_threshold_is_silent_far_above_fires():
-    near = D._mean_noise_batches(0.33)  # 8 batches: above 0.3, but a std from 8 values is +-27%
+    near = DE.mean_noise_batches(0.33)  # 8 batches: above 0.3, but a std from 8 values is +-27%
     assert not _run("BN203", _bn_only(), near)
     # the bound is what silences it: at 50% confidence the same measurement is reported, at 0.33
     (f,) = _run("BN203", _bn_only(), near, rule_config={"BN203": {"options": {"confidence": 0.5}}})
     assert f.evidence["mean_noise_median"] == pytest.approx(0.33, abs=1e-6)
-    (g,) = _run("BN203", _bn_only(), D._mean_noise_batches(0.6))
+    (g,) = _run("BN203", _bn_only(), DE.mean_noise_batches(0.6))
     ev = g.evidence
     assert ev["mean_noise_median"] == pytest.approx(0.6, abs=1e-6) and ev["batches"] == 8 and g.layer == "0"
     assert ev["mean_noise_lower"] == pytest.approx(0.6 * D._std_lower_factor(8, 0.95)) and ev["mean_noise_lower"] > 0.3
@@ -92,53 +93,53 @@ def test_bn203_rejects_options_that_make_no_bound(options):
     from bnaudit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="BN203 option"):
-        _run("BN203", _bn_only(), D._mean_noise_batches(0.6), rule_config={"BN203": {"options": options}})
+        _run("BN203", _bn_only(), DE.mean_noise_batches(0.6), rule_config={"BN203": {"options": options}})
 
 
 def test_bn204_sorted_and_grouped_labels():
-    (f,) = _run("BN204", D._mlp(), D._sorted_loader())
+    (f,) = _run("BN204", DE.mlp(), DE.sorted_loader())
     assert f.evidence["shuffled"] is False and f.evidence["classes"] == 10
 
     # grouped batches from an iterable (no loader to ask): purity against reshuffled labels
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 4, generator=g), torch.full((16,), i % 4)) for i in range(8)]
-    (h,) = _run("BN204", D._mlp(), batches)
+    (h,) = _run("BN204", DE.mlp(), batches)
     assert h.evidence["batch_purity"] == 1.0 and h.evidence["shuffled_purity"] < 0.6
 
 
 def test_bn205_padding_fraction():
-    (f,) = _run("BN205", D._PaddedSeq(), D._padded_tokens())
+    (f,) = _run("BN205", DE.PaddedSeq(), DE.padded_tokens())
     # 2-4 real tokens of 12: about 75% of positions are padding
     assert 0.6 < f.evidence["zero_positions"] < 0.9 and f.layer == "bn"
 
 
 def test_bn206_reads_the_recorded_history():
-    ctx = D._history(lr=5.0)
-    (first, *rest) = _run("BN206", D._digits_mlp(), **ctx)
+    ctx = DE.history(lr=5.0)
+    (first, *rest) = _run("BN206", DE.digits_mlp(), **ctx)
     assert first.evidence["shift"] > 1.0 and first.evidence["first_window"][0] == 0
     assert all(f.evidence["shift"] <= first.evidence["shift"] for f in rest)
-    report = bnaudit.inspect(D._digits_mlp(), select=["BN206"])
+    report = bnaudit.inspect(DE.digits_mlp(), select=["BN206"])
     assert "BN206" in report.rules_skipped  # no history: skipped, with the reason
 
 
 def test_bn207_vanishing_and_exploding_evidence():
-    (v,) = _run("BN207", D._deep(nn.Tanh, 0.3), D._wide_x())
+    (v,) = _run("BN207", DE.deep(nn.Tanh, 0.3), DE.wide_x())
     assert v.evidence["ratio"] < 1e-3 and v.evidence["per_layer_factor"] < 0.5
-    (e,) = _run("BN207", D._deep(nn.Identity, 3.0), D._wide_x())
+    (e,) = _run("BN207", DE.deep(nn.Identity, 3.0), DE.wide_x())
     assert e.evidence["ratio"] > 1e3 and e.evidence["per_layer_factor"] > 2
 
 
 def test_bn208_dead_and_saturated_evidence():
-    (d,) = _run("BN208", D._dead_relu(), D._standardized())
+    (d,) = _run("BN208", DE.dead_relu(), DE.standardized())
     assert d.evidence["dead_units"] == 16 and d.evidence["units"] == 16
-    (s,) = _run("BN208", D._saturated_sigmoid(), D._standardized())
+    (s,) = _run("BN208", DE.saturated_sigmoid(), DE.standardized())
     assert s.evidence["saturated_fraction"] > 0.5 and s.evidence["threshold"] == 5.0
 
 
 def test_bn209_buffers_and_activations():
-    found = _run("BN209", D._nan_buffer(), D._standardized())
+    found = _run("BN209", DE.nan_buffer(), DE.standardized())
     assert any(f.layer == "1" and f.evidence.get("buffer") == "running_var" and f.evidence["nonfinite"] == 1 for f in found)
-    (act,) = _run("BN209", D._inf_weight(), D._standardized())
+    (act,) = _run("BN209", DE.inf_weight(), DE.standardized())
     assert act.layer == "0" and act.evidence["nonfinite_fraction"] > 0
 
 
@@ -150,7 +151,7 @@ def test_data_probe_leaves_the_model_bit_identical():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    report = bnaudit.inspect(model, D._standardized(), select=["BN2"])
+    report = bnaudit.inspect(model, DE.standardized(), select=["BN2"])
     assert {"BN201", "BN202", "BN203", "BN205", "BN207", "BN208", "BN209"} <= set(report.rules_run)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -163,7 +164,7 @@ def test_data_probe_leaves_the_model_bit_identical():
 @pytest.mark.parametrize("code", ["BN201", "BN203", "BN205", "BN207", "BN208", "BN209"])
 def test_clean_standardized_bn_mlp_raises_nothing(code):
     torch.manual_seed(0)
-    assert not _run(code, D._mlp_bn(), D._standardized(512))
+    assert not _run(code, DE.mlp_bn(), DE.standardized(512))
 
 
 def test_every_data_rule_documents_its_options():

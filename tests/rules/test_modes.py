@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import bnaudit
+from bnaudit.rules import examples_modes as R
 from bnaudit.rules import get_rule
-from bnaudit.rules import modes as R
 from bnaudit.transforms.recalibrate import recalibrate
 from tests.fixtures.architectures import BY_NAME
 
@@ -39,10 +39,10 @@ def _hits(report, code):
 
 
 def test_bn301_and_bn306_predict_without_eval():
-    model = R._trained_mlp()
+    model = R.trained_mlp()
     snap = _snapshot(model)
     rng = torch.get_rng_state()
-    report = bnaudit.inspect(model, R._digits(), predict=R._predict_no_eval, select=["BN301", "BN306"])
+    report = bnaudit.inspect(model, R.digits(), predict=R.predict_no_eval, select=["BN301", "BN306"])
     _assert_unchanged(model, snap)
     assert torch.equal(torch.get_rng_state(), rng)
     (bn301,) = _hits(report, "BN301")
@@ -83,11 +83,11 @@ def test_model_evaluated_at_load_is_judged_in_eval_mode():
 
 
 def test_bn301_bn306_corrected_predict_and_tolerance_option():
-    clean = bnaudit.inspect(R._trained_mlp(), R._digits(), predict=R._predict_eval, select=["BN301", "BN306"])
+    clean = bnaudit.inspect(R.trained_mlp(), R.digits(), predict=R.predict_eval, select=["BN301", "BN306"])
     assert set(clean.rules_run) == {"BN301", "BN306"} and not clean.findings
     # a tolerance above the measured change silences the output comparison; the single-sample failure remains
     loose = bnaudit.inspect(
-        R._trained_mlp(), R._digits(), predict=R._predict_no_eval, select=["BN301"],
+        R.trained_mlp(), R.digits(), predict=R.predict_no_eval, select=["BN301"],
         rule_config={"BN301": {"options": {"tolerance": 1e9}}},
     )
     (f,) = _hits(loose, "BN301")
@@ -98,13 +98,13 @@ def test_bn301_batch_dependence_that_only_co_batches_show():
     # BatchNorm2d left in train mode: a batch of one sample runs (64 values per channel), so only the change
     # between co-batches decides. It is far above the noise and well below 1: a tolerance raised to 1.0, or a
     # probe that ran this model in eval mode instead of the mode it was given in, would miss it.
-    from bnaudit.probes.modes import cobatch_invariance
+    from bnaudit.probes.inference import cobatch_invariance
 
-    x, _ = R._digits()
-    res = cobatch_invariance(R._trained_cnn(), [x[:32]], R._predict_no_eval, tolerance=1e-4)
+    x, _ = R.digits()
+    res = cobatch_invariance(R.trained_cnn(), [x[:32]], R.predict_no_eval, tolerance=1e-4)
     assert res.single_sample_error is None and res.compared == (8, 8, 1)
     assert 1e-2 < res.relative < 0.8 and res.noise is not None and res.noise < 1e-5 and res.changed
-    report = bnaudit.inspect(R._trained_cnn(), R._digits(), predict=R._predict_no_eval, select=["BN301"])
+    report = bnaudit.inspect(R.trained_cnn(), R.digits(), predict=R.predict_no_eval, select=["BN301"])
     (f,) = _hits(report, "BN301")
     assert f.evidence["train_mode_layers"] == ["2"] and "single_sample_error" not in f.evidence
     assert f.evidence["numerical_noise"] < 1e-5 and f.evidence["noise_margin"] == 4
@@ -114,7 +114,7 @@ def test_bn301_weighs_changes_against_the_models_own_numerical_noise():
     # A 12-block pre-norm transformer whose Linear layers round as a GPU's TF32 tensor cores do above 32 rows
     # and not below: the same sample alone and in a co-batch differs by more than 1e-4 with no batch
     # dependence at all. The noise the probe measures explains it; the rule stays silent.
-    from bnaudit.probes.modes import cobatch_invariance
+    from bnaudit.probes.inference import cobatch_invariance
 
     arch = BY_NAME["vit_prenorm_tf32"]
     res = cobatch_invariance(arch.build(), [arch.example()], tolerance=1e-4)
@@ -126,7 +126,7 @@ def test_bn301_weighs_changes_against_the_models_own_numerical_noise():
 
 
 def test_bn301_untracked_layer_names_the_layer_and_the_repairs():
-    report = bnaudit.inspect(R._untracked_mlp(), R._digits(), select=["BN301"])
+    report = bnaudit.inspect(R.untracked_mlp(), R.digits(), select=["BN301"])
     (f,) = _hits(report, "BN301")
     assert f.layer == "1" and f.evidence["track_running_stats"] is False
     assert f.evidence["inference_path"] == "eval-forward"
@@ -134,9 +134,9 @@ def test_bn301_untracked_layer_names_the_layer_and_the_repairs():
 
 
 def test_bn302_shifted_data_then_recalibrated():
-    model = R._trained_mlp()
+    model = R.trained_mlp()
     snap = _snapshot(model)
-    report = bnaudit.inspect(model, R._shifted_digits(), select=["BN302", "BN304"])
+    report = bnaudit.inspect(model, R.shifted_digits(), select=["BN302", "BN304"])
     _assert_unchanged(model, snap)
     hits = _hits(report, "BN302")
     assert [f.layer for f in hits] == ["1"]  # the second layer sees re-normalized inputs: it still fits
@@ -147,22 +147,22 @@ def test_bn302_shifted_data_then_recalibrated():
     (gap,) = _hits(report, "BN304")
     assert gap.evidence["eval_loss"] > gap.evidence["train_loss"]
     # the repair the finding names: recalibrate on the shifted domain, and both warnings go away
-    fixed, table = recalibrate(model, R._shifted_digits())
+    fixed, table = recalibrate(model, R.shifted_digits())
     assert table.row("1").z_before > 1 and table.row("1").z_after < 1e-5
-    again = bnaudit.inspect(fixed, R._shifted_digits(), select=["BN302", "BN304"])
+    again = bnaudit.inspect(fixed, R.shifted_digits(), select=["BN302", "BN304"])
     assert not again.findings
 
 
 def test_bn302_thresholds_are_options():
     strict = bnaudit.inspect(
-        R._trained_mlp(), R._digits(), select=["BN302"], rule_config={"BN302": {"options": {"z_max": 0.001}}}
+        R.trained_mlp(), R.digits(), select=["BN302"], rule_config={"BN302": {"options": {"z_max": 0.001}}}
     )
     assert {f.layer for f in _hits(strict, "BN302")} == {"1", "4"}
     assert all(f.evidence["z_max"] == 0.001 for f in strict.findings)
 
 
 def test_bn303_ema_without_buffers_then_update_bn():
-    report = bnaudit.inspect(R._ema_params_only(), R._digits(), select=["BN303", "BN302", "BN304"])
+    report = bnaudit.inspect(R.ema_params_only(), R.digits(), select=["BN303", "BN302", "BN304"])
     bn303 = _hits(report, "BN303")
     assert {f.layer for f in bn303} == {"1", "4"}
     f = bn303[0]
@@ -173,7 +173,7 @@ def test_bn303_ema_without_buffers_then_update_bn():
     ev = gap.evidence
     assert ev["eval_loss"] > 3 * ev["train_loss"] and ev["eval_accuracy"] < ev["train_accuracy"]
     assert ev["max_loss_ratio"] == 1.5 and ev["metric"] == "cross_entropy"
-    clean = bnaudit.inspect(R._ema_with_update_bn(), R._digits(), select=["BN303", "BN302", "BN304"])
+    clean = bnaudit.inspect(R.ema_with_update_bn(), R.digits(), select=["BN303", "BN302", "BN304"])
     assert not clean.findings
 
 
@@ -213,9 +213,9 @@ def test_fresh_resnet_with_zero_initialised_gammas_is_not_trained(name):
 
 
 def test_bn305_frozen_backbone_evidence_and_fixes():
-    model = R._frozen_backbone()
+    model = R.frozen_backbone()
     snap = _snapshot(model)
-    report = bnaudit.inspect(model, R._digits(), select=["BN305"])
+    report = bnaudit.inspect(model, R.digits(), select=["BN305"])
     _assert_unchanged(model, snap)
     hits = {f.layer: f for f in _hits(report, "BN305")}
     assert set(hits) == {"backbone.1", "backbone.4"}
@@ -224,14 +224,14 @@ def test_bn305_frozen_backbone_evidence_and_fixes():
     assert ev["num_batches_tracked"][1] == ev["num_batches_tracked"][0] + 1
     assert "FrozenBatchNorm2d" in hits["backbone.1"].fix and "train()" in hits["backbone.1"].fix
     # without data the rule still sees it (statically)
-    static = bnaudit.inspect(R._frozen_backbone(), None, select=["BN305"], input_shape="64")
+    static = bnaudit.inspect(R.frozen_backbone(), None, select=["BN305"], input_shape="64")
     assert {f.layer for f in _hits(static, "BN305")} == {"backbone.1", "backbone.4"}
     assert "mean_shift" not in _hits(static, "BN305")[0].evidence
 
 
 def test_bn307_recorded_run():
     model, history = R._recorded_run(False)
-    report = bnaudit.inspect(R._left_in_eval(), None, select=["BN307"], history=history, input_shape="64")
+    report = bnaudit.inspect(R.left_in_eval(), None, select=["BN307"], history=history, input_shape="64")
     (f,) = _hits(report, "BN307")
     ev = f.evidence
     assert f.layer is None and ev["layers"] == ["1", "4"]
@@ -239,15 +239,15 @@ def test_bn307_recorded_run():
     assert ev["num_batches_tracked_stalled_at"] == 16 and ev["confirmed_by_counter"]
     assert "model.train()" in f.fix and "step 16" in f.fix
     fine = bnaudit.inspect(
-        R._switched_back(), None, select=["BN307"], history=R._recorded_run(True)[1], input_shape="64"
+        R.switched_back(), None, select=["BN307"], history=R._recorded_run(True)[1], input_shape="64"
     )
     assert "BN307" in fine.rules_run and not fine.findings
     tolerant = bnaudit.inspect(
-        R._left_in_eval(), None, select=["BN307"], history=history, input_shape="64",
+        R.left_in_eval(), None, select=["BN307"], history=history, input_shape="64",
         rule_config={"BN307": {"options": {"min_steps": 25}}},
     )
     assert not tolerant.findings
-    skipped = bnaudit.inspect(R._left_in_eval(), None, select=["BN307"], input_shape="64")
+    skipped = bnaudit.inspect(R.left_in_eval(), None, select=["BN307"], input_shape="64")
     assert "BN307" in skipped.rules_skipped
 
 
@@ -285,9 +285,9 @@ def test_every_bn3_rule_documents_options_and_cases():
 
 
 def test_whole_family_leaves_the_user_model_bit_identical():
-    model = R._trained_mlp()
+    model = R.trained_mlp()
     snap = _snapshot(model)
-    report = bnaudit.inspect(model, R._shifted_digits(), predict=R._predict_no_eval, select=["BN3"])
+    report = bnaudit.inspect(model, R.shifted_digits(), predict=R.predict_no_eval, select=["BN3"])
     _assert_unchanged(model, snap)
     assert {"BN301", "BN302", "BN304", "BN306"} <= {f.code for f in report.findings}
     assert not [c for c, why in report.rules_skipped.items() if "internal error" in why]
@@ -299,15 +299,15 @@ def test_predict_that_raises_is_a_data_error(code):
         raise RuntimeError("shape mismatch in my predict")
 
     with pytest.raises(bnaudit.BnauditError, match="predict\\(\\) raised"):
-        bnaudit.inspect(R._trained_mlp(), R._digits(), predict=broken, select=[code])
+        bnaudit.inspect(R.trained_mlp(), R.digits(), predict=broken, select=[code])
 
 
 def test_bn302_needs_enough_samples_to_judge():
-    x, y = R._shifted_digits()
-    few = bnaudit.inspect(R._trained_mlp(), (x[:20], y[:20]), select=["BN302"])
+    x, y = R.shifted_digits()
+    few = bnaudit.inspect(R.trained_mlp(), (x[:20], y[:20]), select=["BN302"])
     assert "BN302" in few.rules_run and not few.findings
     allowed = bnaudit.inspect(
-        R._trained_mlp(), (x[:20], y[:20]), select=["BN302"], rule_config={"BN302": {"options": {"min_samples": 8}}}
+        R.trained_mlp(), (x[:20], y[:20]), select=["BN302"], rule_config={"BN302": {"options": {"min_samples": 8}}}
     )
     assert [f.layer for f in allowed.findings] == ["1"] and allowed.findings[0].evidence["samples"] == 20
 
@@ -318,12 +318,12 @@ class _Squeezed(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = R._trained_mlp()
+        self.net = R.trained_mlp()
 
     def forward(self, x):
         return self.net(x).squeeze()
 
 
 def test_bn301_ignores_single_sample_failures_unrelated_to_batchnorm():
-    report = bnaudit.inspect(_Squeezed(), R._digits(), predict=R._predict_eval, select=["BN301"])
+    report = bnaudit.inspect(_Squeezed(), R.digits(), predict=R.predict_eval, select=["BN301"])
     assert "BN301" in report.rules_run and not report.findings

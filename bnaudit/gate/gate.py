@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bnaudit.baseline import Baseline, load_baseline
-from bnaudit.config import SPEC_KEYS, AuditSpec, Config
 from bnaudit.errors import BnauditError, UsageError
 from bnaudit.findings import Finding, Report, fails, severity_counts, sort_findings
+from bnaudit.gate.baseline import Baseline, load_baseline
+from bnaudit.gate.schema import SPEC_KEYS, AuditSpec, Config
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def run_checks(
     """Run every audit in ``config`` and judge the findings.
 
     Args:
-        config: a validated config (``bnaudit.config.load_config`` plus ``Config.override`` for flags).
+        config: a validated config (``bnaudit.gate.load_config`` plus ``Config.override`` for flags).
         baseline: a Baseline or baseline file; default: the config's ``baseline:``.
         use_baseline: False ignores any baseline (used when writing a new one).
         inspect: the audit function (default ``bnaudit.api.inspect``); a seam for embedding the gate in

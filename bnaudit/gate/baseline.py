@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnaudit.errors import ConfigError, UsageError
-from bnaudit.findings import Finding, Report
 from bnaudit.files import read_text_capped
+from bnaudit.findings import Finding, Report
 
 BASELINE_VERSION = 1
 MAX_BASELINE_BYTES = 64 << 20  # a baseline lists findings: tens of thousands fit in a few MiB
