@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bnaudit.api import run_checks
 from bnaudit.cli import app
 from bnaudit.errors import ConfigError, SpecError, UsageError, WeightsError
 from bnaudit.findings import Finding
@@ -22,7 +23,6 @@ from bnaudit.gate import (
     load_config,
     parse_config,
     render_baseline,
-    run_checks,
 )
 from bnaudit.report import FORMAT_CHOICES
 

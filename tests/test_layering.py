@@ -14,15 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Removed by the distributed/training restructuring: inspect_distributed moves up to the api layer, and
-# training/ddp and training/runner stop importing each other. Delete these two entries after that merge.
-KNOWN_EDGES = {
-    ("bnaudit.distributed", "bnaudit.api"),
-    ("bnaudit.distributed", "bnaudit.audit"),
-    ("bnaudit.training.ddp", "bnaudit.training.runner"),
-    ("bnaudit.training.runner", "bnaudit.training.ddp"),
-}
-KNOWN_PRIVATE = {("bnaudit.training.ddp", "bnaudit.training.runner", "_run")}
+KNOWN_EDGES: set[tuple[str, str]] = set()
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 @pytest.fixture(scope="module")

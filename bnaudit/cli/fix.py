@@ -86,7 +86,7 @@ def fix_cmd(
         raise UsageError(f"--format {fmt!r}: choose text or json")
     if graph not in ("fx", "hooks"):
         raise UsageError(f"--graph {graph!r}: choose fx or hooks")
-    from bnaudit.fixing import fix
+    from bnaudit.api import fix
 
     result = fix(
         model, data, predict=predict, weights=weights, trust_pickle=trust_pickle, select=split_list(select) or None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,15 +37,15 @@ def inspect_cmd(
     batch_size: BatchSizeOpt = 32,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Batches the dynamic probes may use.")] = 8,
     device: DeviceOpt = "cpu",
-    select: Annotated[Optional[list[str]], typer.Option("--select", help="Rules to run: codes, prefixes or names (BN1,BN301).")] = None,
-    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Rules to skip: codes, prefixes or names.")] = None,
+    select: Annotated[list[str] | None, typer.Option("--select", help="Rules to run: codes, prefixes or names (BN1,BN301).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Rules to skip: codes, prefixes or names.")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, rich, json, sarif, junit, github or markdown.")] = "auto",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
     force: ForceOpt = False,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 when a finding is at or above: error, warning, info, never.")] = "error",
     graph: Annotated[str, typer.Option("--graph", help="fx: torch.fx where the model traces; hooks: follow tensors at run time.")] = "fx",
     no_layers: Annotated[bool, typer.Option("--no-layers", help="Leave the per-layer table out of the rich report.")] = False,
-    width: Annotated[Optional[int], typer.Option("--width", help="Width of the rich report (default: the terminal's).")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Width of the rich report (default: the terminal's).")] = None,
     fix: Annotated[bool, typer.Option("--fix", help="Apply the safe fixes to MODEL's file first (as `bnaudit fix`); report the fixed model.")] = False,
 ) -> None:
     """Lint how MODEL's normalization is wired and, with --data, probe it on real batches.
@@ -74,8 +74,8 @@ def inspect_cmd(
         "steps": steps, "device": device, "graph": graph,
     }
     if fix:
+        from bnaudit.api import fix as fix_model
         from bnaudit.cli.fix import fix_summary
-        from bnaudit.fixing import fix as fix_model
 
         fixed = fix_model(model, data, **audit)
         typer.echo(fix_summary(fixed, dry_run=False), err=True)

@@ -4,7 +4,7 @@ and documents them the same way. Only typer and the standard library are importe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ ModelArg = Annotated[
     ),
 ]
 DataOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--data", "-d",
         help="Batches to probe with: PATH.py[:NAME] (default build_data in the model file), package.module:NAME, "
@@ -25,19 +25,19 @@ DataOpt = Annotated[
     ),
 ]
 PredictOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--predict", help="Your inference function predict(model, inputs): PATH.py:NAME (default: predict in the model file)."),
 ]
 WeightsOpt = Annotated[
-    Optional[Path], typer.Option("--weights", "-w", help="A state_dict file to load (torch.load weights_only=True, or .safetensors).")
+    Path | None, typer.Option("--weights", "-w", help="A state_dict file to load (torch.load weights_only=True, or .safetensors).")
 ]
 TrustPickleOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow a .pt MODEL that holds a whole pickled module (runs code from the file).")
 ]
 InputShapeOpt = Annotated[
-    Optional[str], typer.Option("--input-shape", help="One sample's shape, e.g. 3x32x32, when there is no --data.")
+    str | None, typer.Option("--input-shape", help="One sample's shape, e.g. 3x32x32, when there is no --data.")
 ]
-InputKeyOpt = Annotated[Optional[str], typer.Option("--input-key", help="The input's key when batches are dicts.")]
+InputKeyOpt = Annotated[str | None, typer.Option("--input-key", help="The input's key when batches are dicts.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size where bnaudit batches the data itself.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]

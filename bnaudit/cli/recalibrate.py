@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -65,14 +65,14 @@ def _table(table: Any) -> Any:
 def recalibrate_cmd(
     model: ModelArg,
     output: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--output", "-o", help="Where to write the recalibrated model (.pt; loads back in bnaudit and torch)."
         ),
     ] = None,
     data: DataOpt = None,
     batches: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--batches", "-n", min=1, help="Use at most this many batches (default: one full pass)."),
     ] = None,
     weights: WeightsOpt = None,
@@ -99,32 +99,17 @@ def recalibrate_cmd(
 
     from rich.text import Text
 
-    from bnaudit.audit import resolve_device
-    from bnaudit.loading import load_data, load_model
+    from bnaudit.api import prepare
+    from bnaudit.api.transforms import recalibrate
     from bnaudit.loading.models import MODEL_FILE_SUFFIXES
-    from bnaudit.transforms.recalibrate import has_uninitialized, recalibrate
+    from bnaudit.transforms.recalibrate import has_uninitialized
 
-    dev = resolve_device(device)
-    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
-    if source is None:
-        raise UsageError("recalibrate needs --data: the batches the model is trained on or will serve")
-    module = loaded.module
-    lazy = has_uninitialized(module)
-    if lazy:
-        # Lazy modules learn their shapes from a first call; this is bnaudit's own freshly loaded object,
-        # and an eval-mode pass leaves BatchNorm buffers alone.
-        import torch
-
-        flags = {m: m.training for m in module.modules()}
-        try:
-            module.eval()
-            with torch.no_grad():
-                module.to(dev)(source.first(device=dev).inputs)
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
-    new, table = recalibrate(module, source, batches=batches, device=dev)
+    prepared = prepare(model, data, device=device, weights=weights, trust_pickle=trust_pickle, input_key=input_key,
+                       batch_size=batch_size, example=False)
+    lazy = has_uninitialized(prepared.model)  # decided before the first call gives the lazy modules their shapes
+    new, table = recalibrate(prepared, batches=batches, device=device)
+    source = prepared.data
+    assert source is not None
 
     console = stdout_console(highlight=False, soft_wrap=True)
     console.print(Text(f"recalibrate: {model}", style="bold"))
@@ -137,23 +122,36 @@ def recalibrate_cmd(
     for layer, why in table.skipped.items():
         console.print(Text(f"skip {layer}: {why}", style="yellow"))
 
-    data_arg = f" --data {shlex.quote(source.spec)}"
     pickled = model.endswith(MODEL_FILE_SUFFIXES) and not _is_bnaudit_file(model)
     if pickled or lazy:
-        # A pickled module cannot be rebuilt from a spec, and a model with lazy modules cannot be copied
-        # before its first call (which bnaudit's model files need): store the weights for `--weights`.
-        import torch
+        _write_weights(console, new, plan, output, model, source.spec, pickled)
+    else:
+        _write_model(console, new, table, plan, output, model, source.spec, batches)
 
-        state = {k: v.detach().cpu().clone() for k, v in new.state_dict().items()}
-        path = plan.commit({output: lambda tmp: torch.save(state, tmp)})[0]
-        console.print(Text(f"wrote {path} (a plain state_dict: load it with --weights or model.load_state_dict)"))
-        console.print(Text("next:", style="bold"))
-        weights_arg = f"--weights {shlex.quote(str(path))}"
-        trust = " --trust-pickle" if pickled else ""
-        console.print(Text(f"  bnaudit inspect {shlex.quote(model)}{trust} {weights_arg}{data_arg}"))
-        return
 
+def _write_weights(
+    console: Any, new: Any, plan: Any, output: Path, model: str, data_spec: str, pickled: bool
+) -> None:
+    """A pickled module cannot be rebuilt from a spec, and a model with lazy modules cannot be copied before
+    its first call (which bnaudit's model files need): store the weights for ``--weights``."""
     import torch
+    from rich.text import Text
+
+    state = {k: v.detach().cpu().clone() for k, v in new.state_dict().items()}
+    path = plan.commit({output: lambda tmp: torch.save(state, tmp)})[0]
+    console.print(Text(f"wrote {path} (a plain state_dict: load it with --weights or model.load_state_dict)"))
+    console.print(Text("next:", style="bold"))
+    weights_arg = f"--weights {shlex.quote(str(path))}"
+    trust = " --trust-pickle" if pickled else ""
+    console.print(Text(f"  bnaudit inspect {shlex.quote(model)}{trust} {weights_arg} --data {shlex.quote(data_spec)}"))
+
+
+def _write_model(
+    console: Any, new: Any, table: Any, plan: Any, output: Path, model: str, data_spec: str, batches: int | None
+) -> None:
+    """The recalibrated model in bnaudit's model file format, and the commands to run next."""
+    import torch
+    from rich.text import Text
 
     from bnaudit.transforms import TransformResult
     from bnaudit.transforms.saving import saved_dict
@@ -161,11 +159,11 @@ def recalibrate_cmd(
     result = TransformResult(
         name="recalibrate",
         model=new,
-        options={"data": source.spec, "batches": batches, "batches_used": table.batches, "samples": table.samples},
+        options={"data": data_spec, "batches": batches, "batches_used": table.batches, "samples": table.samples},
     )
     payload = saved_dict(result, model)
     path = plan.commit({output: lambda tmp: torch.save(payload, tmp)})[0]
     console.print(Text(f"wrote {path}"))
     console.print(Text("next:", style="bold"))
-    console.print(Text(f"  bnaudit inspect {shlex.quote(str(path))}{data_arg}"))
+    console.print(Text(f"  bnaudit inspect {shlex.quote(str(path))} --data {shlex.quote(data_spec)}"))
     console.print(Text(f"  python -c \"import bnaudit.transforms as t; m = t.load({str(path)!r})\"", style="dim"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -30,64 +30,13 @@ from bnaudit.cli.options import (
 from bnaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from bnaudit.transforms import TransformResult
+    from bnaudit.api.transforms import Transformed
 
 OutOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--output", "-o", help="Where to write the new model (.pt; loads back in bnaudit and torch)."),
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")]
-
-
-class _Setup:
-    """What every transform command loads: the model, an example input, the data spec and run function."""
-
-    def __init__(
-        self, model: str, *, weights: Path | None, trust_pickle: bool, data: str | None, input_shape: str | None,
-        input_key: str | None, batch_size: int, device: str, predict: str | None,
-    ) -> None:
-        from bnaudit.audit import infer_example, resolve_device
-        from bnaudit.loading import load_data, load_model, load_predict
-        from bnaudit.loading.data import random_example
-
-        self.device = resolve_device(device)
-        self.loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-        self.loaded.module.to(self.device)
-        self.spec = model
-        self.data_spec = data
-        self.source = None
-        self.example: Any = None
-        self.example_note = ""
-        if input_shape is not None:
-            self.example = random_example(input_shape, batch_size)
-            self.example_note = f"random {tuple(self.example.shape)} from --input-shape"
-            self.data_spec = data or f"random:{input_shape}"
-        if data is not None or self.example is None:
-            self.source = load_data(data, namespace=self.loaded.namespace, batch_size=batch_size, input_key=input_key)
-            if self.source is not None and self.example is None:
-                self.example = self.source.first().inputs
-                self.example_note = f"first batch of {self.source.spec}"
-                self.data_spec = self.data_spec or self.source.spec
-        self.inferred = False
-        if self.example is None:
-            self.example, how = infer_example(self.loaded.module)
-            self.inferred = self.example is not None
-            self.example_note = f"random {how}" if self.inferred else ""
-        fn = load_predict(predict, self.loaded.namespace)
-        self.run = (lambda m, x: fn(m, x)) if fn is not None else None
-
-    def call(self, transform: Any, **kwargs: Any) -> TransformResult:
-        """Run ``transform`` with the example; an inferred example the model rejects is dropped, not fatal."""
-        from bnaudit.errors import DataError
-
-        try:
-            return transform(self.loaded.module, example=self.example, run=self.run, **kwargs)
-        except DataError:
-            if not self.inferred:
-                raise
-            self.example, self.inferred = None, False
-            self.example_note = "none (the model rejected an inferred input; pass --data or --input-shape)"
-            return transform(self.loaded.module, example=None, run=self.run, **kwargs)
 
 
 def _text(text: str, style: str = "") -> Any:
@@ -101,16 +50,17 @@ def _console() -> Any:
     return stdout_console(highlight=False, soft_wrap=True)
 
 
-def _show(setup: _Setup, result: TransformResult, *, title: str) -> None:
+def _show(done: Transformed, *, title: str) -> None:
     from rich.table import Table
 
     from bnaudit.transforms import architecture_diff
 
+    setup, result = done.prepared, done.result
     console = _console()
     console.print(_text(f"{title}: {setup.spec}", style="bold"))
     if setup.example_note:
         console.print(_text(f"example input: {setup.example_note}", style="dim"))
-    lines = architecture_diff(setup.loaded.module, result.model)
+    lines = architecture_diff(setup.model, result.model)
     if lines:
         console.print(_text("architecture (before -> after):", style="bold"))
         for line in lines:
@@ -130,11 +80,12 @@ def _show(setup: _Setup, result: TransformResult, *, title: str) -> None:
     console.print(_text(result.summary(), style="bold"))
 
 
-def _finish(setup: _Setup, result: TransformResult, output: Path | None, plan: Any) -> None:
+def _finish(done: Transformed, output: Path | None, plan: Any) -> None:
     import torch
 
     from bnaudit.transforms.saving import saved_dict
 
+    setup, result = done.prepared, done.result
     console = _console()
     if plan is None:
         console.print(_text("dry run: nothing written"))
@@ -152,6 +103,16 @@ def _finish(setup: _Setup, result: TransformResult, output: Path | None, plan: A
     console.print(_text(
         f"  python -c \"import bnaudit.transforms as t; m = t.load({str(path)!r})\"", style="dim"
     ))
+
+
+def _prep(
+    input_shape: str | None, input_key: str | None, batch_size: int, predict: str | None, weights: Path | None,
+    trust_pickle: bool, device: str,
+) -> dict[str, Any]:
+    """The preparation options every transform command passes on (the CLI infers an example input when it
+    has neither data nor a shape)."""
+    return {"input_shape": input_shape, "input_key": input_key, "batch_size": batch_size, "predict": predict,
+            "weights": weights, "trust_pickle": trust_pickle, "device": device, "infer_example": True}
 
 
 def _need_output(output: Path | None, dry_run: bool, force: bool, inputs: list[Any]) -> Any:
@@ -181,13 +142,13 @@ def insert_bn_cmd(
         bool, typer.Option("--keep-bias", help="Keep the bias of layers followed by BatchNorm.")
     ] = False,
     calibrate: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--calibrate", help="DATA whose statistics make the new model compute the same function in eval mode."
         ),
     ] = None,
     calibrate_batches: Annotated[
-        Optional[int], typer.Option("--calibrate-batches", min=1, help="Use at most this many calibration batches.")
+        int | None, typer.Option("--calibrate-batches", min=1, help="Use at most this many calibration batches.")
     ] = None,
     momentum: Annotated[float, typer.Option("--momentum", help="Momentum of the new BatchNorms.")] = 0.1,
     eps: Annotated[float, typer.Option("--eps", help="eps of the new BatchNorms.")] = 1e-5,
@@ -212,27 +173,18 @@ def insert_bn_cmd(
     [bold]Example[/]: bnaudit insert-bn model.py -o model_bn.pt --calibrate model.py:build_data
     """
     plan = _need_output(output, dry_run, force, [model, data, calibrate, predict, weights])
-    from bnaudit.loading import load_data
-    from bnaudit.transforms import insert_bn
+    from bnaudit.api.transforms import insert_bn_prepared
 
-    # Without --data/--input-shape the calibration data is also the example input (loaded once).
-    example_data = data if data is not None or input_shape is not None else calibrate
-    setup = _Setup(model, weights=weights, trust_pickle=trust_pickle, data=example_data, input_shape=input_shape,
-                   input_key=input_key, batch_size=batch_size, device=device, predict=predict)
-    cal = None
-    if calibrate is not None:
-        cal = setup.source if example_data == calibrate and setup.source is not None else load_data(
-            calibrate, namespace=setup.loaded.namespace, batch_size=batch_size, input_key=input_key
-        )
-    result = setup.call(
-        insert_bn, layers=split_list(layers), skip_output=not include_output, placement=placement,
-        drop_bias=not keep_bias, calibrate=cal, calibrate_batches=calibrate_batches, momentum=momentum, eps=eps,
+    done = insert_bn_prepared(
+        model, data, layers=split_list(layers), skip_output=not include_output, placement=placement,
+        drop_bias=not keep_bias, calibrate=calibrate, calibrate_batches=calibrate_batches, momentum=momentum,
+        eps=eps, **_prep(input_shape, input_key, batch_size, predict, weights, trust_pickle, device),
     )
-    _show(setup, result, title="insert-bn")
-    if result.max_abs_error is not None:
-        err = result.max_abs_error
+    _show(done, title="insert-bn")
+    if done.result.max_abs_error is not None:
+        err = done.result.max_abs_error
         _console().print(_text(f"calibrated: max abs eval-output difference to the original {err:.3g}"))
-    _finish(setup, result, output, plan)
+    _finish(done, output, plan)
 
 
 @command("fold-bn")
@@ -262,17 +214,16 @@ def fold_bn_cmd(
     [bold]Example[/]: bnaudit fold-bn model_bn.pt --eval -o model_folded.pt --input-shape 3x32x32
     """
     plan = _need_output(output, dry_run, force, [model, data, predict, weights])
-    from bnaudit.transforms import fold_bn
+    from bnaudit.api.transforms import fold_bn_prepared
 
-    setup = _Setup(model, weights=weights, trust_pickle=trust_pickle, data=data, input_shape=input_shape,
-                   input_key=input_key, batch_size=batch_size, device=device, predict=predict)
-    if eval_mode:
-        setup.loaded.module.eval()
-    result = setup.call(fold_bn)
-    _show(setup, result, title="fold-bn")
-    if result.max_abs_error is None:
+    done = fold_bn_prepared(
+        model, data, eval_mode=eval_mode,
+        **_prep(input_shape, input_key, batch_size, predict, weights, trust_pickle, device),
+    )
+    _show(done, title="fold-bn")
+    if done.result.max_abs_error is None:
         _console().print(_text("max abs error not measured: no example input (pass --data or --input-shape)"))
-    _finish(setup, result, output, plan)
+    _finish(done, output, plan)
 
 
 @command("swap-norm")
@@ -281,7 +232,7 @@ def swap_norm_cmd(
     to: Annotated[str, typer.Option("--to", help="group, layer, instance, frozen or sync.")],
     output: OutOpt = None,
     groups: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--groups", min=1, help="GroupNorm groups for every layer (default: per layer, <= 32)."),
     ] = None,
     data: DataOpt = None,
@@ -308,10 +259,11 @@ def swap_norm_cmd(
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
     plan = _need_output(output, dry_run, force, [model, data, predict, weights])
-    from bnaudit.transforms import swap_norm
+    from bnaudit.api.transforms import swap_norm_prepared
 
-    setup = _Setup(model, weights=weights, trust_pickle=trust_pickle, data=data, input_shape=input_shape,
-                   input_key=input_key, batch_size=batch_size, device=device, predict=predict)
-    result = setup.call(swap_norm, to=to, groups=groups)
-    _show(setup, result, title=f"swap-norm --to {to}")
-    _finish(setup, result, output, plan)
+    done = swap_norm_prepared(
+        model, to, data, groups=groups,
+        **_prep(input_shape, input_key, batch_size, predict, weights, trust_pickle, device),
+    )
+    _show(done, title=f"swap-norm --to {to}")
+    _finish(done, output, plan)

@@ -14,8 +14,9 @@ from bnaudit.fixing.catalog import FixInfo, fix_info, fix_kind, fixable_codes
 __all__ = ["FixInfo", "fix", "fix_info", "fix_kind", "fixable_codes"]
 
 
-def fix(model: Any, data: Any = None, **options: Any) -> Any:
-    """Audit MODEL, fix its source (and checkpoint) and re-audit; see ``bnaudit.fixing.engine.fix``.
+def fix(model: Any, data: Any = None, *, inspect: Any, **options: Any) -> Any:
+    """Audit MODEL with ``inspect`` (``bnaudit.inspect``), fix its source (and checkpoint) and re-audit; see
+    ``bnaudit.fixing.engine.fix``. ``bnaudit.fix`` is this with ``bnaudit.inspect`` passed in.
 
     Raises:
         UsageError: libcst is not installed (``pip install 'bnaudit[fix]'``), or as ``engine.fix``.
@@ -28,4 +29,4 @@ def fix(model: Any, data: Any = None, **options: Any) -> Any:
         raise UsageError("bnaudit fix needs LibCST: pip install 'bnaudit[fix]'") from None
     from bnaudit.fixing.engine import fix as run
 
-    return run(model, data, **options)
+    return run(model, data, inspect=inspect, **options)

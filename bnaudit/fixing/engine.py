@@ -214,6 +214,7 @@ def fix(
     diff: bool = False,
     output: str | Path | None = None,
     force: bool = False,
+    inspect: Callable[..., Report],
     **audit: Any,
 ) -> FixResult:
     """Audit MODEL, fix what can be fixed in its source file (and checkpoint), and re-audit the result.
@@ -232,6 +233,8 @@ def fix(
         diff: compute the diff only; write nothing.
         output: where to write the fixed checkpoint (needs ``weights``); the user's weights are never changed.
         force: replace an existing ``output``.
+        inspect: the audit function, ``bnaudit.inspect`` (``bnaudit.fix`` passes it: fixing sits below the
+            API layer).
         **audit: ``bnaudit.inspect``'s options (``weights``, ``predict``, ``select``, ``ignore``,
             ``rule_config``, ``input_shape``, ``batch_size``, ...), used for every audit the fix runs.
 
@@ -250,7 +253,8 @@ def fix(
         raise UsageError(f"bnaudit.fix got an unknown option {unknown[0]!r}")
     weights = audit.pop("weights", None)
     if not attr:
-        return _fix_model_file(path, str(model), data, weights, audit, diff=diff, output=output, force=force)
+        return _fix_model_file(path, str(model), data, weights, audit, diff=diff, output=output, force=force,
+                               inspect=inspect)
     if output is not None and weights is None:
         raise UsageError("-o/--output writes the fixed checkpoint: give the checkpoint with --weights")
     from bnaudit.files import OutputPlan, read_text_capped, spec_paths
@@ -262,7 +266,7 @@ def fix(
     read_text_capped(path, what="model file")  # the size and encoding checks
     with open(path, encoding="utf-8", newline="") as fh:  # keep "\r\n" line endings as they are
         text = fh.read()
-    ws = Workspace(path, attr, str(model), {**audit, "data": data})
+    ws = Workspace(path, attr, str(model), {**audit, "data": data}, inspect)
     try:
         before = ws.audit(text, weights)
         planned = plan_source_edits(before, unsafe_fixes=unsafe_fixes)
@@ -328,7 +332,7 @@ def _write(plan: Any, path: Path, old: str, new: str, output: str | Path | None,
 
 
 def _fix_model_file(path: Path, name: str, data: Any, weights: Any, audit: dict[str, Any], *, diff: bool,
-                    output: str | Path | None, force: bool) -> FixResult:
+                    output: str | Path | None, force: bool, inspect: Callable[..., Report]) -> FixResult:
     """The checkpoint fixes for a bnaudit model file; its source fixes are listed (the file holds no source)."""
     import torch
 
@@ -340,7 +344,7 @@ def _fix_model_file(path: Path, name: str, data: Any, weights: Any, audit: dict[
     if output is not None and not diff:
         plan.file(output, label="--output", replace=force)
     plan.check()
-    ws = ModelFileWorkspace(path, name, {**audit, "data": data})
+    ws = ModelFileWorkspace(path, name, {**audit, "data": data}, inspect)
     notes: list[str] = []
     try:
         before = ws.audit("", weights)

@@ -11,7 +11,7 @@ import contextlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,10 @@ def _on_path(folder: Path) -> Iterator[None]:
 class Workspace:
     """Fresh temporary copies of the model's file (and checkpoint) to audit or load."""
 
-    def __init__(self, source: Path, attr: str, name: str, audit: Mapping[str, Any]) -> None:
+    def __init__(self, source: Path, attr: str, name: str, audit: Mapping[str, Any],
+                 inspect: Callable[..., Report]) -> None:
         self.source, self.attr, self.name, self.audit_args = source, attr, name, dict(audit)
+        self.inspect = inspect
         self.dir = Path(tempfile.mkdtemp(prefix="bnaudit-fix-"))
         self.count = 0
 
@@ -65,25 +67,21 @@ class Workspace:
         return f"{copy}:{self.attr}", self._weights(sub, weights)
 
     def audit(self, text: str, weights: Any) -> Report:
-        from bnaudit.api import inspect
-
         spec, wpath = self._write(text, weights)
         with _on_path(self.source.parent):
-            report = inspect(spec, weights=wpath, name=self.name, **self.audit_args)
+            report = self.inspect(spec, weights=wpath, name=self.name, **self.audit_args)
         return replace(report, source_path=str(self.source))
 
     def audit_model_file(self, payload: Mapping[str, Any]) -> Report:
         """Audit a bnaudit model file's contents (its ``source`` should name a copy from ``copy``)."""
         import torch
 
-        from bnaudit.api import inspect
-
         self.count += 1
         path = self.dir / f"model{self.count}.pt"
         torch.save(dict(payload), path)
         args = {k: v for k, v in self.audit_args.items() if k != "trust_pickle"}
         with _on_path(self.source.parent):
-            return inspect(str(path), name=self.name, **args)
+            return self.inspect(str(path), name=self.name, **args)
 
     def copy(self, text: str) -> str:
         """A fresh copy of ``text``; its model spec."""
@@ -107,8 +105,9 @@ class ModelFileWorkspace(Workspace):
     """The same for a bnaudit model file (``.pt``): there is no source to copy, the checkpoint is its
     state_dict, and the text arguments are ignored."""
 
-    def __init__(self, model_file: Path, name: str, audit: Mapping[str, Any]) -> None:
-        super().__init__(model_file, "", name, audit)
+    def __init__(self, model_file: Path, name: str, audit: Mapping[str, Any],
+                 inspect: Callable[..., Report]) -> None:
+        super().__init__(model_file, "", name, audit, inspect)
 
     def _write(self, text: str, weights: Any) -> tuple[str, Path | None]:
         return str(self.source), self._weights(self._folder(), weights)

@@ -94,7 +94,7 @@ def run_checks(
     *,
     baseline: Baseline | Path | str | None = None,
     use_baseline: bool = True,
-    inspect: Callable[..., Report] | None = None,
+    inspect: Callable[..., Report],
 ) -> CheckResult:
     """Run every audit in ``config`` and judge the findings.
 
@@ -102,8 +102,8 @@ def run_checks(
         config: a validated config (``bnaudit.gate.load_config`` plus ``Config.override`` for flags).
         baseline: a Baseline or baseline file; default: the config's ``baseline:``.
         use_baseline: False ignores any baseline (used when writing a new one).
-        inspect: the audit function (default ``bnaudit.api.inspect``); a seam for embedding the gate in
-            other tools, which must honour the same keyword arguments.
+        inspect: the audit function, ``bnaudit.inspect`` or one that honours its keyword arguments (the gate
+            sits below the API layer, so the API passes it in: ``bnaudit.run_checks`` and ``bnaudit.check``).
 
     Returns:
         A CheckResult; ``result.exit_code`` is the gate's verdict.
@@ -116,9 +116,6 @@ def run_checks(
     if not config.audits:
         where = f" in {config.path}" if config.path else ""
         raise UsageError(f"no audits{where}; add one under audits: (e.g. `- model: model.py:build_model`)")
-    if inspect is None:
-        from bnaudit.api import inspect
-    assert inspect is not None
     select, ignore = config.selection()
     rule_config = config.rule_config()
     raw: list[Report] = []

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import BnauditError, UsageError
+from bnaudit.training.run import Progress, run_one
 
 STORE_TIMEOUT = timedelta(minutes=10)  # a rank stuck longer than this in a collective is stopped by torch
 # BN running statistics that differ across ranks by more than this (in running-std units) are reported.
@@ -107,7 +108,7 @@ def plan_launch(nproc: int, device: torch.device, workers: int) -> Plan:
 
 @dataclass
 class RankContext:
-    """What ``runner._run`` needs to train one run as one rank of the group.
+    """What ``run.run_one`` needs to train one run as one rank of the group.
 
     Attributes:
         rank, world: this process and the group size.
@@ -237,8 +238,8 @@ class _Launch:
     folder: str
     threads: int
     plans: list[Any]
-    setup: Any = None  # runner._Setup (fork)
-    setup_bytes: bytes | None = None  # pickled runner._Setup (spawn)
+    setup: Any = None  # run.RunSetup (fork)
+    setup_bytes: bytes | None = None  # pickled run.RunSetup (spawn)
     user_files: list[str] = field(default_factory=list)
     queue: Any = None
 
@@ -271,8 +272,6 @@ def _rank_entry(rank: int, launch: _Launch | None) -> None:
 
 def _rank_main(rank: int, launch: _Launch) -> None:
     import torch.distributed as dist
-
-    from bnaudit.training import runner
 
     torch.set_num_threads(launch.threads)
     plan = launch.plan
@@ -307,10 +306,10 @@ def _rank_main(rank: int, launch: _Launch) -> None:
         plans = [dataclasses.replace(p, index=i) for i, p in enumerate(plans)]
         send = launch.queue.put if rank == 0 and launch.queue is not None else None
         if send is not None:
-            send(runner.Progress("start", 0, len(plans), total_steps=sum(p.steps for p in plans)))
+            send(Progress("start", 0, len(plans), total_steps=sum(p.steps for p in plans)))
         runs = []
         for p in plans:
-            res = runner._run(p, setup, send, len(plans), rank_ctx=ctx)
+            res = run_one(p, setup, send, len(plans), rank_ctx=ctx)
             if rank == 0:
                 runs.append(res)
         if rank == 0:
@@ -366,8 +365,8 @@ def run_distributed(
     """Run every plan with ``launch_plan.nproc`` DDP ranks and return rank 0's results.
 
     Args:
-        plans: ``runner._Plan`` list, in run order.
-        setup: ``runner._Setup`` (inits on the CPU for spawn).
+        plans: ``run.RunPlan`` list, in run order.
+        setup: ``run.RunSetup`` (inits on the CPU for spawn).
         launch_plan: from :func:`plan_launch`.
         threads: intra-op threads per rank.
         progress: the caller's progress callback (fed from rank 0 through a queue), or None.

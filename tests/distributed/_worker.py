@@ -128,7 +128,7 @@ def record_reduce(rank: int) -> dict:
 
 
 def small_batch(rank: int) -> dict:
-    from bnaudit.distributed import inspect_distributed
+    from bnaudit.api import inspect_distributed
 
     x, y = _digits()
     shard = slice(rank * 400, rank * 400 + 400)
@@ -144,7 +144,8 @@ def small_batch(rank: int) -> dict:
 
 def divergent(rank: int) -> dict:
     import bnaudit
-    from bnaudit.distributed import gather_bn_buffers, inspect_distributed
+    from bnaudit.api import inspect_distributed
+    from bnaudit.distributed import gather_bn_buffers
     from bnaudit.rules import get_rule
     from bnaudit.rules.examples_distributed import shard_trained
 
@@ -169,7 +170,8 @@ def divergent(rank: int) -> dict:
 
 
 def syncbn(rank: int) -> dict:
-    from bnaudit.distributed import ddp_facts, inspect_distributed
+    from bnaudit.api import inspect_distributed
+    from bnaudit.distributed import ddp_facts
 
     out = {}
     sync = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_mlp())
@@ -198,7 +200,8 @@ def merging(rank: int) -> dict:
 
 
 def failures(rank: int) -> dict:
-    from bnaudit.distributed import DistributedError, gather_bn_buffers, inspect_distributed
+    from bnaudit.api import inspect_distributed
+    from bnaudit.distributed import DistributedError, gather_bn_buffers
 
     out = {}
     try:  # rank 1 gives data the model rejects: every rank must raise, none may hang
@@ -222,7 +225,7 @@ def failures(rank: int) -> dict:
 
 def full_audit(rank: int) -> dict:
     """Every registered rule, probes included, on each rank's shard: nothing may hang or disagree."""
-    from bnaudit.distributed import inspect_distributed
+    from bnaudit.api import inspect_distributed
 
     x, y = _digits()
     shard = slice(rank * 200, rank * 200 + 200)

@@ -13,6 +13,7 @@ from sklearn.datasets import load_breast_cancer
 from torch import nn
 
 import bnaudit
+from bnaudit.api import inspect_distributed
 from bnaudit.distributed import (
     DDPFacts,
     current_ddp_facts,
@@ -20,7 +21,6 @@ from bnaudit.distributed import (
     ddp_facts,
     dist_info,
     gather_bn_buffers,
-    inspect_distributed,
     is_active,
     is_main_process,
     merge_channel_stats,

@@ -1,6 +1,4 @@
-"""The public functions behind every command. Each takes either spec strings (as the CLI does) or live
-objects (an nn.Module, a DataLoader, a function), so people with their own training loops call the same code
-the CLI runs."""
+"""``bnaudit.inspect``: one audit of a model, from objects or specs, as ``bnaudit inspect`` runs it."""
 
 from __future__ import annotations
 
@@ -8,11 +6,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bnaudit.api.preparation import Prepared, prepare, preserved_rng, with_example
 from bnaudit.findings import Report
-from bnaudit.loading import load_data, load_model, load_predict
-from bnaudit.loading.data import random_example
 
-__all__ = ["inspect", "load_data", "load_model"]
+__all__ = ["inspect"]
 
 
 def inspect(
@@ -76,34 +73,44 @@ def inspect(
                 graph=graph, name=name or f"DistributedDataParallel({type(model.module).__name__})",
             )
 
-    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    source = load_data(data, namespace=loaded.namespace, batch_size=batch_size, input_key=input_key)
-    predict_fn = load_predict(predict, loaded.namespace)
-    example = None
-    meta: dict[str, Any] = {"weights": str(weights)} if weights else {}
-    if input_shape is not None and source is None:
-        example = random_example(input_shape, batch_size)
-        meta["example_input"] = f"random {tuple(example.shape)} from --input-shape"
-    report = run_audit(
-        loaded.module,
-        name=name or loaded.spec,
-        data=source,
-        predict=predict_fn,
-        select=select,
-        ignore=ignore,
-        rule_config=rule_config,
-        example=example,
-        history=history,
-        device=device,
-        steps=steps,
-        source_path=str(loaded.source_path) if loaded.source_path else None,
-        prefer_graph=graph,
-        meta=meta or None,
-    )
-    if report.source_path is not None:
-        from dataclasses import replace
+    with preserved_rng(device):
+        prepared = prepare(model, data, predict, device=device, weights=weights, trust_pickle=trust_pickle,
+                           input_key=input_key, batch_size=batch_size, example=False)
+        meta: dict[str, Any] = {"weights": str(weights)} if weights else {}
+        if prepared.data is None:
+            # Without data the graph needs an example: --input-shape, else one inferred from the first layer.
+            prepared = with_example(prepared, input_shape=input_shape, batch_size=batch_size)
+            if prepared.example is not None:
+                meta["example_input"] = (
+                    prepared.example_note if not prepared.example_inferred
+                    else "random, inferred: " + prepared.example_note.removeprefix("random ")
+                )
+        report = run_audit(
+            prepared.model,
+            name=name or prepared.spec,
+            data=prepared.data,
+            predict=prepared.predict,
+            select=select,
+            ignore=ignore,
+            rule_config=rule_config,
+            example=prepared.example,
+            history=history,
+            device=prepared.device,
+            steps=steps,
+            source_path=str(prepared.loaded.source_path) if prepared.loaded.source_path else None,
+            prefer_graph=graph,
+            meta=meta or None,
+        )
+    return _with_source_lines(report, prepared)
 
-        from bnaudit.report.locations import layer_lines
 
-        report = replace(report, source_lines=layer_lines(loaded.module, report.source_path, loaded.named))
-    return report
+def _with_source_lines(report: Report, prepared: Prepared) -> Report:
+    """The report with each layer's line in the model's source file, when the model came from one."""
+    if report.source_path is None:
+        return report
+    from dataclasses import replace
+
+    from bnaudit.report.locations import layer_lines
+
+    loaded = prepared.loaded
+    return replace(report, source_lines=layer_lines(loaded.module, report.source_path, loaded.named))
