@@ -8,9 +8,9 @@ hand; tests/test_docs.py fails when it differs from what this script generates.
     python tools/gen_rules_doc.py            # (re)write docs/rules.md
     python tools/gen_rules_doc.py --check    # exit 1 with one line when docs/rules.md is stale
 
-The index table can carry a column saying whether a rule's finding can be fixed automatically: pass a
-``{code: availability}`` mapping (``safe``, ``unsafe``, ``checkpoint``, ``none``) as ``fix_modes`` to
-``render`` and ``index_table``. Without one, no such column is generated."""
+The index table has a column saying whether a rule's finding can be fixed automatically by ``bnaudit fix``
+(``safe``, ``unsafe``, ``checkpoint``, ``none``), read from ``bnaudit.fixing.fix_kind``; each section says it
+too. ``render`` and ``index_table`` take that ``{code: availability}`` mapping as ``fix_modes``."""
 
 from __future__ import annotations
 
@@ -113,11 +113,21 @@ def case_lines(title: str, examples: Iterable[Any]) -> list[str]:
     return [head + (":" if notes else "")] + [f"  - {note}" for note in notes]
 
 
-def section(rule: Any, requirements: Mapping[str, str]) -> list[str]:
+FIX_WORDS = {
+    "safe": "a safe fix (applied by `bnaudit fix`; the model's function is kept)",
+    "unsafe": "an unsafe fix (applied by `bnaudit fix --unsafe-fixes`; it changes behaviour as the fix says)",
+    "checkpoint": "a checkpoint fix (`bnaudit fix --weights W -o OUT` writes a repaired copy)",
+    "none": "none: edit by hand",
+}
+
+
+def section(rule: Any, requirements: Mapping[str, str], fix_mode: str | None = None) -> list[str]:
     """One rule's section: heading, facts line, summary, documentation, fix, defaults, needs, cases."""
     lines = [f"### {rule.code}", ""]
     lines.append(f"`{rule.name}` · severity **{rule.severity}** · family {rule.family}")
     lines += ["", f"*{rule.summary}.*", "", *doc_markdown(rule.doc()), "", f"**Fix:** {rule.fix}"]
+    if fix_mode is not None:
+        lines += ["", f"**Automatic fix:** {FIX_WORDS[fix_mode]} ([fix.md](fix.md))."]
     if rule.defaults:
         defaults = ", ".join(f"`{key}={value!r}`" for key, value in rule.defaults.items())
         lines += ["", f"**Defaults:** {defaults}"]
@@ -150,14 +160,16 @@ def render(rules: Sequence[Any], requirements: Mapping[str, str], fix_modes: Map
         if members:
             lines += [f"## {FAMILY_TITLES.get(family, family)}", ""]
             for rule in members:
-                lines += section(rule, requirements)
+                lines += section(rule, requirements, fix_modes.get(rule.code) if fix_modes else None)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def generate() -> str:
     """docs/rules.md as the current registry makes it."""
+    from bnaudit.fixing import fix_kind
+
     rules, requirements = registry()
-    return render(rules, requirements)
+    return render(rules, requirements, {r.code: fix_kind(r.code) or "none" for r in rules})
 
 
 def main(argv: list[str] | None = None) -> int:
