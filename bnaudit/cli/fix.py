@@ -99,9 +99,9 @@ def fix_cmd(
         print_stdout(json.dumps(result.to_dict(), indent=2))
         return
     summary = fix_summary(result, dry_run=diff)
+    if result.diff:  # what was changed (or, with --diff, would be): the user's own file, so always shown
+        print_stdout(result.diff)
     if diff:
-        if result.diff:
-            print_stdout(result.diff)
         typer.echo(summary, err=True)
     else:
         print_stdout(summary)

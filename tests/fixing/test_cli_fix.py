@@ -35,6 +35,15 @@ def test_diff_on_the_seed_example_shows_the_bn101_edits_and_writes_nothing(tmp_p
     assert path.read_text() == before
 
 
+def test_fix_that_writes_shows_the_diff_of_what_it_wrote(tmp_path: Path) -> None:
+    path = _example("seed_mlp_bn.py", tmp_path)
+    result = runner.invoke(app, ["fix", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "+            nn.Linear(128, 64, bias=False),\n" in result.stdout
+    assert "fixed: BN101 model.4 (line 25) [safe]" in result.stdout
+    assert "nn.Linear(128, 64, bias=False)," in path.read_text()
+
+
 @pytest.mark.parametrize(
     ("example", "spec", "codes"),
     [("seed_mlp_bn.py", "", {"BN101"}), ("keras_mlp.py", ":build_model_bn", {"BN101", "BN106"})],
