@@ -34,13 +34,18 @@ def _render(done: Transformed, *, title: str, output: Path | None, plan: Any) ->
     print_view(model_written(path, data_spec=setup.data_spec, transform=result.name))
 
 
-def _plan(output: Path | None, dry_run: bool, force: bool, inputs: list[Any]) -> Any:
-    """The output plan for ``-o`` (None with --dry-run), checked before the (slow) load and transform."""
+def _plan(output: Path | None, shared: dict[str, Any], model: str, *more: str | None) -> Any:
+    """The output plan for ``-o`` (None with --dry-run), checked before the (slow) load and transform; MODEL,
+    the shared data, predict and weights and ``more`` inputs are protected from being overwritten."""
+    if shared["dry_run"]:
+        return None
+    inputs = [model, shared["data"], *more, shared["predict"], shared["weights"]]
     missing = "give -o OUT.pt for the new model (or --dry-run to only show the changes)"
-    return None if dry_run else plan_model_output(output, inputs, force=force, missing=missing)
+    return plan_model_output(output, inputs, force=shared["force"], missing=missing)
 
 
 @command("insert-bn")
+@t.with_shared_options
 def insert_bn_cmd(
     model: o.ModelArg,
     output: t.OutOpt = None,
@@ -52,16 +57,8 @@ def insert_bn_cmd(
     calibrate_batches: t.CalibrateBatchesOpt = None,
     momentum: t.BnMomentumOpt = 0.1,
     eps: t.BnEpsOpt = 1e-5,
-    data: o.DataOpt = None,
-    input_shape: o.InputShapeOpt = None,
-    input_key: o.InputKeyOpt = None,
-    batch_size: o.BatchSizeOpt = 32,
-    predict: o.PredictOpt = None,
-    weights: o.WeightsOpt = None,
-    trust_pickle: o.TrustPickleOpt = False,
-    device: o.DeviceOpt = "cpu",
-    dry_run: t.DryRunOpt = False,
-    force: o.ForceOpt = False,
+    *,
+    shared: dict[str, Any],
 ) -> None:
     """Put BatchNorm after MODEL's hidden Linear/Conv layers, before their activations, and save the new model.
 
@@ -72,32 +69,25 @@ def insert_bn_cmd(
 
     [bold]Example[/]: bnaudit insert-bn model.py -o model_bn.pt --calibrate model.py:build_data
     """
-    plan = _plan(output, dry_run, force, [model, data, calibrate, predict, weights])
+    plan = _plan(output, shared, model, calibrate)
     from bnaudit.api.transforms import insert_bn_prepared
 
     done = insert_bn_prepared(
-        model, data, layers=o.split_list(layers), skip_output=not include_output, placement=placement,
+        model, shared["data"], layers=o.split_list(layers), skip_output=not include_output, placement=placement,
         drop_bias=not keep_bias, calibrate=calibrate, calibrate_batches=calibrate_batches, momentum=momentum,
-        eps=eps, **t.prep(input_shape, input_key, batch_size, predict, weights, trust_pickle, device),
+        eps=eps, **t.prep(shared),
     )
     _render(done, title="insert-bn", output=output, plan=plan)
 
 
 @command("fold-bn")
+@t.with_shared_options
 def fold_bn_cmd(
     model: o.ModelArg,
     output: t.OutOpt = None,
     eval_mode: t.EvalOpt = False,
-    data: o.DataOpt = None,
-    input_shape: o.InputShapeOpt = None,
-    input_key: o.InputKeyOpt = None,
-    batch_size: o.BatchSizeOpt = 32,
-    predict: o.PredictOpt = None,
-    weights: o.WeightsOpt = None,
-    trust_pickle: o.TrustPickleOpt = False,
-    device: o.DeviceOpt = "cpu",
-    dry_run: t.DryRunOpt = False,
-    force: o.ForceOpt = False,
+    *,
+    shared: dict[str, Any],
 ) -> None:
     """Fuse eval-mode BatchNorm into the Linear/Conv before it, for inference, and report the max abs error.
 
@@ -106,32 +96,25 @@ def fold_bn_cmd(
 
     [bold]Example[/]: bnaudit fold-bn model_bn.pt --eval -o model_folded.pt --input-shape 3x32x32
     """
-    plan = _plan(output, dry_run, force, [model, data, predict, weights])
+    plan = _plan(output, shared, model)
     from bnaudit.api.transforms import fold_bn_prepared
 
     done = fold_bn_prepared(
-        model, data, eval_mode=eval_mode,
-        **t.prep(input_shape, input_key, batch_size, predict, weights, trust_pickle, device),
+        model, shared["data"], eval_mode=eval_mode,
+        **t.prep(shared),
     )
     _render(done, title="fold-bn", output=output, plan=plan)
 
 
 @command("swap-norm")
+@t.with_shared_options
 def swap_norm_cmd(
     model: o.ModelArg,
     to: t.ToOpt,
     output: t.OutOpt = None,
     groups: t.GroupsOpt = None,
-    data: o.DataOpt = None,
-    input_shape: o.InputShapeOpt = None,
-    input_key: o.InputKeyOpt = None,
-    batch_size: o.BatchSizeOpt = 32,
-    predict: o.PredictOpt = None,
-    weights: o.WeightsOpt = None,
-    trust_pickle: o.TrustPickleOpt = False,
-    device: o.DeviceOpt = "cpu",
-    dry_run: t.DryRunOpt = False,
-    force: o.ForceOpt = False,
+    *,
+    shared: dict[str, Any],
 ) -> None:
     """Replace every BatchNorm in MODEL by another normalization and save the new model.
 
@@ -145,11 +128,11 @@ def swap_norm_cmd(
 
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
-    plan = _plan(output, dry_run, force, [model, data, predict, weights])
+    plan = _plan(output, shared, model)
     from bnaudit.api.transforms import swap_norm_prepared
 
     done = swap_norm_prepared(
-        model, to, data, groups=groups,
-        **t.prep(input_shape, input_key, batch_size, predict, weights, trust_pickle, device),
+        model, to, shared["data"], groups=groups,
+        **t.prep(shared),
     )
     _render(done, title=f"swap-norm --to {to}", output=output, plan=plan)

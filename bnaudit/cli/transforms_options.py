@@ -1,12 +1,17 @@
 """The options of ``bnaudit insert-bn``, ``fold-bn`` and ``swap-norm`` (Typer ``Annotated`` types) and the
-preparation options they all pass on."""
+options they all share, declared once (``with_shared_options``)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
+
+from bnaudit.cli import options as o
 
 OutOpt = Annotated[
     Path | None,
@@ -41,15 +46,47 @@ GroupsOpt = Annotated[
 ]
 
 
-def prep(
-    input_shape: str | None, input_key: str | None, batch_size: int, predict: str | None, weights: Path | None,
-    trust_pickle: bool, device: str,
-) -> dict[str, Any]:
-    """The preparation options every transform command passes on (the CLI infers an example input when it
-    has neither data nor a shape)."""
-    return {"input_shape": input_shape, "input_key": input_key, "batch_size": batch_size, "predict": predict,
-            "weights": weights, "trust_pickle": trust_pickle, "device": device, "infer_example": True}
+# The options every transform command takes after its own, in this order: name -> (type, default).
+_SHARED = {
+    "data": (o.DataOpt, None),
+    "input_shape": (o.InputShapeOpt, None),
+    "input_key": (o.InputKeyOpt, None),
+    "batch_size": (o.BatchSizeOpt, 32),
+    "predict": (o.PredictOpt, None),
+    "weights": (o.WeightsOpt, None),
+    "trust_pickle": (o.TrustPickleOpt, False),
+    "device": (o.DeviceOpt, "cpu"),
+    "dry_run": (DryRunOpt, False),
+    "force": (o.ForceOpt, False),
+}
+
+
+def with_shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the command ``fn`` the options every transform shares (``--data`` ... ``--force``), declared
+    once: they join the end of its command line, and ``fn`` receives them as one ``shared`` dict."""
+    hints = get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
+           if p.name != "shared"]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    added = [inspect.Parameter(name, kind, annotation=ann, default=default) for name, (ann, default) in _SHARED.items()]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        shared = {name: kwargs.pop(name) for name in _SHARED}
+        return fn(**kwargs, shared=shared)
+
+    command.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+    return command
+
+
+def prep(shared: dict[str, Any]) -> dict[str, Any]:
+    """The preparation options a transform passes on to ``bnaudit.api.transforms`` (the CLI infers an
+    example input when it has neither data nor a shape)."""
+    keys = ("input_shape", "input_key", "batch_size", "predict", "weights", "trust_pickle", "device")
+    return {**{k: shared[k] for k in keys}, "infer_example": True}
 
 
 __all__ = ["BnEpsOpt", "BnMomentumOpt", "CalibrateBatchesOpt", "CalibrateOpt", "DryRunOpt", "EvalOpt", "GroupsOpt",
-           "IncludeOutputOpt", "KeepBiasOpt", "LayersOpt", "OutOpt", "PlacementOpt", "ToOpt", "prep"]
+           "IncludeOutputOpt", "KeepBiasOpt", "LayersOpt", "OutOpt", "PlacementOpt", "ToOpt", "prep",
+           "with_shared_options"]
