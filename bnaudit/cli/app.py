@@ -89,10 +89,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     return decorate
 
 
-def debug_enabled() -> bool:
-    return bool(_state["debug"])
-
-
 def stdout() -> TextIO:
     """Where the report goes: the real stdout (inside a command ``sys.stdout`` is the user's, sent to stderr)."""
     return _state["stdout"] or sys.stdout
@@ -148,5 +144,5 @@ def print_view(items: Iterable[Any]) -> None:
         console.print(table)
 
 
-__all__ = ["app", "command", "debug_enabled", "fail", "plan_model_output", "plan_outputs", "print_stdout",
+__all__ = ["app", "command", "fail", "plan_model_output", "plan_outputs", "print_stdout",
            "print_view", "stdout", "stdout_console"]
