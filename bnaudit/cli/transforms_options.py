@@ -71,13 +71,14 @@ def with_shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     added = [inspect.Parameter(name, kind, annotation=ann, default=default) for name, (ann, default) in _SHARED.items()]
 
     @functools.wraps(fn)
-    def command(**kwargs: Any) -> Any:
+    def with_shared(**kwargs: Any) -> Any:
         shared = {name: kwargs.pop(name) for name in _SHARED}
         return fn(**kwargs, shared=shared)
 
-    command.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
-    return command
+    # Typer reads the command line from the signature and the resolved annotations.
+    with_shared.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+    with_shared.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+    return with_shared
 
 
 def prep(shared: dict[str, Any]) -> dict[str, Any]:
