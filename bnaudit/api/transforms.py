@@ -18,13 +18,17 @@ if TYPE_CHECKING:
     from bnaudit.transforms.recalibrate import RecalibrationTable
 
 __all__ = [
+    "Recalibrated",
     "Transformed",
     "fold_bn",
     "fold_bn_prepared",
     "insert_bn",
     "insert_bn_prepared",
+    "model_file_writer",
     "prepare_transform",
     "recalibrate",
+    "recalibrate_prepared",
+    "recalibrated_writer",
     "swap_norm",
     "swap_norm_prepared",
 ]
@@ -238,6 +242,21 @@ def swap_norm_prepared(
     return _apply(prepared, transform, run, to=to, groups=groups)
 
 
+def model_file_writer(result: TransformResult, source: str | Path) -> Callable[[Path], Any]:
+    """What writes ``result`` in bnaudit's model file format to a path (an ``OutputPlan.commit`` writer); the
+    file's dict is built now, so a failure comes before any file is touched.
+
+    Args:
+        result: the TransformResult to save.
+        source: the MODEL spec that rebuilds the original architecture.
+    """
+    import torch
+
+    from bnaudit.transforms.saving import saved_dict
+
+    payload = saved_dict(result, source)
+    return lambda tmp: torch.save(payload, tmp)
+
 
 def insert_bn(model: Any, data: Any = None, **kwargs: Any) -> TransformResult:
     """``insert_bn_prepared(...).result``: BatchNorm after the hidden Linear/Conv layers of a model or MODEL spec.
@@ -323,3 +342,66 @@ def warmed_up(prepared: Prepared) -> nn.Module:
         for m, flag in flags.items():
             m.training = flag
     return module
+
+
+@dataclass(frozen=True)
+class Recalibrated:
+    """``recalibrate_prepared``'s result (``bnaudit recalibrate`` shows and writes it).
+
+    Attributes:
+        source: the MODEL as given.
+        prepared: the model before recalibration and its data.
+        model: the recalibrated copy.
+        table: the per-layer before/after fit.
+        pickled: MODEL is a ``.pt`` file holding a whole pickled module (not a bnaudit model file).
+        plain: the new model can only be saved as a plain state_dict (for ``--weights``): a pickled module
+            cannot be rebuilt from a spec, and a model with lazy modules cannot be copied before its first
+            call, which bnaudit's model files need.
+    """
+
+    source: str
+    prepared: Prepared
+    model: nn.Module
+    table: RecalibrationTable
+    pickled: bool
+    plain: bool
+
+
+def recalibrate_prepared(
+    model: str, data: Any = None, *, batches: int | None = None, device: str = "cpu", **prep: Any
+) -> Recalibrated:
+    """Re-estimate the BatchNorm running statistics of a MODEL spec on DATA, keeping what the CLI shows.
+
+    Args:
+        model: a MODEL spec.
+        data: DATA (spec or object); None: ``build_data`` in the model's file.
+        batches, device: as ``recalibrate``.
+        **prep: ``weights``, ``trust_pickle``, ``input_key``, ``batch_size`` (see ``prepare``).
+
+    Raises:
+        UsageError: no data. DataError, SpecError, WeightsError: bad input.
+    """
+    from bnaudit.loading.modelfile import MODEL_FILE_SUFFIXES, holds_model_file
+    from bnaudit.transforms.recalibrate import has_uninitialized
+
+    prepared = prepare(model, data, device=device, example=False, **prep)
+    lazy = has_uninitialized(prepared.model)  # decided before the first call gives the lazy modules their shapes
+    new, table = recalibrate(prepared, batches=batches, device=device)
+    pickled = model.endswith(MODEL_FILE_SUFFIXES) and not holds_model_file(model)
+    return Recalibrated(model, prepared, new, table, pickled, pickled or lazy)
+
+
+def recalibrated_writer(done: Recalibrated, batches: int | None) -> Callable[[Path], Any]:
+    """What writes the recalibrated model to a path (an ``OutputPlan.commit`` writer): a plain state_dict
+    when ``done.plain``, else bnaudit's model file with the data and batch counts as the options."""
+    from bnaudit.transforms import TransformResult
+
+    if done.plain:
+        import torch
+
+        state = {k: v.detach().cpu().clone() for k, v in done.model.state_dict().items()}
+        return lambda tmp: torch.save(state, tmp)
+    table = done.table
+    options = {"data": done.prepared.data.spec, "batches": batches, "batches_used": table.batches,
+               "samples": table.samples}
+    return model_file_writer(TransformResult(name="recalibrate", model=done.model, options=options), done.source)

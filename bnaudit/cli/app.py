@@ -1,6 +1,7 @@
 """The Typer application and what every command shares: the --debug switch, the error boundary that turns a
-BnauditError (or a command-line usage error) into one line on stderr and exit status 2, the user-code session
-(``bnaudit.usercode.session``: the user's prints go to stderr, stdout keeps the report), and the output plan.
+BnauditError into one line on stderr and exit status 2 (``bnaudit.cli.group`` does the same for command-line
+usage errors), the user-code session (``bnaudit.usercode.session``: the user's prints go to stderr, stdout
+keeps the report), the output plan, and drawing a report's styled view on stdout.
 
 Command modules (``bnaudit/cli/<command>.py``) register themselves on ``app`` with ``@command()``; each is
 a docstring, option parsing and one call into the library. torch is never imported here."""
@@ -10,58 +11,17 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TextIO, TypeVar
 
 import typer
-from typer.core import TyperGroup
 
 from bnaudit import __version__
-from bnaudit.errors import BnauditError, OutputError
-
-# Typer >= 0.20 vendors click (its errors derive from typer.TyperException, and click itself may not be
-# installed at all); older Typer raises click's own.
-try:
-    import click
-except ImportError:  # Typer without click
-    click = None
-_CLI_ERRORS = tuple({getattr(typer, "TyperException", None), getattr(click, "ClickException", None)} - {None})
-_ABORTS = tuple({typer.Abort, getattr(click, "Abort", None)} - {None})
-
-
-class _Group(TyperGroup):
-    """Typer's group with command-line errors (a bad option value, an unknown option) printed as the one
-    ``bnaudit: error:`` line every other input error gets, instead of a boxed usage block."""
-
-    def main(  # type: ignore[override]
-        self,
-        args: Sequence[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        **extra: Any,
-    ) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _CLI_ERRORS as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":  # `bnaudit` alone: the help text, as Typer shows it
-                return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)
-            ctx = getattr(exc, "ctx", None)
-            sub = ctx.command.name if ctx is not None and ctx.parent is not None else None
-            exit_code = int(getattr(exc, "exit_code", 2))
-            hint = f" (see `bnaudit{' ' + sub if sub else ''} --help`)" if exit_code == 2 else ""
-            typer.echo(f"bnaudit: error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
-            sys.exit(exit_code)
-        except _ABORTS:
-            typer.echo("bnaudit: error: interrupted", err=True)
-            sys.exit(130)
-        sys.exit(code if isinstance(code, int) else 0)
-
+from bnaudit.cli.group import Group
+from bnaudit.errors import BnauditError, UsageError
 
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     name="bnaudit",
     help="Audit a PyTorch model's normalization: lint the wiring, probe it on real batches, and measure "
     "whether BatchNorm helps.",
@@ -129,10 +89,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     return decorate
 
 
-def debug_enabled() -> bool:
-    return bool(_state["debug"])
-
-
 def stdout() -> TextIO:
     """Where the report goes: the real stdout (inside a command ``sys.stdout`` is the user's, sent to stderr)."""
     return _state["stdout"] or sys.stdout
@@ -158,14 +114,35 @@ def plan_outputs(inputs: Iterable[Any] = ()) -> Any:
     return OutputPlan(inputs=spec_paths(*inputs))
 
 
-__all__ = [
-    "OutputError",
-    "app",
-    "command",
-    "debug_enabled",
-    "fail",
-    "plan_outputs",
-    "print_stdout",
-    "stdout",
-    "stdout_console",
-]
+def plan_model_output(output: Any, inputs: Iterable[Any], *, force: bool, missing: str) -> Any:
+    """The checked plan for a command's one ``-o`` file, before the (slow) work; ``missing`` is the error
+    when ``-o`` is not given."""
+    if output is None:
+        raise UsageError(missing)
+    plan = plan_outputs(inputs)
+    plan.file(output, label="--output", replace=force)
+    plan.check()
+    return plan
+
+
+def print_view(items: Iterable[Any]) -> None:
+    """Draw a ``bnaudit.report.transforms`` view on stdout: each (text, style) line as literal text (module
+    reprs hold brackets that markup would swallow), each ``Rows`` as a borderless table."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console = stdout_console(highlight=False, soft_wrap=True)
+    for item in items:
+        if isinstance(item, tuple):
+            console.print(Text(item[0], style=item[1]))
+            continue
+        table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        for name, justify in item.columns:
+            table.add_column(name, justify=justify, overflow="fold")
+        for row in item.rows:
+            table.add_row(*(Text(c[0], style=c[1]) if isinstance(c, tuple) else c for c in row))
+        console.print(table)
+
+
+__all__ = ["app", "command", "fail", "plan_model_output", "plan_outputs", "print_stdout",
+           "print_view", "stdout", "stdout_console"]

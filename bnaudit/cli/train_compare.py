@@ -1,12 +1,12 @@
 """``bnaudit train-compare``: train MODEL with and without normalization on identical init and batch order,
 show a live progress display, then the summary table and the verdict; optionally plots, HTML and JSON. With
 ``--nproc N`` every run trains under torch.distributed with N DDP processes (``--batch-size`` per device).
-torch, rich's live display and matplotlib are imported inside the command only."""
+The outputs are planned, drawn and rendered by ``bnaudit.report.train_compare_files``; torch, rich's live
+display and matplotlib are imported inside the command only."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -103,7 +103,10 @@ def train_compare_cmd(
     lrs = parse_floats(lr, "--lr")
     batch_sizes = parse_ints(batch_size, "--batch-size") or [64]
     target = parse_target(target_loss)
-    plan = _plan_outputs([model, data, val_data, user_model, weights], output, html, plot, force)
+    from bnaudit.report.train_compare_files import comparison_files, plan_comparison, render_comparison
+
+    plan = plan_outputs([model, data, val_data, user_model, weights])
+    plan_comparison(plan, output=output, html=html, plot=plot, force=force)
 
     from bnaudit.api import train_compare
     from bnaudit.cli.progress import live_progress
@@ -118,50 +121,8 @@ def train_compare_cmd(
             record=not no_record, unit_layer=unit_layer, unit=unit, ics_layer=ics_layer, device=device,
             threads=threads, workers=workers, nproc=nproc, progress=callback,
         )
-    if fmt == "json":
-        text = result.to_json()
-    else:
-        from bnaudit.report.train_compare import render_table
-
-        text = render_table(result, color=output is None and stdout().isatty())
-    _write(result, text, plan, output, html, plot)
-
-
-def _plan_outputs(inputs: list[Any], output: Path | None, html: Path | None, plot: Path | None, force: bool) -> Any:
-    """Every output, checked before training (a refusal after minutes of work helps no one), to be written
-    together at the end: all of them or none."""
-    plan = plan_outputs(inputs)
-    plan.file(output, label="--output", replace=force)
-    plan.file(html, label="--html", replace=force)
-    if plot is not None:
-        from bnaudit.report.plots import FIGURES
-
-        # Which figures a run draws depends on its results; any of them may be written.
-        plan.folder(plot, [f"{name}.png" for name in FIGURES], label="--plot", replace=force)
-    plan.check()
-    if plot is not None or html is not None:
-        from bnaudit.report.plots import require_matplotlib
-
-        require_matplotlib()  # fail before training when the plot extra is missing
-    return plan
-
-
-def _write(result: Any, text: str, plan: Any, output: Path | None, html: Path | None, plot: Path | None) -> None:
-    """Write the table/JSON, the plots and the HTML report as one set, or print the text."""
-    files: dict[Path, Any] = {}
-    if output is not None:
-        files[output] = text
-    pngs: dict[str, bytes] = {}
-    if plot is not None or html is not None:
-        from bnaudit.report.plots import figures
-
-        pngs = figures(result)  # drawn once for both the PNG files and the HTML report
-        if plot is not None:
-            files.update({plot / f"{name}.png": data for name, data in pngs.items()})
-        if html is not None:
-            from bnaudit.report.html import render
-
-            files[html] = render(result, pngs=pngs)
+    text = render_comparison(result, fmt, color=output is None and stdout().isatty())
+    files, pngs = comparison_files(result, text, output=output, html=html, plot=plot)
     plan.commit(files)
     if output is None:
         print_stdout(text)
@@ -169,5 +130,4 @@ def _write(result: Any, text: str, plan: Any, output: Path | None, html: Path | 
         if path is not None:
             typer.echo(f"wrote {path}", err=True)
     if plot is not None:
-        names = [f"{name}.png" for name in pngs]
-        typer.echo(f"wrote {len(names)} plots to {plot}/ ({', '.join(names)})", err=True)
+        typer.echo(f"wrote {len(pngs)} plots to {plot}/ ({', '.join(pngs)})", err=True)

@@ -40,6 +40,16 @@ def is_model_file(obj: Any) -> bool:
     return isinstance(obj, dict) and "bnaudit_format" in obj
 
 
+def holds_model_file(path: str | Path) -> bool:
+    """True when ``path`` is a file in bnaudit's model file format; False for anything else, including what
+    ``torch.load(weights_only=True)`` refuses (a pickled module, a missing or damaged file)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled module or anything else: not ours
+        return False
+    return is_model_file(obj)
+
+
 def _plain(value: Any) -> Any:
     """Options and plans as the plain containers ``weights_only`` loading accepts."""
     if isinstance(value, Mapping):

@@ -190,60 +190,149 @@ def train_compare(
         UsageError: contradictory or invalid options. DataError: unusable data. SpecError: a bad model
         factory. TransformError: a variant's transform failed.
     """
-    grid = _check_options(
-        variants, lrs, batch_sizes, seeds, steps, epochs, optimizer, momentum, weight_decay, explode, window,
-        user_model, device, workers, nproc,
-    )
-    train, val, split_note = _split(data, val_data, val_fraction, split_seed)
-    loss_name, loss_fn = resolve_loss(loss, train.targets)
-    target = _target(target_loss, loss_name, train)
-    small = min(grid.batch_sizes)
+    args = _Args(**locals())  # the arguments by name, for the steps below (nothing else is defined yet)
+    grid = _check_options(args)
+    training = _training_data(args, grid)
+    step_counts = {bs: _steps_for(bs, args, len(training.train)) for bs in grid.batch_sizes}
+    sweep = _sweep(args, grid, training, step_counts)
+    return _result(args, grid, training, step_counts, sweep)
+
+
+@dataclass(frozen=True)
+class _Args:
+    """``train_compare``'s arguments, as given."""
+
+    model: ModelArg
+    data: Any
+    variants: Sequence[str]
+    lrs: float | Sequence[float] | None
+    batch_sizes: int | Sequence[int]
+    seeds: int | Sequence[int]
+    steps: int | None
+    epochs: float | None
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    loss: str | LossFn
+    val_data: Any
+    val_fraction: float
+    split_seed: int
+    target_loss: float | str | None
+    eval_every: int | None
+    log_every: int | None
+    explode: float
+    window: int
+    reinit: bool
+    user_model: ModelArg | None
+    record: bool
+    unit_layer: str | None
+    unit: int
+    ics_layer: str | None
+    device: str | torch.device
+    threads: int | None
+    workers: int
+    nproc: int
+    progress: ProgressFn | None
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The training and validation data in memory, the loss and the target loss."""
+
+    train: TensorData
+    val: TensorData
+    split_note: str
+    loss_name: str
+    loss_fn: LossFn
+    target: float | None
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """What the runs gave: the runs, the variants torch refused, the time they took, the threads they used,
+    and the initial models (with the data in the models' dtype)."""
+
+    runs: list[RunResult]
+    unavailable: dict[str, str]
+    elapsed: float
+    threads: int
+    inits: _Inits
+
+
+def _training_data(args: _Args, grid: _Grid) -> _Data:
+    """Split the data, resolve the loss and target, and refuse a batch larger than the training set."""
+    train, val, split_note = _split(args.data, args.val_data, args.val_fraction, args.split_seed)
+    loss_name, loss_fn = resolve_loss(args.loss, train.targets)
+    target = _target(args.target_loss, loss_name, train)
+    small, nproc = min(grid.batch_sizes), args.nproc
     if small * nproc > len(train):
         per = f" ({nproc} processes × per-device batch {small})" if nproc > 1 else ""
         raise DataError(
             f"batch size {small * nproc}{per} is larger than the {len(train)} training examples; use a smaller one"
         )
+    return _Data(train, val, split_note, loss_name, loss_fn, target)
 
-    def steps_for(bs: int) -> int:
-        if epochs is not None:
-            return max(1, round(epochs * (len(train) // (bs * nproc))))
-        return steps if steps is not None else DEFAULT_STEPS
 
+def _steps_for(bs: int, args: _Args, examples: int) -> int:
+    """Optimizer steps per run at batch size ``bs``: from ``epochs`` when given, else ``steps``."""
+    if args.epochs is not None:
+        return max(1, round(args.epochs * (examples // (bs * args.nproc))))
+    return args.steps if args.steps is not None else DEFAULT_STEPS
+
+
+def _plans(grid: _Grid, step_counts: dict[int, int]) -> list[RunPlan]:
+    """One plan per run, seed-major: every variant of a cell runs next to the others."""
+    plans: list[RunPlan] = []
+    for seed in grid.seeds:
+        for bs in grid.batch_sizes:
+            for lr in grid.lrs:
+                for v in grid.variants:
+                    plans.append(RunPlan(len(plans), seed, v, lr, bs, step_counts[bs]))
+    return plans
+
+
+def _sweep(args: _Args, grid: _Grid, data: _Data, step_counts: dict[int, int]) -> _Sweep:
+    """Build every initial model, then train every run (here, in worker processes, or under DDP) with the
+    run's thread count; torch's thread count is restored afterwards."""
     old_threads = torch.get_num_threads()
     try:
         inits = _build_inits(
-            model, train, val, grid, reinit=reinit, user_model=user_model, loss_name=loss_name, record=record,
-            unit_layer=unit_layer, unit=unit, ics_layer=ics_layer,
+            args.model, data.train, data.val, grid, reinit=args.reinit, user_model=args.user_model,
+            loss_name=data.loss_name, record=args.record, unit_layer=args.unit_layer, unit=args.unit,
+            ics_layer=args.ics_layer,
         )
-        train, val = inits.train, inits.val
-        used_threads = threads or _default_threads(inits.inits[(grid.seeds[0], grid.variants[0])], old_threads)
+        used_threads = args.threads or _default_threads(inits.inits[(grid.seeds[0], grid.variants[0])], old_threads)
         torch.set_num_threads(used_threads)
         setup = RunSetup(
-            train=train, val=val, loss_name=loss_name, loss_fn=loss_fn, target=target, optimizer=optimizer,
-            momentum=momentum, weight_decay=weight_decay, eval_every=eval_every, log_every=log_every,
-            explode=explode, window=window, device=grid.device, record=record, unit_layer=unit_layer, unit=unit,
-            ics_layer=ics_layer, inits=inits.inits, base_names=inits.base_names,
+            train=inits.train, val=inits.val, loss_name=data.loss_name, loss_fn=data.loss_fn, target=data.target,
+            optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+            eval_every=args.eval_every, log_every=args.log_every, explode=args.explode, window=args.window,
+            device=grid.device, record=args.record, unit_layer=args.unit_layer, unit=args.unit,
+            ics_layer=args.ics_layer, inits=inits.inits, base_names=inits.base_names,
         )
-        plans = []
-        for seed in grid.seeds:
-            for bs in grid.batch_sizes:
-                for lr in grid.lrs:
-                    for v in grid.variants:
-                        plans.append(RunPlan(len(plans), seed, v, lr, bs, steps_for(bs)))
+        plans = _plans(grid, step_counts)
         started = time.perf_counter()
         unavailable: dict[str, str] = {}
         if grid.launch is not None:
             from bnaudit.training.ddp import run_distributed
 
-            runs, unavailable = run_distributed(plans, setup, grid.launch, threads=used_threads, progress=progress)
+            runs, unavailable = run_distributed(
+                plans, setup, grid.launch, threads=used_threads, progress=args.progress
+            )
         else:
-            if progress is not None:
-                progress(Progress("start", 0, len(plans), total_steps=sum(p.steps for p in plans)))
-            runs = list(_run_all(plans, setup, progress, workers))
+            if args.progress is not None:
+                args.progress(Progress("start", 0, len(plans), total_steps=sum(p.steps for p in plans)))
+            runs = list(_run_all(plans, setup, args.progress, args.workers))
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(old_threads)
-    notes = [split_note, *inits.notes, *_unavailable_notes(grid, unavailable, nproc)]
+    return _Sweep(runs, unavailable, elapsed, used_threads, inits)
+
+
+def _result(args: _Args, grid: _Grid, data: _Data, step_counts: dict[int, int], sweep: _Sweep) -> CompareResult:
+    """The runs in cell order, the per-cell summaries, the settings and the verdict."""
+    unavailable, runs = sweep.unavailable, sweep.runs
+    notes = [data.split_note, *sweep.inits.notes, *_unavailable_notes(grid, unavailable, args.nproc)]
     ran = [v for v in grid.variants if v not in unavailable]
     if not ran:
         raise UsageError(
@@ -258,30 +347,29 @@ def train_compare(
     }
     runs.sort(key=lambda r: (order[(r.variant, r.lr, r.batch_size)], grid.seeds.index(r.seed)))
     cells = summarize(runs)
-    step_counts = {bs: steps_for(bs) for bs in grid.batch_sizes}
     settings = {
         **_grid_settings(grid, ran, step_counts),
-        "epochs": epochs,
-        "optimizer": optimizer,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "loss": loss_name,
-        "target_loss": target,
+        "epochs": args.epochs,
+        "optimizer": args.optimizer,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "loss": data.loss_name,
+        "target_loss": data.target,
         "target_rule": "mean of the last `window` training losses <= target_loss",
-        "window": window,
-        "explode": explode,
-        "train_examples": len(train),
-        "val_examples": len(val),
-        "reinit": reinit,
-        **_run_settings(grid, used_threads, workers, nproc),
-        "record": record,
-        "ics_layer": ics_layer,
-        "seconds_total": elapsed,
-        "seconds_per_run": elapsed / max(1, len(runs)),
+        "window": args.window,
+        "explode": args.explode,
+        "train_examples": len(data.train),
+        "val_examples": len(data.val),
+        "reinit": args.reinit,
+        **_run_settings(grid, sweep.threads, args.workers, args.nproc),
+        "record": args.record,
+        "ics_layer": args.ics_layer,
+        "seconds_total": sweep.elapsed,
+        "seconds_per_run": sweep.elapsed / max(1, len(runs)),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    text = verdict(cells, target=target, steps=step_counts)
+    text = verdict(cells, target=data.target, steps=step_counts)
     return CompareResult(settings=settings, runs=runs, cells=cells, verdict=text, notes=notes, unavailable=unavailable)
 
 
@@ -297,12 +385,10 @@ class _Grid:
     launch: Any  # ddp.Plan with nproc > 1, else None
 
 
-def _check_options(
-    variants: Sequence[str], lrs: Any, batch_sizes: Any, seeds: Any, steps: int | None, epochs: float | None,
-    optimizer: str, momentum: float, weight_decay: float, explode: float, window: int, user_model: Any,
-    device: str | torch.device, workers: int, nproc: int,
-) -> _Grid:
+def _check_options(args: _Args) -> _Grid:
     """Refuse contradictory or invalid options (UsageError) before anything is loaded or trained."""
+    optimizer, steps, epochs, explode, window = args.optimizer, args.steps, args.epochs, args.explode, args.window
+    workers, nproc = args.workers, args.nproc
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if steps is not None and epochs is not None:
@@ -315,14 +401,15 @@ def _check_options(
         raise UsageError(f"explode must be above 1 (a multiple of the first loss), got {explode}")
     if window < 1:
         raise UsageError(f"window must be at least 1, got {window}")
-    variant_list = check_variants(tuple(variants), user_model)
-    lr_list = _as_list(DEFAULT_LRS[optimizer] if lrs is None else lrs, "learning rates", float)
-    check_numbers(lr_list, momentum, weight_decay)
-    bs_list = _as_list(batch_sizes, "batch sizes", int)
+    variant_list = check_variants(tuple(args.variants), args.user_model)
+    lr_list = _as_list(DEFAULT_LRS[optimizer] if args.lrs is None else args.lrs, "learning rates", float)
+    check_numbers(lr_list, args.momentum, args.weight_decay)
+    bs_list = _as_list(args.batch_sizes, "batch sizes", int)
+    seeds = args.seeds
     seed_list = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise UsageError("seeds must be at least 1")
-    dev = torch.device(device)
+    dev = torch.device(args.device)
     if workers > 1 and (dev.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods()):
         raise UsageError("workers > 1 needs the CPU device on a platform with fork; use workers=1")
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
