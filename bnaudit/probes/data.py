@@ -50,6 +50,7 @@ class DataProbe:
         targets: integer class labels per probe batch (None when targets are not class labels).
         order_targets: labels from up to 64 batches of an unshuffled loader, in loader order (else None).
         zero_positions: BN layer -> fraction of positions (samples x spatial) whose whole channel vector is 0.
+        zero_samples: BN layer -> that fraction per sample (one value per sample, over all batches).
         dead: ReLU-like layer -> (units never positive, units).
         saturated: sigmoid/tanh layer -> (fraction of inputs in the flat tails, threshold).
         spatial: BN layer -> values per channel per sample (H*W, L or 1).
@@ -62,6 +63,7 @@ class DataProbe:
     targets: list[np.ndarray] | None = None
     order_targets: np.ndarray | None = None
     zero_positions: dict[str, float] = field(default_factory=dict)
+    zero_samples: dict[str, np.ndarray] = field(default_factory=dict)
     dead: dict[str, tuple[int, int]] = field(default_factory=dict)
     saturated: dict[str, tuple[float, float]] = field(default_factory=dict)
     spatial: dict[str, int] = field(default_factory=dict)
@@ -126,6 +128,7 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
             m.train()
     handles = []
     zeros: dict[str, list[float]] = {}
+    per_sample: dict[str, list[torch.Tensor]] = {}
     active: dict[str, torch.Tensor] = {}
     tails: dict[str, list[float]] = {}
     sat_at: dict[str, float] = {}
@@ -140,6 +143,9 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
                 zeros.setdefault(name, [0.0, 0.0])
                 zeros[name][0] += float(all_zero.sum())
                 zeros[name][1] += all_zero.numel()
+                # padding comes per sample: its fraction per sample is what BN205's confidence bound needs
+                flat = all_zero.flatten(1) if all_zero.dim() > 1 else all_zero[:, None]
+                per_sample.setdefault(name, []).append(flat.double().mean(1).cpu())
         return hook
 
     def relu_hook(name: str):
@@ -217,6 +223,7 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
         probe.input = {"mean": host["mean"], "std": np.sqrt(host["var"]), "layout": layout,
                        "nonfinite_frac": host["nonfinite_frac"], "min": host["min"], "max": host["max"]}
     probe.zero_positions = {k: v[0] / v[1] for k, v in zeros.items() if v[1]}
+    probe.zero_samples = {k: torch.cat(v).numpy() for k, v in per_sample.items()}
     probe.dead = {k: (int((~v).sum()), int(v.numel())) for k, v in active.items()}
     probe.saturated = {k: (v[0] / v[1], sat_at[k]) for k, v in tails.items() if v[1]}
     probe.spatial = spatial
