@@ -51,18 +51,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATHS = ("bnaudit/rules", "bnaudit/probes")
 EXAMPLES = "tests/rules/test_examples.py"
+KILLS = "tests/rules/test_mutation_kills.py"  # edge cases found by this tool: quick, so they run first
 
 # The fast tests that judge each module: its family's rule examples and its family's unit tests.
 # Commands run in order; the first failure kills the mutant, so the quickest come first.
 TESTS: dict[str, list[list[str]]] = {
     "bnaudit/rules/base.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
     "bnaudit/rules/architecture.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
-    "bnaudit/rules/data.py": [[EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
-    "bnaudit/probes/data.py": [[EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
-    "bnaudit/rules/modes.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/modes.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    # BN4xx examples need a process group: test_examples skips them, the two-rank gloo tests run them.
-    "bnaudit/rules/distributed.py": [["tests/distributed/test_local.py"], ["tests/distributed/test_gloo.py", "-k", "bn40"]],
+    "bnaudit/rules/data.py": [[EXAMPLES, "-k", "BN2"], [KILLS, "tests/rules/test_padding_margin.py",
+                                                         "tests/rules/test_data.py"]],
+    "bnaudit/probes/data.py": [[EXAMPLES, "-k", "BN2"], [KILLS, "tests/rules/test_padding_margin.py",
+                                                          "tests/rules/test_data.py"]],
+    "bnaudit/rules/modes.py": [[EXAMPLES, "-k", "BN3"], [KILLS, "tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/modes.py": [[EXAMPLES, "-k", "BN3"], [KILLS, "tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    # BN4xx examples need a process group: test_examples skips them, the two-rank gloo tests run them;
+    # the kills file plans a world size instead.
+    "bnaudit/rules/distributed.py": [[KILLS, "-k", "bn401"], ["tests/distributed/test_local.py"],
+                                     ["tests/distributed/test_gloo.py", "-k", "bn40"]],
 }
 SKIP_FILES = ("__init__.py", "catalog.py")
 
@@ -305,16 +310,16 @@ def _find_token(gap: str, token: str) -> int | None:
                 j += len(rest) - len(stripped) + len(words[1])
             after = gap[j] if j < len(gap) else " "
             is_word = token[0].isalpha()
-            if not is_word or (not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_")):
-                # "<" must not be the start of "<=" (and so on) when the token is the shorter one
-                if is_word or not (after in "=" and token in ("<", ">", "=")):
-                    if words == ["in"] and gap[:i].rstrip().endswith("not"):
-                        i += 1
-                        continue
-                    if words == ["is"] and gap[j:].lstrip().startswith("not"):
-                        i += 1
-                        continue
-                    return i
+            whole = not is_word or (not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_"))
+            # "<" must not be the start of "<=" (and so on) when the token is the shorter one
+            if whole and (is_word or not (after in "=" and token in ("<", ">", "="))):
+                if words == ["in"] and gap[:i].rstrip().endswith("not"):
+                    i += 1
+                    continue
+                if words == ["is"] and gap[j:].lstrip().startswith("not"):
+                    i += 1
+                    continue
+                return i
         i += 1
     return None
 
@@ -333,7 +338,8 @@ def _pytest(cwd: Path, args: list[str], timeout: float) -> tuple[int | None, str
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         return None, "", time.monotonic() - t0
     tail = (proc.stdout + proc.stderr).strip().splitlines()
@@ -480,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-factor", type=float, default=3.0, help="timeout = factor x baseline + 20 s")
     parser.add_argument("--timeout", type=float, help="seconds per mutant; skips the unmutated baseline run")
     parser.add_argument("--only", action="append", default=[], help="keep mutants whose key contains this text")
+    parser.add_argument("--keys", type=Path, help="keep the mutants whose keys are listed in this file, one a line")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--json", type=Path, help="write every outcome to this file")
     parser.add_argument("--resume", type=Path, help="a --json file of an earlier run: keep its kills, run the rest")
@@ -516,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         mutants = random.Random(args.seed).sample(mutants, args.sample)
     if args.only:  # after sampling, so that --only narrows a sample instead of drawing another
         mutants = [m for m in mutants if any(s in m.key for s in args.only)]
+    if args.keys:  # exact keys (e.g. an earlier run's survivors); `--only` would also match "... #2" for "..."
+        wanted = {line.strip() for line in args.keys.read_text().splitlines() if line.strip()}
+        missing = wanted - {m.key for m in mutants}
+        if missing:
+            print(f"{len(missing)} listed key(s) match no mutant of the code as it is now:", *sorted(missing), sep="\n  ")
+        mutants = [m for m in mutants if m.key in wanted]
     if args.list:
         for m in mutants:
             print(f"{m.file}:{m.line} ({m.function}) {m.op}: {m.original!r} -> {m.replacement!r}")

@@ -151,9 +151,9 @@ def run_data_probe(model: nn.Module, batches: Iterable[Any], *, device: torch.de
     def relu_hook(name: str):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.is_floating_point():
-                cd = 1 if out.dim() >= 2 else 0
-                dims = tuple(d for d in range(out.dim()) if d != cd)
-                pos = (out > 0).any(dim=dims) if dims else out > 0
+                # dim 0 is the batch and dim 1 the units; a 1-D output is one unit seen over the batch
+                dims = tuple(d for d in range(out.dim()) if d != 1)
+                pos = (out > 0).any(dim=dims)
                 active[name] = pos if name not in active or active[name].shape != pos.shape else active[name] | pos
         return hook
 
