@@ -58,12 +58,12 @@ KILLS = "tests/rules/test_mutation_kills.py"  # edge cases found by this tool: q
 TESTS: dict[str, list[list[str]]] = {
     "bnaudit/rules/base.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
     "bnaudit/rules/architecture.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
-    "bnaudit/rules/data.py": [[EXAMPLES, "-k", "BN2"], [KILLS, "tests/rules/test_padding_margin.py",
-                                                         "tests/rules/test_data.py"]],
-    "bnaudit/probes/data.py": [[EXAMPLES, "-k", "BN2"], [KILLS, "tests/rules/test_padding_margin.py",
-                                                          "tests/rules/test_data.py"]],
-    "bnaudit/rules/modes.py": [[EXAMPLES, "-k", "BN3"], [KILLS, "tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/modes.py": [[EXAMPLES, "-k", "BN3"], [KILLS, "tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/rules/data.py": [[KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"],
+                              ["tests/rules/test_data.py"]],
+    "bnaudit/probes/data.py": [[KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"],
+                               ["tests/rules/test_data.py"]],
+    "bnaudit/rules/modes.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/modes.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
     # BN4xx examples need a process group: test_examples skips them, the two-rank gloo tests run them;
     # the kills file plans a world size instead.
     "bnaudit/rules/distributed.py": [[KILLS, "-k", "bn401"], ["tests/distributed/test_local.py"],
@@ -89,6 +89,9 @@ EQUIVALENT: dict[str, str] = {
         "matches() over no patterns is False, which is what the dropped 'ignore and' gave",
     "bnaudit/probes/modes.py:frozen_bn_drift:dropcond:nbt0 is not None and nbt1 is not None -> (nbt0 is not None)":
         "both counts come from the same layer's num_batches_tracked: both are None or neither is",
+    "bnaudit/rules/data.py:VanishingOrExploding.check:dropcond:n in named and is_weight_layer(named[n]) -> "
+    "(is_weight_layer(named[n]))":
+        "the history's layers are module names of the probe's copy of ctx.model, so every one is in named",
     "bnaudit/probes/data.py:run_data_probe.tail_hook.hook:dropcond:isinstance(x, torch.Tensor) and "
     "x.is_floating_point() and x.numel() -> (isinstance(x, torch.Tensor)) and (x.is_floating_point())":
         "an empty tensor adds 0 of 0 to the tally, and tallies with no values are dropped afterwards",

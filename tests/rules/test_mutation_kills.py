@@ -146,61 +146,6 @@ def test_bn401_is_an_error_at_one_value_per_channel_a_warning_at_two():
     assert one.evidence["values_per_channel_per_device"] == 1 and one.severity == "error"
 
 
-# --- BN30x rules ------------------------------------------------------------------------------------------------
-def test_names_lists_exactly_the_limit_without_a_remainder():
-    assert M._names(list("abcdef")) == "a, b, c, d, e, f"
-    assert M._names(list("abcdefg")) == "a, b, c, d, e, f and 1 more"
-
-
-def test_model_with_moved_running_var_alone_counts_as_trained():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    assert not M._model_trained(model)
-    with torch.no_grad():
-        model[1].running_var.fill_(2.0)  # running_mean still 0, no batch counted, gamma and beta constant
-    assert M._model_trained(model)
-
-
-def _stale_r(options=None) -> float:
-    found = [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), options) if f.layer == "1"]
-    return found[0].evidence["r"] if found else float("nan")
-
-
-def test_bn302_variance_ratio_range_is_inclusive_at_both_ends():
-    r = _stale_r({"z_max": 1e9, "r_min": 1e-9, "r_max": 1e-9})  # every r is above r_max: read it
-    assert r > 0
-    at_edges = {"z_max": 1e9, "r_min": r, "r_max": r}
-    assert not [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), at_edges) if f.layer == "1"]
-    above = {"z_max": 1e9, "r_min": math.nextafter(r, math.inf), "r_max": 1e9}
-    assert [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), above) if f.layer == "1"]
-    below = {"z_max": 1e9, "r_min": 1e-9, "r_max": math.nextafter(r, -math.inf)}
-    assert [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), below) if f.layer == "1"]
-
-
-def test_bn303_evidence_states_the_initial_buffers():
-    (f,) = [f for f in _findings("BN303", M._ema_params_only(), M._digits()) if f.layer == "1"]
-    assert f.evidence["running_mean"] == 0.0 and f.evidence["running_var"] == 1.0
-    bn = M._ema_params_only()[1]
-    assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)  # what the evidence claims
-
-
-def test_bn301_evidence_has_no_dropout_entry_when_none_was_active():
-    (f,) = [f for f in _findings("BN301", M._untracked_mlp(), M._digits()) if f.layer == "1"]
-    assert "active_dropout" not in f.evidence
-
-
-def test_bn304_with_float_targets_compares_mse_and_has_no_accuracy():
-    x, y = M._digits()
-    onehot = nn.functional.one_hot(y, 10).float()
-    # the rule reads a gap that has no accuracy (None) and still decides on the loss alone
-    res = train_eval_gap(M._ema_params_only(), [Batch(x, onehot)])
-    assert res.metric == "mse" and res.train_accuracy is None and res.eval_accuracy is None
-    report = bnaudit.inspect(M._ema_params_only(), (x, onehot), select=["BN304"])
-    assert "BN304" in report.rules_run and "BN304" not in report.rules_skipped, report.rules_skipped
-    ratio = res.eval_value / res.train_value
-    assert bool(report.findings) == (ratio > 1.5 and res.eval_value - res.train_value > 0.1)
-
-
 # --- probes of the BN30x rules ----------------------------------------------------------------------------------
 def _bn_net(seed: int = 0, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
@@ -329,8 +274,80 @@ def test_train_eval_gap_float_targets_of_the_output_size_are_mse():
     assert res.metric == "mse" and res.eval_value == pytest.approx(float((e - y.double()).pow(2).mean()), rel=1e-9)
 
 
+class _Votes(nn.Module):
+    """Integer class votes (N, 3): an output cross-entropy cannot be computed on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.body(x) > 0).long()
+
+
+def test_train_eval_gap_compares_integer_outputs_as_outputs_even_with_class_targets():
+    x, y = _x(16, seed=5), torch.arange(16) % 3
+    assert train_eval_gap(_Votes(), [Batch(x, y)]).metric == "output"
+
+
 def test_eval_mode_steps_counts_a_counter_stuck_at_zero():
     # frozen in eval mode from the start: the counter never leaves 0, and every step after the first is confirmed
     (span,) = eval_mode_steps([0, 1, 2], {"bn": [False] * 3}, {"bn": [True] * 3}, {"bn": [0, 0, 0]})
     assert span.steps == (1, 2) and span.stalled_at == 0 and span.confirmed
     assert not eval_mode_steps([0, 1, 2], {"bn": [False] * 3}, {"bn": [True] * 3}, {"bn": [-1, -1, -1]})
+
+
+# --- BN30x rules (slower: trained digits models) ------------------------------------------------------------
+def test_names_lists_exactly_the_limit_without_a_remainder():
+    assert M._names(list("abcdef")) == "a, b, c, d, e, f"
+    assert M._names(list("abcdefg")) == "a, b, c, d, e, f and 1 more"
+
+
+def test_model_with_moved_running_var_alone_counts_as_trained():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert not M._model_trained(model)
+    with torch.no_grad():
+        model[1].running_var.fill_(2.0)  # running_mean still 0, no batch counted, gamma and beta constant
+    assert M._model_trained(model)
+
+
+def _stale_r(options=None) -> float:
+    found = [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), options) if f.layer == "1"]
+    return found[0].evidence["r"] if found else float("nan")
+
+
+def test_bn302_variance_ratio_range_is_inclusive_at_both_ends():
+    r = _stale_r({"z_max": 1e9, "r_min": 1e-9, "r_max": 1e-9})  # every r is above r_max: read it
+    assert r > 0
+    at_edges = {"z_max": 1e9, "r_min": r, "r_max": r}
+    assert not [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), at_edges) if f.layer == "1"]
+    above = {"z_max": 1e9, "r_min": math.nextafter(r, math.inf), "r_max": 1e9}
+    assert [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), above) if f.layer == "1"]
+    below = {"z_max": 1e9, "r_min": 1e-9, "r_max": math.nextafter(r, -math.inf)}
+    assert [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), below) if f.layer == "1"]
+
+
+def test_bn303_evidence_states_the_initial_buffers():
+    (f,) = [f for f in _findings("BN303", M._ema_params_only(), M._digits()) if f.layer == "1"]
+    assert f.evidence["running_mean"] == 0.0 and f.evidence["running_var"] == 1.0
+    bn = M._ema_params_only()[1]
+    assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)  # what the evidence claims
+
+
+def test_bn301_evidence_has_no_dropout_entry_when_none_was_active():
+    (f,) = [f for f in _findings("BN301", M._untracked_mlp(), M._digits()) if f.layer == "1"]
+    assert "active_dropout" not in f.evidence
+
+
+def test_bn304_with_float_targets_compares_mse_and_has_no_accuracy():
+    x, y = M._digits()
+    onehot = nn.functional.one_hot(y, 10).float()
+    # the rule reads a gap that has no accuracy (None) and still decides on the loss alone
+    res = train_eval_gap(M._ema_params_only(), [Batch(x, onehot)])
+    assert res.metric == "mse" and res.train_accuracy is None and res.eval_accuracy is None
+    report = bnaudit.inspect(M._ema_params_only(), (x, onehot), select=["BN304"])
+    assert "BN304" in report.rules_run and "BN304" not in report.rules_skipped, report.rules_skipped
+    ratio = res.eval_value / res.train_value
+    assert bool(report.findings) == (ratio > 1.5 and res.eval_value - res.train_value > 0.1)
