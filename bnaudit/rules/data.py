@@ -634,7 +634,7 @@ class PaddingInBnInput(Rule):
             n = len(per_sample)
             if frac <= limit or n < 2:
                 continue
-            # t bound over samples: positions within a sample share its padding, so they are not n draws
+            # a t bound with the sample as the unit: positions of one sample share its padding, not independent
             lower = float(per_sample.mean() - _t_quantile(0.95, n - 1) * per_sample.std(ddof=1) / math.sqrt(n))
             if lower > limit:
                 zf = probe.history.series(name, "zero_frac") if name in probe.history.info else np.array([np.nan])

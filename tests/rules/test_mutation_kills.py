@@ -351,3 +351,32 @@ def test_bn304_with_float_targets_compares_mse_and_has_no_accuracy():
     assert "BN304" in report.rules_run and "BN304" not in report.rules_skipped, report.rules_skipped
     ratio = res.eval_value / res.train_value
     assert bool(report.findings) == (ratio > 1.5 and res.eval_value - res.train_value > 0.1)
+
+
+def test_bn306_evidence_rounds_each_delta_to_six_decimals():
+    (f,) = _findings("BN306", M._trained_mlp(), M._digits(), predict=M._predict_no_eval)
+    deltas = [c["max_abs_delta"] for c in f.evidence["changed"].values()]
+    assert deltas and all(d > 0 and d == round(d, 6) for d in deltas)
+    assert any(d != round(d, 5) for d in deltas)  # six decimals, not fewer
+
+
+class _SpareNorm(nn.Module):
+    """A BatchNorm registered but never called, next to one that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.spare = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x))
+
+
+def test_running_stats_fit_covers_only_the_layers_that_ran():
+    assert set(running_stats_fit(_SpareNorm(), [_x(8)]).layers) == {"bn"}
+    # a reference with a BatchNorm the pass never saw: nothing to compare it with
+    reference = _SpareNorm()
+    reference.extra = nn.BatchNorm1d(3)
+    assert set(running_stats_fit(_SpareNorm(), [_x(8)], reference=reference).layers) == {"bn"}
