@@ -94,6 +94,8 @@ EQUIVALENT: dict[str, str] = {
         "the history's layers are module names of the probe's copy of ctx.model, so every one is in named",
     "bnaudit/probes/modes.py:FrozenResult:const:0 -> 1":
         "a dataclass default never read: every FrozenResult is built with all four fields",
+    "bnaudit/probes/modes.py:_varies:compare:> -> >=":
+        "a one-element tensor never differs from its own first element: the any() is False either way",
     "bnaudit/probes/data.py:run_data_probe.tail_hook.hook:dropcond:isinstance(x, torch.Tensor) and "
     "x.is_floating_point() and x.numel() -> (isinstance(x, torch.Tensor)) and (x.is_floating_point())":
         "an empty tensor adds 0 of 0 to the tally, and tallies with no values are dropped afterwards",

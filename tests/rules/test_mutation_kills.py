@@ -380,3 +380,23 @@ def test_running_stats_fit_covers_only_the_layers_that_ran():
     reference = _SpareNorm()
     reference.extra = nn.BatchNorm1d(3)
     assert set(running_stats_fit(_SpareNorm(), [_x(8)], reference=reference).layers) == {"bn"}
+
+
+def test_cobatch_of_an_all_zero_output_changes_by_zero():
+    model = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    res = cobatch_invariance(model.eval(), [_x(4)])
+    assert res.scale == 0.0 and res.max_abs_delta == 0.0 and res.relative == 0.0
+
+
+def test_bn401_skips_a_batchnorm_the_example_never_reaches():
+    found = _findings("BN401", _SpareNorm(), _x(32), {"world_size": 4})
+    assert [f.layer for f in found] == ["bn"] and found[0].evidence["samples_per_device"] == 8
+
+
+def test_bn302_names_only_the_threshold_crossed():
+    options = {"z_max": 0.0, "r_min": 1e-9, "r_max": 1e9}  # any shift crosses, no variance ratio can
+    (f,) = [f for f in _findings("BN302", M._trained_mlp(), M._shifted_digits(), options) if f.layer == "1"]
+    assert "mean shift z=" in f.message and "variance ratio r=" not in f.message
