@@ -358,6 +358,10 @@ def test_bn306_evidence_rounds_each_delta_to_six_decimals():
     deltas = [c["max_abs_delta"] for c in f.evidence["changed"].values()]
     assert deltas and all(d > 0 and d == round(d, 6) for d in deltas)
     assert any(d != round(d, 5) for d in deltas)  # six decimals, not fewer
+    # the message quotes the first changed BatchNorm's counter
+    name, first = next((k, c) for k, c in f.evidence["changed"].items() if "num_batches_tracked" in c)
+    before, after = first["num_batches_tracked"]
+    assert f"{name}.num_batches_tracked went {before} -> {after}" in f.message
 
 
 class _SpareNorm(nn.Module):
