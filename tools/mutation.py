@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATHS = ("bnaudit/rules", "bnaudit/probes")
 EXAMPLES = "tests/rules/test_examples.py"
+KILLS = "tests/rules/test_mutation_kills.py"  # edge cases found by this tool: quick, so they run first
 
 # The fast tests that judge each module: its family's rule examples and its family's unit tests.
 # Commands run in order; the first failure kills the mutant, so the quickest come first.
@@ -59,18 +60,18 @@ TESTS: dict[str, list[list[str]]] = {
     "bnaudit/rules/catalog.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
     "bnaudit/rules/architecture.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
     "bnaudit/rules/layer_settings.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
-    "bnaudit/rules/common.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/rules/test_modes.py"]],
-    "bnaudit/rules/data.py": [[EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
-    "bnaudit/probes/data.py": [[EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
-    "bnaudit/rules/modes.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/rules/running_stats.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/common.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/inference.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/running_stats.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/train_eval.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/eval_steps.py": [[EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/rules/common.py": [[KILLS], [EXAMPLES, "-k", "BN1 or BN3"], ["tests/rules/test_modes.py"]],
+    "bnaudit/rules/data.py": [[KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
+    "bnaudit/probes/data.py": [[KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
+    "bnaudit/rules/modes.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/rules/running_stats.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/common.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/inference.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/running_stats.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/train_eval.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/probes/eval_steps.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
     # BN4xx examples need a process group: test_examples skips them, the two-rank gloo tests run them.
-    "bnaudit/rules/distributed.py": [["tests/distributed/test_local.py"], ["tests/distributed/test_gloo.py", "-k", "bn40"]],
+    "bnaudit/rules/distributed.py": [[KILLS, "-k", "bn401"], ["tests/distributed/test_local.py"], ["tests/distributed/test_gloo.py", "-k", "bn40"]],
 }
 # The rules' example factories are the tests' inputs, not code under test (as the factories the rule modules
 # used to hold, see _example_factories).
@@ -95,6 +96,13 @@ EQUIVALENT: dict[str, str] = {
         "matches() over no patterns is False, which is what the dropped 'ignore and' gave",
     "bnaudit/probes/train_eval.py:frozen_bn_drift:dropcond:nbt0 is not None and nbt1 is not None -> (nbt0 is not None)":
         "both counts come from the same layer's num_batches_tracked: both are None or neither is",
+    "bnaudit/rules/data.py:VanishingOrExploding.check:dropcond:n in named and is_weight_layer(named[n]) -> "
+    "(is_weight_layer(named[n]))":
+        "the history's layers are module names of the probe's copy of ctx.model, so every one is in named",
+    "bnaudit/probes/train_eval.py:FrozenResult:const:0 -> 1":
+        "a dataclass default never read: every FrozenResult is built with all four fields",
+    "bnaudit/probes/common.py:_varies:compare:> -> >=":
+        "a one-element tensor never differs from its own first element: the any() is False either way",
     "bnaudit/probes/data.py:_Hooks.tail_hook.hook:dropcond:isinstance(x, torch.Tensor) and "
     "x.is_floating_point() and x.numel() -> (isinstance(x, torch.Tensor)) and (x.is_floating_point())":
         "an empty tensor adds 0 of 0 to the tally, and tallies with no values are dropped afterwards",
@@ -316,16 +324,16 @@ def _find_token(gap: str, token: str) -> int | None:
                 j += len(rest) - len(stripped) + len(words[1])
             after = gap[j] if j < len(gap) else " "
             is_word = token[0].isalpha()
-            if not is_word or (not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_")):
-                # "<" must not be the start of "<=" (and so on) when the token is the shorter one
-                if is_word or not (after in "=" and token in ("<", ">", "=")):
-                    if words == ["in"] and gap[:i].rstrip().endswith("not"):
-                        i += 1
-                        continue
-                    if words == ["is"] and gap[j:].lstrip().startswith("not"):
-                        i += 1
-                        continue
-                    return i
+            whole = not is_word or (not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_"))
+            # "<" must not be the start of "<=" (and so on) when the token is the shorter one
+            if whole and (is_word or not (after in "=" and token in ("<", ">", "="))):
+                if words == ["in"] and gap[:i].rstrip().endswith("not"):
+                    i += 1
+                    continue
+                if words == ["is"] and gap[j:].lstrip().startswith("not"):
+                    i += 1
+                    continue
+                return i
         i += 1
     return None
 
@@ -344,7 +352,8 @@ def _pytest(cwd: Path, args: list[str], timeout: float) -> tuple[int | None, str
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         return None, "", time.monotonic() - t0
     tail = (proc.stdout + proc.stderr).strip().splitlines()
@@ -491,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-factor", type=float, default=3.0, help="timeout = factor x baseline + 20 s")
     parser.add_argument("--timeout", type=float, help="seconds per mutant; skips the unmutated baseline run")
     parser.add_argument("--only", action="append", default=[], help="keep mutants whose key contains this text")
+    parser.add_argument("--keys", type=Path, help="keep the mutants whose keys are listed in this file, one a line")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--json", type=Path, help="write every outcome to this file")
     parser.add_argument("--resume", type=Path, help="a --json file of an earlier run: keep its kills, run the rest")
@@ -527,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         mutants = random.Random(args.seed).sample(mutants, args.sample)
     if args.only:  # after sampling, so that --only narrows a sample instead of drawing another
         mutants = [m for m in mutants if any(s in m.key for s in args.only)]
+    if args.keys:  # exact keys (e.g. an earlier run's survivors); `--only` would also match "... #2" for "..."
+        wanted = {line.strip() for line in args.keys.read_text().splitlines() if line.strip()}
+        missing = wanted - {m.key for m in mutants}
+        if missing:
+            print(f"{len(missing)} listed key(s) match no mutant of the code as it is now:", *sorted(missing), sep="\n  ")
+        mutants = [m for m in mutants if m.key in wanted]
     if args.list:
         for m in mutants:
             print(f"{m.file}:{m.line} ({m.function}) {m.op}: {m.original!r} -> {m.replacement!r}")

@@ -50,6 +50,7 @@ class DataProbe:
         targets: integer class labels per probe batch (None when targets are not class labels).
         order_targets: labels from up to 64 batches of an unshuffled loader, in loader order (else None).
         zero_positions: BN layer -> fraction of positions (samples x spatial) whose whole channel vector is 0.
+        zero_samples: BN layer -> that fraction per sample (one value per sample, over all batches).
         dead: ReLU-like layer -> (units never positive, units).
         saturated: sigmoid/tanh layer -> (fraction of inputs in the flat tails, threshold).
         spatial: BN layer -> values per channel per sample (H*W, L or 1).
@@ -62,6 +63,7 @@ class DataProbe:
     targets: list[np.ndarray] | None = None
     order_targets: np.ndarray | None = None
     zero_positions: dict[str, float] = field(default_factory=dict)
+    zero_samples: dict[str, np.ndarray] = field(default_factory=dict)
     dead: dict[str, tuple[int, int]] = field(default_factory=dict)
     saturated: dict[str, tuple[float, float]] = field(default_factory=dict)
     spatial: dict[str, int] = field(default_factory=dict)
@@ -116,13 +118,14 @@ class _Hooks:
     def __init__(self) -> None:
         self.handles: list[Any] = []
         self.zeros: dict[str, list[float]] = {}
+        self.per_sample: dict[str, list[torch.Tensor]] = {}
         self.active: dict[str, torch.Tensor] = {}
         self.tails: dict[str, list[float]] = {}
         self.sat_at: dict[str, float] = {}
         self.spatial: dict[str, int] = {}
 
     def zero_hook(self, name: str):
-        zeros, spatial = self.zeros, self.spatial
+        zeros, spatial, per_sample = self.zeros, self.spatial, self.per_sample
 
         def hook(module: nn.Module, args: Any) -> None:
             x = args[0] if args else None
@@ -132,6 +135,9 @@ class _Hooks:
                 zeros.setdefault(name, [0.0, 0.0])
                 zeros[name][0] += float(all_zero.sum())
                 zeros[name][1] += all_zero.numel()
+                # padding comes per sample: its fraction per sample is what BN205's confidence bound needs
+                flat = all_zero.flatten(1) if all_zero.dim() > 1 else all_zero[:, None]
+                per_sample.setdefault(name, []).append(flat.double().mean(1).cpu())
         return hook
 
     def relu_hook(self, name: str):
@@ -139,9 +145,9 @@ class _Hooks:
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.is_floating_point():
-                cd = 1 if out.dim() >= 2 else 0
-                dims = tuple(d for d in range(out.dim()) if d != cd)
-                pos = (out > 0).any(dim=dims) if dims else out > 0
+                # dim 0 is the batch and dim 1 the units; a 1-D output is one unit seen over the batch
+                dims = tuple(d for d in range(out.dim()) if d != 1)
+                pos = (out > 0).any(dim=dims)
                 active[name] = pos if name not in active or active[name].shape != pos.shape else active[name] | pos
         return hook
 
@@ -180,6 +186,7 @@ class _Hooks:
     def fill(self, probe: DataProbe) -> None:
         """Write the tallies into ``probe`` as fractions and counts."""
         probe.zero_positions = {k: v[0] / v[1] for k, v in self.zeros.items() if v[1]}
+        probe.zero_samples = {k: torch.cat(v).numpy() for k, v in self.per_sample.items()}
         probe.dead = {k: (int((~v).sum()), int(v.numel())) for k, v in self.active.items()}
         probe.saturated = {k: (v[0] / v[1], self.sat_at[k]) for k, v in self.tails.items() if v[1]}
         probe.spatial = self.spatial
