@@ -334,11 +334,13 @@ class Recorder:
                                             "units": list(slot.units)}
         x3 = as_3d(x.detach(), slot.cd)  # detached: no reduction here enters autograd
         last = self._last
-        if last is not None and last[0] is x and last[1] == x._version and last[2] == x3.shape:
+        version = None if x.is_inference() else x._version  # inference tensors have no version counter
+        if last is not None and version is not None and last[0] is x and last[1] == version \
+                and last[2] == x3.shape:
             got = last[3]  # the very same unchanged tensor as the last hook's: its statistics are these
         else:
             got = reduce_call(x3)
-            self._last = (x, x._version, x3.shape, got)
+            self._last = (x, version, x3.shape, got)
         if slot.units and not slot.calls:
             slot.quant = self._quantiles(slot, x3)
         slot.calls.append((x3.numel() // x3.shape[1], x3.shape[1], got))
