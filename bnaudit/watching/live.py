@@ -10,8 +10,13 @@ Per watched model, a forward pre-hook on every BatchNorm layer and one optimizer
   ``torch.no_grad()``), not an evaluation loop, which runs at some steps only (once an epoch, every k steps).
 - **BN202** (live): a train-mode forward gives a BatchNorm fewer than ``min_values`` values per channel (an
   epoch's short last batch); below 2 it is an error (torch itself raises then).
-- **BN307** (live): an optimizer step of the model while one of its trainable BatchNorm layers is in eval
-  mode and its ``num_batches_tracked`` did not move since the previous step (the rule's own confirmation).
+- **BN307** (live): an optimizer step of the model, itself in eval mode, while one of its trainable BatchNorm
+  layers is in eval mode and its ``num_batches_tracked`` did not move since the previous step (the rule's own
+  confirmation). A model in train mode whose BatchNorm layers were set to eval one by one (``model.train()``
+  then ``bn.eval()``: fine-tuning with fixed statistics, mmdetection's ``norm_eval``) is doing it on purpose.
+
+The first forwards after the model is found also note its output layers (those whose output tensor is what the
+model returns): the end-of-run drift check (BN206) passes over them, as a classifier's logits are meant to move.
 
 Each is a Finding from the registered rule (its code, name, severity, options and fix), with ``step`` (the
 model's optimizer step during which it happened, counted from 0) and ``location``: ``file:line`` of the
@@ -103,6 +108,17 @@ def _trainable(m: nn.Module, model_trains: bool) -> bool:
     return any(p.requires_grad for p in params)
 
 
+def _tensors(out: Any, depth: int = 2) -> list[torch.Tensor]:
+    """The tensors of a forward's output: itself, or those in its tuple/list/dict (two levels deep)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if depth and isinstance(out, Mapping):
+        out = list(out.values())
+    if depth and isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o, depth - 1)]
+    return []
+
+
 def _names(layers: list[str], most: int = 4) -> str:
     shown = ", ".join(layers[:most])
     return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")
@@ -127,6 +143,7 @@ class LiveChecks:
         self._nbt_versions: dict[str, int] = {}
         self._checked_steps = 0
         self.errors: list[str] = []
+        self.output_layers: set[str] = set()  # layers whose output the model returned (its first forwards)
 
     # -- hooks --
     def attach(self) -> None:
@@ -134,6 +151,35 @@ class LiveChecks:
             self._handles.append(m.register_forward_pre_hook(self._bn_hook(name)))
         self._handles.append(self.model.register_forward_pre_hook(self._root_hook))
         self._nbt_versions = self._versions()
+        self._find_outputs()
+
+    def _find_outputs(self, forwards: int = 4) -> None:
+        """Note the layers whose output tensor the model returns, over its next ``forwards`` calls."""
+        seen: dict[str, Any] = {}
+        handles: list[Any] = []
+        left = [forwards]
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor):
+                    seen[name] = out
+            return hook
+
+        def done(module: nn.Module, args: Any, out: Any) -> None:
+            try:
+                returned = _tensors(out)
+                self.output_layers.update(n for n, t in seen.items() if any(t is r for r in returned))
+            except Exception as exc:  # noqa: BLE001 - a check must never break the user's training
+                self._error(exc)
+            seen.clear()
+            left[0] -= 1
+            if left[0] <= 0:
+                for h in handles:
+                    h.remove()
+
+        handles += [m.register_forward_hook(keep(n)) for n, m in self.model.named_modules() if n]
+        handles.append(self.model.register_forward_hook(done))
+        self._handles += handles
 
     def detach(self) -> None:
         handles, self._handles = self._handles, []
@@ -198,9 +244,10 @@ class LiveChecks:
         try:
             versions = self._versions()
             model_trains = any(p.requires_grad for p in self.model.parameters())
-            stalled = [name for name, m in self.bns
-                       if not m.training and _trainable(m, model_trains)
-                       and versions.get(name, -1) == self._nbt_versions.get(name, -2)]
+            # a model in train mode with BatchNorm layers set to eval one by one keeps them there on purpose
+            stalled = [] if self.model.training else [
+                name for name, m in self.bns if not m.training and _trainable(m, model_trains)
+                and versions.get(name, -1) == self._nbt_versions.get(name, -2)]
             self._nbt_versions = versions
             self._checked_steps += 1
             if stalled:
@@ -266,7 +313,8 @@ class LiveChecks:
             {**self._common(ev), "eval_steps": len(ev.steps), "trained_steps": self._checked_steps,
              "min_steps": rule.config["min_steps"]},
             fix=f"call model.train() after every validation pass (the model was left in eval mode from step "
-            f"{ev.first_step}); if these layers are meant to stay in eval mode, freeze their weight and bias too",
+            f"{ev.first_step}); to keep only the BatchNorm layers in eval mode, call .eval() on them after "
+            "model.train()",
         )
 
     def _bn202(self, rule: Any, ev: _Event) -> Finding:

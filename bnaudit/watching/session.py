@@ -269,7 +269,7 @@ class Watch:
     def _report(self, w: WatchedModel) -> Report:
         findings = w.live.findings()
         history = w.history
-        ends, skipped = history_findings(w.model, history, self.rules, w.live.location_at)
+        ends, skipped = history_findings(w.model, history, self.rules, w.live.location_at, w.live.output_layers)
         findings += ends
         findings = [f if f.audit else replace(f, audit=w.name) for f in findings]
         notes = [*w.notes, *w.live.errors, *history.notes]
