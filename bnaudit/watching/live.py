@@ -8,6 +8,8 @@ Per watched model, a forward pre-hook on every BatchNorm layer and one optimizer
   that line ran such a forward in at least half of the model's optimizer steps (four or more): a forward in
   nearly every step is part of the training recipe (a GAN that makes the discriminator's fake batch under
   ``torch.no_grad()``), not an evaluation loop, which runs at some steps only (once an epoch, every k steps).
+  A BatchNorm whose momentum is None or 1 is re-estimating its statistics on purpose (``update_bn``, precise
+  BN) and is passed over.
 - **BN202** (live): a train-mode forward gives a BatchNorm fewer than ``min_values`` values per channel (an
   epoch's short last batch); below 2 it is an error (torch itself raises then).
 - **BN307** (live): an optimizer step of the model, itself in eval mode, while one of its trainable BatchNorm
@@ -108,6 +110,14 @@ def _trainable(m: nn.Module, model_trains: bool) -> bool:
     return any(p.requires_grad for p in params)
 
 
+def _recalibrating(m: nn.Module) -> bool:
+    """Whether a BatchNorm is set up to re-estimate its running statistics on purpose: a cumulative average
+    (momentum None: ``torch.optim.swa_utils.update_bn``) or the last batch only (momentum 1: fvcore's precise
+    BN, which averages the batches itself). Ordinary training uses neither."""
+    momentum = getattr(m, "momentum", 0.1)
+    return momentum is None or momentum >= 1.0
+
+
 def _tensors(out: Any, depth: int = 2) -> list[torch.Tensor]:
     """The tensors of a forward's output: itself, or those in its tuple/list/dict (two levels deep)."""
     if isinstance(out, torch.Tensor):
@@ -200,7 +210,7 @@ class LiveChecks:
                 return
             try:
                 if "BN306" in self.rules and not torch.is_grad_enabled() \
-                        and getattr(module, "running_mean", None) is not None:
+                        and getattr(module, "running_mean", None) is not None and not _recalibrating(module):
                     self._event("BN306", name, inference=torch.is_inference_mode_enabled())
                 x = args[0] if args else None
                 if "BN202" in self.rules and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1]:

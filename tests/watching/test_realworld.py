@@ -22,6 +22,12 @@ def _clean(script: str, *args: str, steps: list[int] | None = None):
     return w
 
 
+def _tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(32, 8), torch.randint(0, 2, (32,))
+
+
 def test_gradient_accumulation_counts_optimizer_steps_only():
     w = _clean("rw_grad_accum.py", "--epochs", "2", steps=[44])  # 89 micro-batches of 16 a epoch, 4 a step
     assert len(w.models[0].history) >= 44
@@ -35,10 +41,7 @@ def test_batchnorm_kept_in_eval_on_purpose_is_not_bn307(affine):
 
 
 def test_a_whole_model_left_in_eval_still_is_bn307():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    model, opt, x, y = _tiny()
     with bnaudit.watch(select=["BN307"]) as w:
         for step in range(6):
             if step == 2:
@@ -101,3 +104,23 @@ def test_output_layers_are_found_and_only_they_leave_bn206():
     assert w.models[0].live.output_layers == {"4"}
     layers = {f.layer for f in w.reports[0].findings}
     assert layers and "4" not in layers
+
+
+@pytest.mark.parametrize("how", [[], ["--precise-bn"]])
+def test_swa_and_precise_bn_recompute_statistics_on_purpose(how):
+    # before: --precise-bn (update_bn on the trained model, a train-mode forward under no_grad) was a BN306 error
+    _clean("rw_swa.py", *how, steps=[66])
+
+
+def test_an_eval_loop_without_eval_is_still_bn306_beside_update_bn():
+    model, opt, x, y = _tiny()
+    with bnaudit.watch(select=["BN306"]) as w:
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        torch.optim.swa_utils.update_bn([x], model)  # on purpose: momentum None while it runs
+        with torch.no_grad():
+            model(x)  # the mistake: still in train mode
+    (f,) = w.reports[0].findings
+    assert f.code == "BN306" and f.step == 4
