@@ -18,7 +18,8 @@ Per watched model, a forward pre-hook on every BatchNorm layer and one optimizer
   then ``bn.eval()``: fine-tuning with fixed statistics, mmdetection's ``norm_eval``) is doing it on purpose.
 
 The first forwards after the model is found also note its output layers (those whose output tensor is what the
-model returns): the end-of-run drift check (BN206) passes over them, as a classifier's logits are meant to move.
+model returns, or becomes it through parameter-free one-input operations such as ``log_softmax`` or
+``squeeze``): the end-of-run drift check (BN206) passes over them, as a classifier's logits are meant to move.
 
 Each is a Finding from the registered rule (its code, name, severity, options and fix), with ``step`` (the
 model's optimizer step during which it happened, counted from 0) and ``location``: ``file:line`` of the
@@ -129,6 +130,23 @@ def _tensors(out: Any, depth: int = 2) -> list[torch.Tensor]:
     return []
 
 
+def _output_nodes(returned: list[torch.Tensor], hops: int = 4) -> list[Any]:
+    """The autograd nodes the returned tensors come from through parameter-free one-input operations
+    (``log_softmax(fc(x))``, ``fc(x).squeeze(1)``), back to and including the first node with parameters."""
+    nodes = []
+    for t in returned:
+        node = t.grad_fn
+        for _ in range(hops):
+            if node is None:
+                break
+            nodes.append(node)
+            inputs = [n for n, _ in node.next_functions if n is not None]
+            if len(inputs) != 1 or type(inputs[0]).__name__ == "AccumulateGrad":
+                break
+            node = inputs[0]
+    return nodes
+
+
 def _names(layers: list[str], most: int = 4) -> str:
     shown = ", ".join(layers[:most])
     return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")
@@ -178,7 +196,9 @@ class LiveChecks:
         def done(module: nn.Module, args: Any, out: Any) -> None:
             try:
                 returned = _tensors(out)
-                self.output_layers.update(n for n, t in seen.items() if any(t is r for r in returned))
+                ends = _output_nodes(returned)
+                self.output_layers.update(n for n, t in seen.items() if any(t is r for r in returned)
+                                          or any(t.grad_fn is e for e in ends))
             except Exception as exc:  # noqa: BLE001 - a check must never break the user's training
                 self._error(exc)
             seen.clear()

@@ -124,3 +124,31 @@ def test_an_eval_loop_without_eval_is_still_bn306_beside_update_bn():
             model(x)  # the mistake: still in train mode
     (f,) = w.reports[0].findings
     assert f.code == "BN306" and f.step == 4
+
+
+class _Net(nn.Module):
+    def __init__(self, tail):
+        super().__init__()
+        self.fc1, self.bn, self.fc2, self.tail = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3), tail
+
+    def forward(self, x):
+        h = self.bn(self.fc1(x))
+        return self.tail(self, h)
+
+
+@pytest.mark.parametrize(("tail", "outputs"), [
+    (lambda m, h: nn.functional.log_softmax(m.fc2(torch.relu(h)), 1), {"fc2"}),  # the PyTorch MNIST example
+    (lambda m, h: m.fc2(torch.relu(h)).squeeze(1) * 2.0, {"fc2"}),
+    (lambda m, h: h, {"bn"}),  # ends in a BatchNorm: the walk stops at its parameters, fc1 is no output
+    (lambda m, h: m.fc2(h) + h[:, :3], set()),  # two inputs: neither side is the output alone
+])
+def test_output_layers_through_parameter_free_operations(tail, outputs):
+    torch.manual_seed(0)
+    model = _Net(tail)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with bnaudit.watch(select=["BN206"]) as w:
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(32, 8)).square().mean().backward()
+            opt.step()
+    assert w.models[0].live.output_layers == outputs
