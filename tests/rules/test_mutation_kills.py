@@ -404,3 +404,71 @@ def test_bn302_names_only_the_threshold_crossed():
     options = {"z_max": 0.0, "r_min": 1e-9, "r_max": 1e9}  # any shift crosses, no variance ratio can
     (f,) = [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), options) if f.layer == "1"]
     assert "mean shift z=" in f.message and "variance ratio r=" not in f.message
+
+
+class _SharedNorm(nn.Module):
+    """Two BatchNorms; the first is called twice per forward, so the two count different batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(64, 16), nn.BatchNorm1d(16)
+        self.lin2, self.bn2, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(torch.relu(self.bn(self.lin(x))))
+        return self.head(self.bn2(self.lin2(h)))
+
+
+def test_bn306_quotes_the_counter_of_the_first_changed_batchnorm_when_counts_differ():
+    (f,) = _findings("BN306", _SharedNorm(), X.digits(), predict=XM.predict_no_eval)
+    bn, bn2 = (f.evidence["changed"][k]["num_batches_tracked"] for k in ("bn", "bn2"))
+    calls = f.evidence["calls"]
+    assert calls >= 1 and bn == [0, 2 * calls] and bn2 == [0, calls]
+    assert f"bn.num_batches_tracked went 0 -> {2 * calls}" in f.message
+
+
+def test_recalibrate_command_quotes_a_spec_only_when_it_can_be_typed_again():
+    def command(name):
+        (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval, name=name)
+        return f.fix.split("`")[1]
+
+    assert command("models/net.pt") == "bnaudit recalibrate models/net.pt --data DATA -o recalibrated.pt"
+    # a name with a space is not a spec the shell takes back as one word: a placeholder instead
+    assert command("my models/net.pt") == "bnaudit recalibrate MODEL --data DATA -o recalibrated.pt"
+
+
+def test_cobatch_pools_only_the_first_batch_when_the_next_cannot_be_concatenated():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    x = _x(3)
+    # the second batch has another width: no pool of both, the first batch alone is probed
+    alone = cobatch_invariance(model, [x])
+    mixed = cobatch_invariance(model, [x, _x(5, f=6, seed=1)])
+    assert mixed.compared == alone.compared == (2, 2, 1)
+    assert mixed.max_abs_delta == alone.max_abs_delta
+
+
+def test_t_quantile_against_the_exact_student_t_quantile():
+    from scipy.stats import t
+
+    from bnaudit.rules.data import _t_quantile
+
+    # the docstring's claim: within 0.3% at p = 0.95 for two or more degrees of freedom
+    for dof in range(2, 101):
+        assert _t_quantile(0.95, dof) == pytest.approx(t.ppf(0.95, dof), rel=3e-3)
+    # a fourth-order expansion in 1/dof: its error falls like dof**-5 (6e-8 at 20, 2e-11 at 100)
+    for dof in (20, 30, 50, 100):
+        assert abs(_t_quantile(0.95, dof) - t.ppf(0.95, dof)) < 1e-6 * (20 / dof) ** 4
+
+
+def test_bn203_measures_from_two_batches_when_min_batches_allows_it():
+    from bnaudit.rules import examples_data as XD
+
+    def found(options):
+        model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+        return _findings("BN203", model, XD.mean_noise_batches(0.95, batches=2), options, steps=2)
+
+    assert found(None) == []  # the default needs three batches
+    (f,) = found({"min_batches": 2})  # two is the least that makes a bound, and is accepted
+    assert f.layer == "0" and f.evidence["batches"] == 2
