@@ -472,3 +472,28 @@ def test_bn203_measures_from_two_batches_when_min_batches_allows_it():
     assert found(None) == []  # the default needs three batches
     (f,) = found({"min_batches": 2})  # two is the least that makes a bound, and is accepted
     assert f.layer == "0" and f.evidence["batches"] == 2
+
+
+def test_bn207_growth_exactly_at_max_ratio_is_not_reported():
+    # scales that are powers of two scale every moment exactly: second moments m, 4m, 16m, 64m
+    model = _scaled_chain([1.0, 2.0, 2.0, 2.0])
+    (f,) = _findings("BN207", model, _x(64, 8), {"max_ratio": 63.0})
+    assert f.layer == "3" and f.evidence["ratio"] == 64.0 and f.evidence["per_layer_factor"] == pytest.approx(4.0)
+    assert _findings("BN207", model, _x(64, 8), {"max_ratio": 64.0}) == []  # the limit itself is allowed
+
+
+def test_cobatch_counts_only_dropout_that_drops_something():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    res = cobatch_invariance(model.train(), [_x(6)], XM.predict_no_eval)  # a predict() without model.eval()
+    assert res.active_dropout == ("3",)  # "1" is in train mode too, but with p = 0 it is the identity
+
+
+def test_model_with_untracked_batchnorm_and_constant_affine_is_not_trained():
+    # track_running_stats=False: no running buffers to read, and a fresh gamma/beta shows no training
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    assert _model_trained(model) is False
+    with torch.no_grad():
+        model[1].weight.copy_(torch.arange(4.0))
+        model[1].bias.copy_(torch.arange(4.0))
+    assert _model_trained(model) is True  # gamma and beta that vary per channel: trained
