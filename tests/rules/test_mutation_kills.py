@@ -497,3 +497,10 @@ def test_model_with_untracked_batchnorm_and_constant_affine_is_not_trained():
         model[1].weight.copy_(torch.arange(4.0))
         model[1].bias.copy_(torch.arange(4.0))
     assert _model_trained(model) is True  # gamma and beta that vary per channel: trained
+
+
+def test_bn401_is_silent_exactly_at_min_batch_and_min_values():
+    # batches of 64 on 4 devices: 16 per device, bn1 with 16 values per channel: both at the default limits
+    assert _findings("BN401", _TwoNorms(), _x(64, 8), {"world_size": 4}, batch_size=64) == []
+    found = {f.layer: f.evidence for f in _findings("BN401", _TwoNorms(), _x(60, 8), {"world_size": 4}, batch_size=60)}
+    assert found["bn1"]["samples_per_device"] == 15 and found["bn1"]["values_per_channel_per_device"] == 15
