@@ -17,7 +17,7 @@ from bnaudit.loading.data import Batch
 from bnaudit.probes.common import concat
 from bnaudit.probes.data import run_data_probe
 from bnaudit.probes.eval_steps import eval_mode_steps
-from bnaudit.probes.inference import cobatch_invariance, predict_mutations
+from bnaudit.probes.inference import cobatch_invariance, predict_mutations, predict_train_mode_layers
 from bnaudit.probes.running_stats import ChannelMoments, running_stats_fit
 from bnaudit.probes.train_eval import train_eval_gap
 from bnaudit.rules import examples as X
@@ -504,3 +504,12 @@ def test_bn401_is_silent_exactly_at_min_batch_and_min_values():
     assert _findings("BN401", _TwoNorms(), _x(64, 8), {"world_size": 4}, batch_size=64) == []
     found = {f.layer: f.evidence for f in _findings("BN401", _TwoNorms(), _x(60, 8), {"world_size": 4}, batch_size=60)}
     assert found["bn1"]["samples_per_device"] == 15 and found["bn1"]["values_per_channel_per_device"] == 15
+
+
+def test_predict_train_mode_layers_names_only_batchnorms_that_track_running_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4, track_running_stats=False),
+                          nn.Linear(4, 2))
+    # "3" uses batch statistics in either mode: that is BN301's finding, not a predict() that skips eval()
+    assert predict_train_mode_layers(model, _x(4), XM.predict_no_eval) == ("1",)
+    assert predict_train_mode_layers(model, _x(4), XM.predict_eval) == ()
