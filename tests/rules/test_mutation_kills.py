@@ -513,3 +513,15 @@ def test_predict_train_mode_layers_names_only_batchnorms_that_track_running_stat
     # "3" uses batch statistics in either mode: that is BN301's finding, not a predict() that skips eval()
     assert predict_train_mode_layers(model, _x(4), XM.predict_no_eval) == ("1",)
     assert predict_train_mode_layers(model, _x(4), XM.predict_eval) == ()
+
+
+def test_bn207_vanishing_needs_the_ratio_below_one_over_max_ratio_and_a_falling_trend():
+    # second moments m, m/4, m/16, m/64 (exact: powers of two): a ratio of 1/64
+    falling = _scaled_chain([1.0, 0.5, 0.5, 0.5])
+    assert _findings("BN207", falling, _x(64, 8), {"max_ratio": 100.0}) == []  # 1/64 is not below 1/100
+    (f,) = _findings("BN207", falling, _x(64, 8), {"max_ratio": 63.0})
+    assert f.layer == "3" and "vanishes" in f.message
+    # log2 second moments 0, 0, 26, -8: the last layer is 256x below the first, but the fitted trend over the
+    # four layers rises (x2**0.2 per layer): not vanishing; the peak at layer 2 explodes instead
+    (f,) = _findings("BN207", _scaled_chain([1.0, 1.0, 2.0**13, 2.0**-17]), _x(64, 8), {"max_ratio": 100.0})
+    assert f.layer == "2" and "explodes" in f.message
