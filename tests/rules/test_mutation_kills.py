@@ -17,7 +17,7 @@ from bnaudit.loading.data import Batch
 from bnaudit.probes.common import concat
 from bnaudit.probes.data import run_data_probe
 from bnaudit.probes.eval_steps import eval_mode_steps
-from bnaudit.probes.inference import cobatch_invariance, predict_mutations
+from bnaudit.probes.inference import cobatch_invariance, predict_mutations, predict_train_mode_layers
 from bnaudit.probes.running_stats import ChannelMoments, running_stats_fit
 from bnaudit.probes.train_eval import train_eval_gap
 from bnaudit.rules import examples as X
@@ -404,3 +404,124 @@ def test_bn302_names_only_the_threshold_crossed():
     options = {"z_max": 0.0, "r_min": 1e-9, "r_max": 1e9}  # any shift crosses, no variance ratio can
     (f,) = [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), options) if f.layer == "1"]
     assert "mean shift z=" in f.message and "variance ratio r=" not in f.message
+
+
+class _SharedNorm(nn.Module):
+    """Two BatchNorms; the first is called twice per forward, so the two count different batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(64, 16), nn.BatchNorm1d(16)
+        self.lin2, self.bn2, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(torch.relu(self.bn(self.lin(x))))
+        return self.head(self.bn2(self.lin2(h)))
+
+
+def test_bn306_quotes_the_counter_of_the_first_changed_batchnorm_when_counts_differ():
+    (f,) = _findings("BN306", _SharedNorm(), X.digits(), predict=XM.predict_no_eval)
+    bn, bn2 = (f.evidence["changed"][k]["num_batches_tracked"] for k in ("bn", "bn2"))
+    calls = f.evidence["calls"]
+    assert calls >= 1 and bn == [0, 2 * calls] and bn2 == [0, calls]
+    assert f"bn.num_batches_tracked went 0 -> {2 * calls}" in f.message
+
+
+def test_recalibrate_command_quotes_a_spec_only_when_it_can_be_typed_again():
+    def command(name):
+        (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval, name=name)
+        return f.fix.split("`")[1]
+
+    assert command("models/net.pt") == "bnaudit recalibrate models/net.pt --data DATA -o recalibrated.pt"
+    # a name with a space is not a spec the shell takes back as one word: a placeholder instead
+    assert command("my models/net.pt") == "bnaudit recalibrate MODEL --data DATA -o recalibrated.pt"
+
+
+def test_cobatch_pools_only_the_first_batch_when_the_next_cannot_be_concatenated():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    x = _x(3)
+    # the second batch has another width: no pool of both, the first batch alone is probed
+    alone = cobatch_invariance(model, [x])
+    mixed = cobatch_invariance(model, [x, _x(5, f=6, seed=1)])
+    assert mixed.compared == alone.compared == (2, 2, 1)
+    assert mixed.max_abs_delta == alone.max_abs_delta
+
+
+def test_t_quantile_against_the_exact_student_t_quantile():
+    from scipy.stats import t
+
+    from bnaudit.rules.data import _t_quantile
+
+    # the docstring's claim: within 0.3% at p = 0.95 for two or more degrees of freedom
+    for dof in range(2, 101):
+        assert _t_quantile(0.95, dof) == pytest.approx(t.ppf(0.95, dof), rel=3e-3)
+    # a fourth-order expansion in 1/dof: its error falls like dof**-5 (6e-8 at 20, 2e-11 at 100)
+    for dof in (20, 30, 50, 100):
+        assert abs(_t_quantile(0.95, dof) - t.ppf(0.95, dof)) < 1e-6 * (20 / dof) ** 4
+
+
+def test_bn203_measures_from_two_batches_when_min_batches_allows_it():
+    from bnaudit.rules import examples_data as XD
+
+    def found(options):
+        model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+        return _findings("BN203", model, XD.mean_noise_batches(0.95, batches=2), options, steps=2)
+
+    assert found(None) == []  # the default needs three batches
+    (f,) = found({"min_batches": 2})  # two is the least that makes a bound, and is accepted
+    assert f.layer == "0" and f.evidence["batches"] == 2
+
+
+def test_bn207_growth_exactly_at_max_ratio_is_not_reported():
+    # scales that are powers of two scale every moment exactly: second moments m, 4m, 16m, 64m
+    model = _scaled_chain([1.0, 2.0, 2.0, 2.0])
+    (f,) = _findings("BN207", model, _x(64, 8), {"max_ratio": 63.0})
+    assert f.layer == "3" and f.evidence["ratio"] == 64.0 and f.evidence["per_layer_factor"] == pytest.approx(4.0)
+    assert _findings("BN207", model, _x(64, 8), {"max_ratio": 64.0}) == []  # the limit itself is allowed
+
+
+def test_cobatch_counts_only_dropout_that_drops_something():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    res = cobatch_invariance(model.train(), [_x(6)], XM.predict_no_eval)  # a predict() without model.eval()
+    assert res.active_dropout == ("3",)  # "1" is in train mode too, but with p = 0 it is the identity
+
+
+def test_model_with_untracked_batchnorm_and_constant_affine_is_not_trained():
+    # track_running_stats=False: no running buffers to read, and a fresh gamma/beta shows no training
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    assert _model_trained(model) is False
+    with torch.no_grad():
+        model[1].weight.copy_(torch.arange(4.0))
+        model[1].bias.copy_(torch.arange(4.0))
+    assert _model_trained(model) is True  # gamma and beta that vary per channel: trained
+
+
+def test_bn401_is_silent_exactly_at_min_batch_and_min_values():
+    # batches of 64 on 4 devices: 16 per device, bn1 with 16 values per channel: both at the default limits
+    assert _findings("BN401", _TwoNorms(), _x(64, 8), {"world_size": 4}, batch_size=64) == []
+    found = {f.layer: f.evidence for f in _findings("BN401", _TwoNorms(), _x(60, 8), {"world_size": 4}, batch_size=60)}
+    assert found["bn1"]["samples_per_device"] == 15 and found["bn1"]["values_per_channel_per_device"] == 15
+
+
+def test_predict_train_mode_layers_names_only_batchnorms_that_track_running_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4, track_running_stats=False),
+                          nn.Linear(4, 2))
+    # "3" uses batch statistics in either mode: that is BN301's finding, not a predict() that skips eval()
+    assert predict_train_mode_layers(model, _x(4), XM.predict_no_eval) == ("1",)
+    assert predict_train_mode_layers(model, _x(4), XM.predict_eval) == ()
+
+
+def test_bn207_vanishing_needs_the_ratio_below_one_over_max_ratio_and_a_falling_trend():
+    # second moments m, m/4, m/16, m/64 (exact: powers of two): a ratio of 1/64
+    falling = _scaled_chain([1.0, 0.5, 0.5, 0.5])
+    assert _findings("BN207", falling, _x(64, 8), {"max_ratio": 100.0}) == []  # 1/64 is not below 1/100
+    (f,) = _findings("BN207", falling, _x(64, 8), {"max_ratio": 63.0})
+    assert f.layer == "3" and "vanishes" in f.message
+    # log2 second moments 0, 0, 26, -8: the last layer is 256x below the first, but the fitted trend over the
+    # four layers rises (x2**0.2 per layer): not vanishing; the peak at layer 2 explodes instead
+    (f,) = _findings("BN207", _scaled_chain([1.0, 1.0, 2.0**13, 2.0**-17]), _x(64, 8), {"max_ratio": 100.0})
+    assert f.layer == "2" and "explodes" in f.message
