@@ -500,7 +500,8 @@ class ActivationDrift(Rule):
         if h is None or not len(h):
             return
         window = self.config["window"] or None
-        drifts = [d for d in drift_all(h, window=window).values() if np.isfinite(d.shift)]
+        drifts = [d for d in drift_all(h, window=window).values()
+                  if np.isfinite(d.shift) and d.layer not in ctx.output_layers]
         bad = sorted((d for d in drifts if d.shift > self.config["max_shift"]), key=lambda d: -d.shift)
         for d in bad[: self.config["top"]]:
             yield self.finding(d.layer, f"{d.layer}'s activations drifted by {_fmt(d.shift)} stds (mean over channels; "

@@ -38,11 +38,9 @@ def _bn206(rule: Any, model: nn.Module, history: History, where: Callable[[int],
     confident as it learns is the training working, and normalizing them is no fix."""
     import torch
 
-    top = rule.config["top"]
-    if outputs:  # the same rule, asked for enough findings that the top ones left after the filter are all there
-        rule = type(rule)(severity=rule.severity_override, options={**rule.config, "top": top + len(outputs)})
-    ctx = RuleContext(model=model, graph=None, device=torch.device("cpu"), history=history)  # type: ignore[arg-type]
-    return [f for f in rule.check(ctx) if f.layer not in outputs][:top]
+    ctx = RuleContext(model=model, graph=None, device=torch.device("cpu"), history=history,  # type: ignore[arg-type]
+                      output_layers=frozenset(outputs))
+    return list(rule.check(ctx))
 
 
 def _bn209(rule: Any, model: nn.Module, history: History, where: Callable[[int], str | None]) -> list[Finding]:
