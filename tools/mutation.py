@@ -53,25 +53,36 @@ DEFAULT_PATHS = ("bnaudit/rules", "bnaudit/probes")
 EXAMPLES = "tests/rules/test_examples.py"
 KILLS = "tests/rules/test_mutation_kills.py"  # edge cases found by this tool: quick, so they run first
 
+# Edge cases found by this tool, one file per family of modules: quick, so they run first.
+K_STATIC = "tests/rules/test_kills_static.py"  # BN1xx: rules/architecture, layer_settings, base, catalog, common
+K_DATA = "tests/rules/test_kills_data.py"  # BN2xx: rules/data, probes/data
+K_MODES = "tests/rules/test_kills_modes.py"  # BN3xx: rules/modes, running_stats, probes/running_stats, common, state
+K_PROBES = "tests/rules/test_kills_probes.py"  # probes/inference, train_eval, eval_steps; rules/distributed
+ARCH = ["tests/test_architectures.py", "tests/rules/test_architecture.py", "tests/rules/test_architecture_issue19.py"]
+MODES = ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]
+DATA = [[KILLS, K_DATA, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]]
+
 # The fast tests that judge each module: its family's rule examples and its family's unit tests.
 # Commands run in order; the first failure kills the mutant, so the quickest come first.
 TESTS: dict[str, list[list[str]]] = {
-    "bnaudit/rules/base.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
-    "bnaudit/rules/catalog.py": [[EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
-    "bnaudit/rules/architecture.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
-    "bnaudit/rules/layer_settings.py": [[EXAMPLES, "-k", "BN1"], ["tests/test_architectures.py"]],
-    "bnaudit/rules/common.py": [[KILLS], [EXAMPLES, "-k", "BN1 or BN3"], ["tests/rules/test_modes.py"]],
-    "bnaudit/rules/data.py": [[KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
-    "bnaudit/probes/data.py": [[KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]],
-    "bnaudit/rules/modes.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/rules/running_stats.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/common.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/inference.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/running_stats.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/train_eval.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
-    "bnaudit/probes/eval_steps.py": [[KILLS], [EXAMPLES, "-k", "BN3"], ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]],
+    "bnaudit/rules/base.py": [[K_STATIC], [EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
+    "bnaudit/rules/catalog.py": [[K_STATIC], [EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
+    "bnaudit/rules/architecture.py": [[K_STATIC], [EXAMPLES, "-k", "BN1"], ARCH],
+    "bnaudit/rules/layer_settings.py": [[K_STATIC], [EXAMPLES, "-k", "BN1"], ARCH],
+    "bnaudit/rules/common.py": [[KILLS, K_STATIC, K_MODES], [EXAMPLES, "-k", "BN1 or BN3"], MODES],
+    "bnaudit/rules/data.py": DATA,
+    "bnaudit/probes/data.py": DATA,
+    "bnaudit/rules/modes.py": [[KILLS, K_MODES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/rules/running_stats.py": [[KILLS, K_MODES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/common.py": [[KILLS, K_MODES, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/running_stats.py": [[KILLS, K_MODES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/state.py": [["tests/test_probes_state.py", K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/inference.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/train_eval.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/eval_steps.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
     # BN4xx examples need a process group: test_examples skips them, the two-rank gloo tests run them.
-    "bnaudit/rules/distributed.py": [[KILLS, "-k", "bn401"], ["tests/distributed/test_local.py"], ["tests/distributed/test_gloo.py", "-k", "bn40"]],
+    "bnaudit/rules/distributed.py": [[KILLS, K_PROBES, "-k", "bn40"], ["tests/distributed/test_local.py"],
+                                     ["tests/distributed/test_gloo.py", "-k", "bn40"]],
 }
 # The rules' example factories are the tests' inputs, not code under test (as the factories the rule modules
 # used to hold, see _example_factories).
@@ -117,6 +128,16 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/rules/data.py:VanishingOrExploding.check:compare:< -> <= #3":
         "differs only when the fitted per-layer factor (exp of a least-squares slope of logs) is 1.0 to the last "
         "bit with the ratio already past the limit; as BatchStatNoise's '>' vs '>='",
+    # --- BN1xx rules and the rule machinery (their edge tests: K_STATIC) ---
+    #
+    #
+    # --- BN2xx rules and the data probe (K_DATA) ---
+    #
+    #
+    # --- BN3xx rules and their probes (K_MODES) ---
+    #
+    #
+    # --- the inference, train/eval and eval-step probes, BN4xx (K_PROBES) ---
 }
 
 
@@ -358,17 +379,65 @@ class Outcome:
     detail: str = ""
 
 
-def _pytest(cwd: Path, args: list[str], timeout: float) -> tuple[int | None, str, float]:
-    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
-    t0 = time.monotonic()
+# Each pytest runs in a process forked from one that has already imported torch, numpy, pytest and the other
+# heavy third-party modules (never bnaudit: the child imports the worker's mutated copy). Importing them took
+# 3-5 s of every pytest run on the 2-core machine, more than many mutants' tests.
+_PRELOAD = ["torch", "numpy", "scipy.stats", "sklearn.datasets", "pytest", "hypothesis", "yaml", "typer", "rich"]
+_FORK = None
+_LIVE: set = set()  # the pytest processes running now, killed on Ctrl-C
+
+
+def _fork_context():
+    global _FORK
+    if _FORK is None:
+        import multiprocessing
+
+        _FORK = multiprocessing.get_context("forkserver")
+        _FORK.set_forkserver_preload(_PRELOAD)
+    return _FORK
+
+
+def _pytest_child(cwd: str, args: list[str], log: str) -> None:
+    os.setpgrp()  # its own process group, so a timeout kills what the tests started too
+    os.chdir(cwd)
+    sys.path.insert(0, cwd)
+    sys.dont_write_bytecode = True
+    os.environ.update(PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1")  # for the processes the tests start
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import pytest
+
+    code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
+
+
+def _kill(proc) -> None:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.join()
+
+
+def _pytest(cwd: Path, args: list[str], timeout: float) -> tuple[int | None, str, float]:
+    log = cwd / ".mutation-pytest.log"
+    t0 = time.monotonic()
+    proc = _fork_context().Process(target=_pytest_child, args=(str(cwd), args, str(log)))
+    proc.start()
+    _LIVE.add(proc)
+    try:
+        proc.join(timeout)
+    finally:
+        if proc.exitcode is None:
+            _kill(proc)
+        _LIVE.discard(proc)
+    if proc.exitcode is not None and proc.exitcode < 0:  # killed: a timeout (or Ctrl-C)
         return None, "", time.monotonic() - t0
-    tail = (proc.stdout + proc.stderr).strip().splitlines()
-    return proc.returncode, tail[-1] if tail else "", time.monotonic() - t0
+    tail = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return proc.exitcode, tail[-1] if tail else "", time.monotonic() - t0
 
 
 def test_commands(file: str) -> list[list[str]]:
@@ -405,6 +474,8 @@ def _copy_repo(dest: Path) -> Path:
 def run(mutants: list[Mutant], jobs: int, timeout_factor: float, verbose: bool,
         timeout: float | None = None) -> list[Outcome]:
     files = sorted({m.file for m in mutants})
+    for f in files:  # every module has its tests named before anything runs
+        test_commands(f)
     base_dir = Path(tempfile.mkdtemp(prefix="bnaudit-mutation-"))
     workers = [_copy_repo(base_dir / f"w{i}") for i in range(jobs)]
     try:
@@ -450,7 +521,7 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float, verbose: bool,
                 target.write_text(originals[m.file], encoding="utf-8")
                 free.append(w)
 
-        # One job runs in this thread, so that Ctrl-C reaches subprocess.run and ends the running pytest too.
+        # One job runs in this thread, so that Ctrl-C interrupts its wait and the running pytests are killed.
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:
             for i, o in enumerate(pool.map(one, mutants) if jobs > 1 else map(one, mutants), 1):
@@ -460,6 +531,8 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float, verbose: bool,
                           f"{o.mutant.op}: {o.mutant.original!r} -> {o.mutant.replacement!r}", flush=True)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what finished (the running pytest is killed)
             print(f"interrupted after {len(outcomes)} of {len(mutants)} mutants; the summary covers those", flush=True)
+            for proc in list(_LIVE):
+                _kill(proc)
             pool.shutdown(wait=False, cancel_futures=True)
         else:
             pool.shutdown()
