@@ -138,7 +138,7 @@ def run_audit(
     graph, graph_note = _graph_of(work, example, prefer_graph, name, data, notes)
     ctx = RuleContext(
         model=work, graph=graph, device=dev, data=data, predict=predict, history=history, source=name,
-        options={"steps": steps},
+        options={"steps": steps}, output_layers=graph.output_layers() if graph is not None else frozenset(),
     )  # type: ignore[arg-type]
     findings, ran, skipped = _run_rules(instances, ctx, _capabilities(graph, data, history), rule_config, name)
 

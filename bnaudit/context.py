@@ -37,9 +37,9 @@ class RuleContext:
         source: the model spec or class name, for messages.
         options: audit-wide settings (``steps``: how many batches probes may use, ...).
         cache: probe results shared between rules, keyed by probe name.
-        output_layers: the layers whose output the model returns, where the caller found them (``bnaudit
-            watch`` does at run time); the drift rule (BN206) passes over them: a classifier's logits move as
-            it learns. Empty when unknown.
+        output_layers: the layers whose output the model returns, where the caller found them (``inspect``
+            from the layer graph, ``bnaudit watch`` at run time); the drift rule (BN206) passes over them: a
+            classifier's logits move as it learns. Empty when unknown.
     """
 
     model: nn.Module

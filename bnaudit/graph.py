@@ -22,10 +22,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bnaudit.findings import LayerInfo
-from bnaudit.layers import is_norm, norm_kind, param_count
+from bnaudit.layers import RESHAPE_FUNCTIONS, is_norm, norm_kind, param_count
 
 INPUT = "<input>"
 OUTPUT = "<output>"
+# One-input operations after which a layer's output is still the model's output: reshapes and the squashing a
+# classifier or regressor applies last (log_softmax(fc(x)), fc(x).squeeze(1), torch.sigmoid(head(x))).
+_OUTPUT_OPS = RESHAPE_FUNCTIONS | {"softmax", "log_softmax", "softmin", "sigmoid", "tanh"}
 _MAX_VIA = 12  # longest chain of functional ops kept on an edge; long enough for any rule's question
 
 
@@ -124,6 +127,23 @@ class LayerGraph:
             yield dst, path
             if through(self.nodes[dst]):
                 queue.extend((e, (*path, dst)) for e in self.children(dst))
+
+    def output_layers(self) -> frozenset[str]:
+        """The layers whose output the model returns: directly, through one-input operations (reshapes, a
+        final softmax, sigmoid or tanh), or through parameter-free modules (``nn.LogSoftmax``, ``nn.Flatten``)
+        back to and including the first layer with parameters. A layer whose output is combined with another
+        on the way (``fc(x) + skip``, ``torch.cat``) is not one: neither side is the output alone."""
+        found: set[str] = set()
+        todo = list(self.parents(OUTPUT))
+        while todo:
+            e = todo.pop()
+            if e.src not in self.nodes or e.src in found or not set(e.via) <= _OUTPUT_OPS:
+                continue
+            found.add(e.src)
+            module, parents = self.nodes[e.src].module, self.parents(e.src)
+            if next(module.parameters(), None) is None and len(parents) == 1:
+                todo.append(parents[0])
+        return frozenset(found)
 
     def layer_infos(self) -> tuple[LayerInfo, ...]:
         return tuple(

@@ -468,7 +468,9 @@ class ActivationDrift(Rule):
     Measured on ``ctx.history`` (``bnaudit.record`` around the training loop; ``bnaudit.inspect(...,
     history=rec.history)``): per recorded layer, per channel, the shift of the mean between the first and
     last fifth of the recorded steps in units of the early standard deviation, averaged over channels
-    (``bnaudit.measures.drift``). Normalization layers' outputs are not recorded; their inputs are.
+    (``bnaudit.recording.measures.drift``). Normalization layers' outputs are not recorded; their inputs
+    are. The model's output layers (``RuleContext.output_layers``: its logits, also through a final softmax
+    or reshape) are passed over: a classifier's outputs move as it learns, and normalizing them is no fix.
 
     Options:
         ```yaml
@@ -524,7 +526,7 @@ class VanishingOrExploding(Rule):
     Measured on the probe batches: the second moment (mean^2 + variance) of each Linear/Conv output in
     execution order. Fires when there are at least ``min_layers`` such layers, the last one's second moment is
     below ``1 / max_ratio`` or above ``max_ratio`` times the first one's, and the per-layer geometric trend
-    (``bnaudit.measures.depth_trend``) agrees.
+    (``bnaudit.recording.measures.depth_trend``) agrees.
 
     Options:
         ```yaml

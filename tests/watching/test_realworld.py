@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import bnaudit
+from tests.fixtures.drifting import sigmoid_mlp, train_on_shifting_inputs
 from tests.watching.helpers import watch_script
 
 
@@ -88,19 +88,9 @@ def test_a_short_run_gives_no_end_of_run_findings(steps):
 def test_output_layers_are_found_and_only_they_leave_bn206():
     w = _clean("rw_amp_sched.py", steps=[44])
     assert w.models[0].live.output_layers == {"net", "net.6"}
-    torch.manual_seed(0)  # inputs that shift as it trains: the hidden layers drift, and BN206 still says so
-    data, target = load_digits(return_X_y=True)
-    x = torch.tensor(data[:256], dtype=torch.float32)
-    x, y = (x - x.mean(0)) / (x.std(0) + 1e-6), torch.tensor(target[:256])
-    model = nn.Sequential(nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    g = torch.Generator().manual_seed(0)
+    model = sigmoid_mlp()  # inputs that shift as it trains: the hidden layers drift, and BN206 still says so
     with bnaudit.watch(select=["BN206"]) as w:
-        for step in range(30):
-            i = torch.randint(0, 256, (64,), generator=g)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i] + 0.1 * step), y[i]).backward()
-            opt.step()
+        train_on_shifting_inputs(model)
     assert w.models[0].live.output_layers == {"4"}
     layers = {f.layer for f in w.reports[0].findings}
     assert layers and "4" not in layers
