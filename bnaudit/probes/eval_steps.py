@@ -39,6 +39,7 @@ def eval_mode_steps(
     requires_grad: Mapping[str, Sequence[bool]],
     num_batches_tracked: Mapping[str, Sequence[int]] | None = None,
     updated: Sequence[bool] | None = None,
+    model_training: Sequence[bool | None] | None = None,
 ) -> list[EvalModeSpan]:
     """Find trainable BatchNorm layers that sat in eval mode through recorded optimizer steps.
 
@@ -49,7 +50,9 @@ def eval_mode_steps(
     flag is read at the end of a step, so the step in which a validation pass switched the model to eval
     mode shows ``training=False`` although its forward ran in train mode (its counter advanced). A counter of
     -1 marks a layer without running statistics; such a layer normalizes with batch statistics in eval mode
-    too, so it is never counted.
+    too, so it is never counted. Nor is a step in which the model itself was in train mode: a model in train
+    mode with some BatchNorm layers in eval mode keeps them there on purpose (``norm_eval`` in detection
+    backbones, statistics frozen while fine-tuning); a validation pass puts the whole model in eval mode.
 
     Args:
         steps: the recorded step numbers.
@@ -58,6 +61,7 @@ def eval_mode_steps(
             without affine parameters in a model that trains).
         num_batches_tracked: layer -> counter per step, when recorded.
         updated: per step, whether any parameter changed (an optimizer step ran); None: every step did.
+        model_training: per step, the model's own training flag (None where unknown); None: unknown.
 
     Returns:
         One EvalModeSpan per layer with at least one counted step, by layer name.
@@ -70,10 +74,11 @@ def eval_mode_steps(
         counts = list((num_batches_tracked or {}).get(layer, []))
         n = min(len(flags), len(grads), total)
         trained = [i for i in range(n) if grads[i] and (updated is None or bool(updated[i]))]
+        held = set() if model_training is None else {i for i, t in enumerate(model_training) if t is True}
         hits = []
         confirmed = True
         for i in trained:
-            if flags[i]:
+            if flags[i] or i in held:
                 continue
             if counts:
                 if i >= len(counts) or counts[i] < 0:
@@ -126,7 +131,7 @@ def history_eval_mode_steps(history: Any) -> list[EvalModeSpan]:
             grads[layer] = [bool(v) for v in modes.requires_grad]
         counts[layer] = [int(v) for v in modes.num_batches_tracked]
         updated = [bool(v) for v in modes.updated]
-    return eval_mode_steps(steps, training, grads, counts, updated)
+    return eval_mode_steps(steps, training, grads, counts, updated, getattr(history, "model_training", None))
 
 
 __all__ = [

@@ -64,6 +64,7 @@ class HistoryExport:
             "schema": HISTORY_SCHEMA,
             "steps": self.steps.tolist(),
             "updated": self.updated.tolist(),
+            "model_training": self.model_training,
             "quantile_levels": list(self.quantile_levels),
             "notes": list(self.notes),
             "layers": layers,
@@ -121,6 +122,7 @@ class HistoryExport:
             "chunk": self.chunk,
             "steps": list(self._steps),
             "updated": [bool(u) for u in self._updated],
+            "model_training": self.model_training,
             "info": self.info,
             "bn_info": bn_info,
             "quantile_levels": list(self.quantile_levels),
@@ -139,13 +141,14 @@ class HistoryExport:
                      for k, v in p["bn_info"].items()}
         h.quantile_levels = tuple(p["quantile_levels"])
         h.notes = list(p["notes"])
+        modes = p.get("model_training") or [None] * len(p["steps"])  # absent from files saved before it was kept
         i = 0
         for s in p["segments"]:
             layout = Layout(tuple((str(n), int(c), int(q), bool(m)) for n, c, q, m in s["layers"]),
                             tuple((str(n), int(c)) for n, c in s["bns"]))
             values, ints, flags = s["values"].numpy(), s["ints"].numpy(), s["flags"].numpy()
             for r in range(len(values)):
-                v, n, f = h.append(layout, int(p["steps"][i]), bool(p["updated"][i]))
+                v, n, f = h.append(layout, int(p["steps"][i]), bool(p["updated"][i]), modes[i])
                 v[:], n[:], f[:] = values[r], ints[r], flags[r]
                 i += 1
         return h

@@ -68,6 +68,7 @@ class History(HistoryExport):
         self.segments: list[Segment] = []
         self._steps = array.array("q")  # 8 bytes a step
         self._updated = bytearray()  # 1 byte a step
+        self._model_training = bytearray()  # 1 byte a step: 0 eval, 1 train, 2 unknown (a file from before)
         self.info: dict[str, dict[str, Any]] = {}  # layer -> type, where, channel_dim, units
         self.bn_info: dict[str, dict[str, Any]] = {}  # BN layer -> type, channels, momentum, eps, initial buffers
         self.quantile_levels: tuple[float, ...] = ()
@@ -76,12 +77,14 @@ class History(HistoryExport):
         self.settle: Callable[[], None] | None = None
 
     # -- writing (the recorder, loading, reductions) --
-    def append(self, layout: Layout, step: int, updated: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def append(self, layout: Layout, step: int, updated: bool,
+               model_training: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A new row for ``step``: views of its values, ints and flags (zeros) to fill in."""
         if not self.segments or self.segments[-1].layout != layout:
             self.segments.append(Segment(layout, self.chunk))
         self._steps.append(step)
         self._updated.append(updated)
+        self._model_training.append(2 if model_training is None else int(bool(model_training)))
         return self.segments[-1].next_row()
 
     # -- reading --
@@ -97,6 +100,12 @@ class History(HistoryExport):
     def updated(self) -> np.ndarray:
         """Per recorded step: whether any parameter changed during it (an optimizer step ran)."""
         return np.frombuffer(bytes(self._updated), dtype=bool).copy() if self._updated else np.zeros(0, bool)
+
+    @property
+    def model_training(self) -> list[bool | None]:
+        """Per recorded step: the recorded model's own training flag at the end of the step (None where
+        unknown: a history saved before it was recorded)."""
+        return [None if v == 2 else bool(v) for v in self._model_training]
 
     @property
     def layers(self) -> list[str]:

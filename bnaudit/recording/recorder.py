@@ -454,7 +454,7 @@ class Recorder:
         layout = self._layouts.get(key)
         if layout is None:  # keyed on the structure itself; a model has a handful of them
             layout = self._layouts[key] = Layout(*key)
-        values, ints, flags = self.history.append(layout, self._step, updated)
+        values, ints, flags = self.history.append(layout, self._step, updated, self.model.training)
         if counts:
             ints[:] = counts
         for k, (_, m) in enumerate(self._bns):

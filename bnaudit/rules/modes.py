@@ -302,7 +302,9 @@ class TrainingInEvalMode(Rule):
     training flag, ``num_batches_tracked`` and whether its affine parameters require grad, plus whether the
     step changed any parameter. A step counts when the layer is trainable, an optimizer step ran, its flag is
     False and its counter did not advance since the previous step (the counter rules out the step in which
-    the validation itself happened). Layers with the same counted steps are reported together.
+    the validation itself happened), unless the model itself was in train mode: BatchNorm held in eval mode
+    inside a training model is deliberate (``norm_eval``, statistics frozen while fine-tuning). Layers with
+    the same counted steps are reported together.
 
     Options:
         ```yaml
