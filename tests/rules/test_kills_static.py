@@ -5,3 +5,328 @@ threshold at its edge, an evidence value against a naive recomputation, an edge 
 exactly constructed data."""
 
 from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bnaudit
+from bnaudit.rules import examples_architecture as A
+
+
+def _findings(code, model, data=None, options=None, **kw):
+    config = {code: {"options": options}} if options else None
+    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
+    assert code in report.rules_run, report.rules_skipped
+    return [f for f in report.findings if f.code == code]
+
+
+def _bn_mlp(bn: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 8, bias=False), bn, nn.ReLU(), nn.Linear(8, 2))
+
+
+# --- BN106 suspicious momentum ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("momentum", "fires"), [(0.5, False), (0.75, True), (0.3, False), (None, False)])
+def test_bn106_fires_above_the_default_max_momentum_only(momentum, fires):
+    # the default max_momentum is 0.5, "above" it fires: exactly 0.5 (MorvanNet's bn_input) does not
+    found = _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=momentum)))
+    assert [f.layer for f in found] == (["1"] if fires else [])
+
+
+def test_bn106_at_a_configured_max_momentum_and_just_above_it():
+    m = 0.6543217
+    assert not _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m)), options={"max_momentum": m})
+    (f,) = _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m)), options={"max_momentum": math.nextafter(m, 0)})
+    assert f.evidence == {"momentum": m, "max_momentum": math.nextafter(m, 0), "pytorch_equivalent_of_keras": 0.345678}
+    assert "momentum=0.654322" in f.message and "65% the latest batch" in f.message
+    assert f.fix.startswith("set momentum=0.35 on 1")
+
+
+def test_bn106_exact_evidence_of_keras_momentum():
+    (f,) = _findings("BN106", A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, momentum=0.99)))
+    assert f.evidence["pytorch_equivalent_of_keras"] == round(1 - 0.99, 6) == 0.01
+    assert f.severity == "warning" and "Keras's 0.99 is PyTorch's 0.01" in f.message
+
+
+def test_bn106_momentum_zero_and_no_running_stats():
+    (f,) = _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=0.0)))
+    assert f.evidence == {"momentum": 0.0} and "never update" in f.message
+    assert f.fix.startswith("set momentum=0.1 (the default) on 1")
+    # without running statistics momentum does nothing: left to BN107, whatever the momentum
+    for m in (0.99, 0.0):
+        assert not _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m, track_running_stats=False)))
+
+
+def test_bn106_skips_unused_batchnorms_and_the_root_module():
+    net = A.MorvanNet(do_bn=False)
+    net.bn_input = nn.BatchNorm1d(1, momentum=0.99)  # never called: BN112's alone
+    assert not _findings("BN106", net, A.scalar_x())
+    net.do_bn = True
+    assert [f.layer for f in _findings("BN106", net, A.scalar_x())] == ["bn_input"]
+    # a model that is a BatchNorm has no layer name to report: the rules look at its submodules only
+    assert not _findings("BN106", nn.BatchNorm1d(4, momentum=0.99), torch.randn(8, 4))
+
+
+def test_bn107_only_batchnorms_without_running_stats():
+    model = nn.Sequential(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(),
+                          nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    (f,) = _findings("BN107", model)
+    assert f.layer == "1" and f.evidence == {"track_running_stats": False}
+
+
+# --- BN108 eps vs dtype -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("eps", "fires"), [(1e-3, False), (1.5e-3, False), (9e-4, True)])
+def test_bn108_default_min_eps(eps, fires):
+    assert bool(_findings("BN108", A.half_bn(eps))) == fires
+
+
+def test_bn108_evidence_and_escalation_when_eps_rounds_to_zero():
+    (f,) = _findings("BN108", A.half_bn(1e-5))
+    info = torch.finfo(torch.bfloat16)
+    assert f.severity == "warning" and f.layer == "1"
+    assert f.evidence == {"eps": 1e-5, "dtype": "torch.bfloat16", "min_eps": 1e-3, "gain": (1 / 1e-5) ** 0.5,
+                          "dtype_max": float(info.max), "dtype_smallest_normal": float(info.tiny),
+                          "eps_rounds_to_zero": False}
+    assert "scaled by 316x" in f.message and "rounds to 0" not in f.message
+    assert f.fix == "construct 1 with eps=0.001 or keep it in float32"
+    # 1e-8 is below float16's smallest subnormal (6e-8): it rounds to 0 and the finding is an error
+    (g,) = _findings("BN108", _bn_mlp(nn.BatchNorm1d(8, eps=1e-8)).half(), options={"min_eps": 2e-3})
+    assert g.severity == "error" and g.evidence["eps_rounds_to_zero"] is True and g.evidence["min_eps"] == 2e-3
+    assert g.evidence["dtype"] == "torch.float16" and g.evidence["dtype_max"] == 65504.0
+    assert "eps itself rounds to 0" in g.message
+
+
+def test_bn108_at_a_configured_min_eps():
+    assert not _findings("BN108", A.half_bn(1e-4), options={"min_eps": 1e-4})
+    assert _findings("BN108", A.half_bn(1e-4), options={"min_eps": math.nextafter(1e-4, 1)})
+
+
+def test_bn108_dtype_is_the_first_floating_tensor_of_the_layer():
+    # an integer buffer first (the step counter moved ahead of the statistics) does not hide the bfloat16 ones
+    bn = nn.BatchNorm1d(8, eps=1e-5, affine=False)
+    for k in ("running_mean", "running_var"):
+        t = getattr(bn, k)
+        delattr(bn, k)
+        bn.register_buffer(k, t)
+    assert next(bn.buffers()).dtype == torch.long
+    assert [f.layer for f in _findings("BN108", _bn_mlp(bn).to(torch.bfloat16))] == ["1"]
+    # weight bfloat16, bias float32 (a model with no first layer to infer an input from: no forward pass, which
+    # would refuse the mixed dtypes on CPU): the first floating tensor, the weight, decides
+    for which, fires in (("weight", True), ("bias", False)):
+        model = nn.Sequential(nn.BatchNorm1d(8, eps=1e-5), nn.ReLU())
+        p = getattr(model[0], which)
+        p.data = p.data.to(torch.bfloat16)
+        assert [f.evidence["dtype"] for f in _findings("BN108", model)] == (["torch.bfloat16"] if fires else [])
+
+
+# --- BN109 wrong axis ---------------------------------------------------------------------------------------------
+class _Tokens(nn.Module):
+    """Linear on (N, L, C) tokens, then BatchNorm1d; ``how`` says what happens between them."""
+
+    def __init__(self, how: str, length: int = 6, features: int = 16) -> None:
+        super().__init__()
+        self.how = how
+        self.proj = nn.Linear(12, features)
+        bn = {"plain": length, "transpose": features, "view": length * features // 8}[how]
+        self.bn = nn.BatchNorm1d(bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        if self.how == "transpose":
+            return self.bn(h.transpose(1, 2))
+        if self.how == "view":  # (N, L, C) -> (N, L*C/8, 8): the last axis is no longer the features
+            return self.bn(h.reshape(h.shape[0], -1, 8))
+        return self.bn(h)
+
+
+def _tokens(length: int = 6) -> torch.Tensor:
+    return torch.randn(8, length, 12, generator=torch.Generator().manual_seed(0))
+
+
+def test_bn109_square_tokens_fire_only_without_a_transpose():
+    # L == C == 16: after the transpose the last axis (L) happens to have the Linear's width, still silent
+    assert not _findings("BN109", _Tokens("transpose", length=16), _tokens(16))
+    (f,) = _findings("BN109", _Tokens("plain", length=16), _tokens(16))
+    assert f.layer == "bn" and f.evidence == {"input_shape": [8, 16, 16], "num_features": 16, "producer": "proj",
+                                              "producer_features": 16}
+
+
+def test_bn109_a_reshape_that_moves_the_features_off_the_last_axis_is_silent():
+    assert not _findings("BN109", _Tokens("view"), _tokens())
+
+
+def test_bn109_evidence_names_the_producer_and_its_features():
+    (f,) = _findings("BN109", _Tokens("plain"), _tokens())
+    assert f.evidence == {"input_shape": [8, 6, 16], "num_features": 6, "producer": "proj", "producer_features": 16}
+    assert "(8, 6, 16) from proj (Linear, 16 features" in f.message and "(size 6)" in f.message
+
+
+class _WidthNamed(nn.Module):
+    """Not a Linear, but with an ``out_features`` attribute: a Conv1d whose channels (axis 1) are its width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.out_features = width
+        self.conv = nn.Conv1d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _ConvThenBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = _WidthNamed(8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.mix(x))
+
+
+def test_bn109_only_linear_and_embedding_say_features_are_last():
+    # (N, C=8, L=8) from a conv-like block with out_features=8: channels on axis 1, as BatchNorm1d wants
+    assert not _findings("BN109", _ConvThenBN(), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+
+class _EmbedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 5)
+        self.bn = nn.BatchNorm1d(7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.emb(ids))
+
+
+def test_bn109_embedding_output_fires():
+    ids = torch.randint(0, 20, (4, 7), generator=torch.Generator().manual_seed(0))
+    (f,) = _findings("BN109", _EmbedBN(), ids)
+    assert f.evidence["producer"] == "emb" and f.evidence["producer_features"] == 5
+
+
+# --- BN111 eps too large ------------------------------------------------------------------------------------------
+def _eps_bn(eps: float) -> nn.Module:
+    return nn.Sequential(nn.BatchNorm1d(4, eps=eps), nn.Linear(4, 2))
+
+
+def _pm(a: float, batches: int = 3, n: int = 8) -> list[torch.Tensor]:
+    """Batches (a list: served in order) of n samples, half +a and half -a in every channel: each batch's
+    population variance is a**2."""
+    return [torch.tensor([a] * (n // 2) + [-a] * (n // 2)).unsqueeze(1).repeat(1, 4) for _ in range(batches)]
+
+
+@pytest.mark.parametrize(("eps", "fires"), [(0.015, True), (0.01, True), (0.009, False)])
+def test_bn111_default_max_eps_fires_at_and_above(eps, fires):
+    found = _findings("BN111", _eps_bn(eps))
+    assert [f.layer for f in found] == (["0"] if fires else [])
+    if fires:
+        assert found[0].evidence == {"eps": eps, "max_eps": 1e-2, "default_eps": 1e-5}
+
+
+def test_bn111_at_a_configured_max_eps():
+    assert _findings("BN111", _eps_bn(0.3), options={"max_eps": 0.3})
+    assert not _findings("BN111", _eps_bn(0.3), options={"max_eps": math.nextafter(0.3, 1)})
+
+
+@pytest.mark.parametrize(("eps", "keras"), [(0.4, False), (0.5, True), (0.8, True), (1.0, False), (1.5, False)])
+def test_bn111_fix_reads_eps_in_0_5_to_1_as_keras_momentum(eps, keras):
+    (f,) = _findings("BN111", _eps_bn(eps))
+    assert (f"momentum={1 - eps:.2g}" in f.fix) == keras
+    assert ("pass eps by keyword" in f.fix) == (not keras)
+
+
+def test_bn111_with_data_quotes_the_exact_input_variance():
+    (f,) = _findings("BN111", _eps_bn(0.02), _pm(0.5))
+    ev = f.evidence
+    assert ev["median_input_var"] == 0.25 and ev["variance_source"] == "data" and ev["variance_steps"] == 3
+    assert ev["max_eps_to_var"] == 0.1 and ev["eps_to_var"] == 0.02 / 0.25
+    assert "only 8.00% of the median input variance" in f.message
+    # eps / var = 0.15 lies between the default max_eps_to_var (0.1) and twice it
+    (g,) = _findings("BN111", _eps_bn(0.0375), _pm(0.5))
+    assert "0.15x the median per-channel variance" in g.message and "barely normalizes" in g.message
+
+
+def test_bn111_eps_to_var_share_at_its_edge():
+    # var 0.25, share 0.5: eps 0.125 is exactly share * var: not above it
+    (f,) = _findings("BN111", _eps_bn(0.125), _pm(0.5), options={"max_eps_to_var": 0.5})
+    assert "only 50.00%" in f.message
+    (g,) = _findings("BN111", _eps_bn(0.125), _pm(0.5),
+                     options={"max_eps_to_var": math.nextafter(0.5, 0)})
+    assert "0.5x the median per-channel variance" in g.message
+
+
+def test_bn111_zero_input_variance():
+    (f,) = _findings("BN111", _eps_bn(0.8), [torch.ones(8, 4)] * 2)
+    assert f.evidence["median_input_var"] == 0.0 and f.evidence["eps_to_var"] == float("inf")
+    assert "zero variance on this data" in f.message
+
+
+def test_bn111_skips_non_finite_batches_and_stays_static_when_none_is_left():
+    x = _pm(0.5)
+    x[1] = x[1].clone()
+    x[1][0, 0] = float("nan")  # one NaN: the second batch's statistics are not finite, the step is left out
+    (f,) = _findings("BN111", _eps_bn(0.8), x)
+    assert f.evidence["variance_steps"] == 2 and f.evidence["median_input_var"] == 0.25
+    (g,) = _findings("BN111", _eps_bn(0.8), [torch.full((8, 4), float("nan"))] * 2)
+    assert g.evidence == {"eps": 0.8, "max_eps": 1e-2, "default_eps": 1e-5}
+
+
+def _recorded(model: nn.Module, batches: list[torch.Tensor]):
+    """A history of train-mode forwards of ``model`` on ``batches`` (no optimizer step: the input of a first-layer
+    BatchNorm is the data itself)."""
+    from bnaudit.recording import record
+
+    model.train()
+    with record(model) as rec:
+        for b in batches:
+            model(b)
+            rec.step()
+    return rec.history
+
+
+def test_bn111_variance_from_a_recorded_history_without_data():
+    model = _eps_bn(0.8)
+    history = _recorded(model, _pm(0.5, batches=2) + _pm(1.0, batches=1))
+    (f,) = _findings("BN111", model, history=history)
+    ev = f.evidence
+    assert ev["variance_source"] == "history" and ev["variance_steps"] == 3
+    assert ev["median_input_var"] == pytest.approx((0.25 + 0.25 + 1.0) / 3, rel=1e-6)
+    assert "history)" in f.message
+    # data, when given, is measured first; data with no finite step falls back to the history
+    (g,) = _findings("BN111", model, _pm(0.5), history=history)
+    assert g.evidence["variance_source"] == "data" and g.evidence["median_input_var"] == 0.25
+    (h,) = _findings("BN111", model, [torch.full((8, 4), float("nan"))] * 2, history=history)
+    assert h.evidence["variance_source"] == "history" and h.evidence["variance_steps"] == 3
+
+
+# --- BN112 unused normalization -----------------------------------------------------------------------------------
+def test_bn112_counts_the_parameters_of_an_unused_layer():
+    (f,) = _findings("BN112", A.MorvanNet(), A.scalar_x())
+    assert f.evidence == {"type": "BatchNorm1d", "owner": "MorvanNet", "attribute": "bn_input", "parameters": 2,
+                          "graph_method": "fx", "recorded_steps": None}
+    assert "its 2 parameters get no gradient" in f.message and "recorded steps" not in f.message
+
+
+# --- BN101 redundant bias -----------------------------------------------------------------------------------------
+def test_bn101_evidence_and_fix():
+    (f,) = _findings("BN101", A.mlp(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), A.x())
+    assert f.layer == "0" and f.evidence == {"bias_values": 8, "feeds": ["1"]}
+    assert f.fix == "construct 0 with bias=False; the BatchNorm's beta already provides the shift"
+    assert "Linear 0 has a bias of 8 values that BatchNorm1d 1 subtracts away again" == f.message
+
+
+# --- the rule machinery: Rule.finding -----------------------------------------------------------------------------
+def test_finding_severity_configured_over_escalated_over_default():
+    model = _bn_mlp(nn.BatchNorm1d(8, eps=1e-8)).half()  # eps rounds to 0 in float16: escalated to error
+    assert [f.severity for f in _findings("BN108", model)] == ["error"]
+    config = {"BN108": {"severity": "info"}}
+    [f] = bnaudit.inspect(model, select=["BN108"], rule_config=config).findings
+    assert f.severity == "info"
+    [g] = bnaudit.inspect(A.half_bn(1e-5), select=["BN108"], rule_config=config).findings
+    assert g.severity == "info"
+    assert [f.severity for f in _findings("BN108", A.half_bn(1e-5))] == ["warning"]
+    # a rule's own fix when the finding gives none, the finding's when it does
+    (h,) = _findings("BN109", _Tokens("plain"), _tokens())
+    assert h.fix == bnaudit.rules.catalog.get_rule("BN109").fix
