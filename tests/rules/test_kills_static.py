@@ -330,3 +330,42 @@ def test_finding_severity_configured_over_escalated_over_default():
     # a rule's own fix when the finding gives none, the finding's when it does
     (h,) = _findings("BN109", _Tokens("plain"), _tokens())
     assert h.fix == bnaudit.rules.catalog.get_rule("BN109").fix
+
+
+# --- rules/common.py: the shared batches ---------------------------------------------------------------------------
+class _Versioned(nn.Module):
+    """An integer parameter (a frozen version counter) registered before the float layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = nn.Parameter(torch.tensor([3]), requires_grad=False)
+        self.net = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_shared_batches_take_the_dtype_of_the_first_floating_parameter():
+    # the batches stay float32: cast to the integer parameter's dtype the train-mode pass would fail
+    assert not _findings("BN302", _Versioned(), torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))
+
+
+class _SyncTokens(nn.Module):
+    """``_Tokens("plain")`` after ``convert_sync_batchnorm``: a SyncBatchNorm (run without a process group, as
+    plain batch norm) gets the (N, L, C) tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(12, 16)
+        self.bn = nn.SyncBatchNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.proj(x))
+
+
+def test_bn109_a_sync_batchnorm_on_tokens_fires_too():
+    (f,) = _findings("BN109", _SyncTokens(), _tokens())
+    assert f.layer == "bn" and f.evidence["input_shape"] == [8, 6, 16] and f.evidence["producer_features"] == 16
+    # 4-D input to a BatchNorm2d after a Linear on its last axis: not BN109's case
+    model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm2d(3))
+    assert not _findings("BN109", model, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)))
