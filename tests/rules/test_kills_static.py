@@ -369,3 +369,150 @@ def test_bn109_a_sync_batchnorm_on_tokens_fires_too():
     # 4-D input to a BatchNorm2d after a Linear on its last axis: not BN109's case
     model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm2d(3))
     assert not _findings("BN109", model, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)))
+
+
+# --- BN101: a bias whose output feeds nothing ----------------------------------------------------------------------
+class _DeadBranch(nn.Module):
+    """``aux`` (with a bias) runs but its output is dropped: it has no consumer at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(10, 4)
+        self.fc = nn.Linear(10, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.aux(x)
+        return self.bn(self.fc(x))
+
+
+def test_bn101_a_layer_with_no_consumer_is_not_reported():
+    assert not _findings("BN101", _DeadBranch(), A.x())
+
+
+# --- BN102 placement ----------------------------------------------------------------------------------------------
+class _FunctionalAfterBN(nn.Module):
+    def __init__(self, first_relu: bool = False) -> None:
+        super().__init__()
+        self.first_relu = first_relu
+        self.bn = nn.BatchNorm1d(10)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first_relu:  # the input itself, through F.relu, into the BatchNorm
+            return self.head(self.bn(torch.relu(x)))
+        return self.head(torch.relu(self.bn(x)))
+
+
+def test_bn102_names_a_functional_activation_before_the_batchnorm():
+    (f,) = _findings("BN102", A.BiasTo(activation=True), A.x())
+    assert f.layer == "bn" and f.evidence == {"placement": "after-activation", "policy": "before-activation",
+                                              "activation": "F.relu"}
+    assert "output of an activation (F.relu)" in f.message
+    (g,) = _findings("BN102", _FunctionalAfterBN(first_relu=True), A.x())
+    assert g.evidence["activation"] == "F.relu"
+    (h,) = _findings("BN102", A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), A.x())
+    assert h.evidence["activation"] == "ReLU" and h.layer == "2"
+
+
+def test_bn102_after_activation_policy():
+    after = {"placement": "after-activation"}
+    (f,) = _findings("BN102", _FunctionalAfterBN(), A.x(), options=after)  # BatchNorm -> F.relu
+    assert f.layer == "bn" and f.evidence == {"placement": "before-activation", "policy": "after-activation"}
+    assert f.fix.startswith("move the BatchNorm after the activation")
+    # a BatchNorm whose output is the model's output feeds no activation (and no layer)
+    assert not _findings("BN102", A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.BatchNorm1d(2)), A.x(),
+                         options=after)
+    assert not _findings("BN102", _FunctionalAfterBN(first_relu=True), A.x(), options=after)
+
+
+# --- BN103 norm on output -----------------------------------------------------------------------------------------
+class _ResidualOut(nn.Module):
+    """The output is ``x + ...``: the walk back from the output reaches the input itself."""
+
+    def __init__(self, bn_last: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 10, bias=False)
+        self.bn = nn.BatchNorm1d(10)
+        self.bn_last = bn_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.fc(x)) if self.bn_last else self.fc(self.bn(x))
+        return x + torch.relu(h) + torch.sigmoid(h)
+
+
+def test_bn103_walks_back_through_parameter_free_ops_to_the_input():
+    assert not _findings("BN103", _ResidualOut(bn_last=False), A.x())
+    (f,) = _findings("BN103", _ResidualOut(bn_last=True), A.x())  # reached along two paths: one finding
+    assert f.layer == "bn" and f.evidence == {"output_shape": [16, 10]}
+    assert f.fix == "remove bn; the output layer should be the last Linear/Conv"
+
+
+# --- BN104 dropout before BatchNorm -------------------------------------------------------------------------------
+class _SoftmaxBetween(nn.Module):
+    """Dropout -> Linear -> nn.Softmax -> Linear -> BatchNorm: the softmax re-estimates the scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.a, self.soft = nn.Dropout(0.3), nn.Linear(10, 8), nn.Softmax(dim=1)
+        self.b, self.bn = nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.b(self.soft(self.a(self.drop(x)))))
+
+
+def test_bn104_stops_at_a_softmax_module():
+    assert not _findings("BN104", _SoftmaxBetween(), A.x())
+
+
+def test_bn104_one_batchnorm_message_and_no_functional_false_alarm():
+    model = A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
+                  nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    (f,) = _findings("BN104", model, A.x())
+    assert f.layer == "3" and f.evidence == {"dropout": "3", "p": 0.3, "batchnorms": ["5"], "path": ["4"]}
+    assert "3 (p=0.3) feeds 5 through 4:" in f.message
+    # F.relu straight into a BatchNorm is no functional dropout
+    assert not _findings("BN104", A.BiasTo(activation=True), A.x())
+
+
+# --- BN105 reused BatchNorm ---------------------------------------------------------------------------------------
+class _TwiceBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 10, bias=False)
+        self.bn = nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(self.bn(self.fc(x))))
+
+
+def test_bn105_a_batchnorm_called_twice():
+    (f,) = _findings("BN105", _TwiceBN(), A.x())
+    assert f.layer == "bn" and f.evidence == {"calls": 2} and "called 2 times" in f.message
+
+
+# --- BN110 no normalization ---------------------------------------------------------------------------------------
+def _linears(n: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers += [nn.Linear(10, 10), nn.ReLU()] if i < n - 1 else [nn.Linear(10, 2)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize(("weight_layers", "fires"), [(5, True), (4, False)])
+def test_bn110_default_min_hidden_layers(weight_layers, fires):
+    found = _findings("BN110", _linears(weight_layers), A.x())
+    assert [f.evidence for f in found] == ([{"hidden_layers": 4, "min_hidden_layers": 4}] if fires else [])
+
+
+def test_bn110_counts_hidden_weight_layers_exactly():
+    (f,) = _findings("BN110", _linears(3), A.x(), options={"min_hidden_layers": 2})
+    assert f.evidence["hidden_layers"] == 2 and f.message.startswith("2 hidden Linear/Conv layers")
+    assert not _findings("BN110", _linears(1), A.x(), options={"min_hidden_layers": 1})  # the output layer only
+    assert not _findings("BN110", _linears(3), A.x(), options={"min_hidden_layers": 3})
+
+
+def test_bn110_an_unused_norm_does_not_count():
+    found = _findings("BN110", A.MorvanNet(do_bn=False), A.scalar_x())
+    assert [f.evidence for f in found] == [{"hidden_layers": 5, "min_hidden_layers": 4}]
+    assert not _findings("BN110", A.MorvanNet(do_bn=True), A.scalar_x())
