@@ -164,15 +164,16 @@ def test_bn109_evidence_names_the_producer_and_its_features():
 
 
 class _WidthNamed(nn.Module):
-    """Not a Linear, but with an ``out_features`` attribute: a Conv1d whose channels (axis 1) are its width."""
+    """Not a Linear, but with an ``out_features`` attribute: a 1x1 convolution whose channels (axis 1) are its
+    width, written with its own weight (a leaf of the graph)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.out_features = width
-        self.conv = nn.Conv1d(width, width, 1)
+        self.weight = nn.Parameter(torch.randn(width, width, 1, generator=torch.Generator().manual_seed(0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return torch.nn.functional.conv1d(x, self.weight)
 
 
 class _ConvThenBN(nn.Module):
@@ -516,3 +517,124 @@ def test_bn110_an_unused_norm_does_not_count():
     found = _findings("BN110", A.MorvanNet(do_bn=False), A.scalar_x())
     assert [f.evidence for f in found] == [{"hidden_layers": 5, "min_hidden_layers": 4}]
     assert not _findings("BN110", A.MorvanNet(do_bn=True), A.scalar_x())
+
+
+# --- the rule machinery: options, registration, look-up, selection -------------------------------------------------
+from bnaudit.errors import ConfigError, UsageError  # noqa: E402
+from bnaudit.rules.base import Rule, find_registered, matches, register  # noqa: E402
+from bnaudit.rules.catalog import get_rule, select_rules, validate_patterns  # noqa: E402
+from bnaudit.rules.common import name_list  # noqa: E402
+
+
+class _Typed(Rule):
+    """A rule class never registered: option types the shipped rules do not use (bool, a tuple of types)."""
+
+    code, name, severity, summary, fix = "BN990", "typed-options", "info", "typed options", "none"
+    options = {"flag": bool, "count": int, "ratio": float, "either": (int, float), "label": str}
+    defaults = {"flag": False, "count": 1, "ratio": 0.5, "either": 1, "label": "a"}
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("flag", True, True), ("count", 3, 3), ("ratio", 2, 2.0), ("ratio", 0.25, 0.25), ("either", 2, 2),
+    ("either", 2.5, 2.5), ("label", "b", "b"),
+])
+def test_resolve_options_accepts_and_converts(key, value, expected):
+    got = _Typed.resolve_options({key: value})
+    assert got[key] == expected and type(got[key]) is type(expected)
+    assert {k: v for k, v in got.items() if k != key} == {k: v for k, v in _Typed.defaults.items() if k != key}
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("count", True, "BN990 option 'count' must be int, got True"),
+    ("ratio", True, "BN990 option 'ratio' must be float, got True"),
+    ("ratio", "high", "BN990 option 'ratio' must be float, got 'high'"),
+    ("count", 2.0, "BN990 option 'count' must be int, got 2.0"),
+    ("label", 3, "BN990 option 'label' must be str, got 3"),
+    ("either", "x", "BN990 option 'either' must be int or float, got 'x'"),
+    ("flag", 1, "BN990 option 'flag' must be bool, got 1"),
+    ("nope", 1, "BN990 has no option 'nope' (options: count, either, flag, label, ratio)"),
+])
+def test_resolve_options_refuses(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        _Typed.resolve_options({key: value})
+    assert str(err.value) == message
+
+
+def test_resolve_options_of_shipped_rules():
+    assert get_rule("BN102").resolve_options({"placement": "any"}) == {"placement": "any"}
+    with pytest.raises(ConfigError, match="must be one of \\['before-activation', 'after-activation', 'any'\\]"):
+        get_rule("BN102").resolve_options({"placement": "before"})
+    assert get_rule("BN106").resolve_options({"max_momentum": 1}) == {"max_momentum": 1.0}
+    with pytest.raises(ConfigError, match=r"BN101 has no option 'x' \(options: none\)"):
+        get_rule("BN101").resolve_options({"x": 1})
+    with pytest.raises(ConfigError, match=r"\(options: max_momentum\)"):
+        get_rule("BN106").resolve_options({"x": 1})
+
+
+def test_rule_doc_is_its_docstring():
+    assert get_rule("BN101").doc().startswith("Linear/Conv with ``bias=True`` whose output goes straight into")
+
+
+def _rule_class(**attrs):
+    base = {"code": "BN991", "name": "never-registered", "severity": "info", "summary": "s", "fix": "f"}
+    return type("Candidate", (Rule,), {**base, **attrs})
+
+
+@pytest.mark.parametrize(("attrs", "message"), [
+    ({"summary": ""}, "rule Candidate lacks the class attribute 'summary'"),
+    ({"code": "BX101"}, "rule code 'BX101' must look like BN123"),
+    ({"name": "Not_Kebab"}, "rule name 'Not_Kebab' must be kebab-case"),
+    ({"code": "BN101"}, "rule code BN101 is registered twice (RedundantBias, Candidate)"),
+    ({"name": "redundant-bias"}, "rule name 'redundant-bias' is registered twice (BN101, BN991)"),
+    ({"requires": frozenset({"graph", "gpu"})}, "rule BN991 requires unknown capabilities ['gpu']"),
+    ({"options": {"k": int}}, "rule BN991 options ['k'] have no default"),
+])
+def test_register_refuses(attrs, message):
+    with pytest.raises(ValueError) as err:
+        register(_rule_class(**attrs))
+    assert str(err.value) == message
+    assert find_registered("BN991") is None and find_registered("never-registered") is None
+
+
+def test_find_registered_by_code_any_case_or_name():
+    assert find_registered("bn101").code == "BN101"
+    assert find_registered(" redundant-bias ").code == "BN101"
+    assert find_registered("Redundant-Bias") is None and find_registered("BN999") is None
+
+
+@pytest.mark.parametrize(("patterns", "expected"), [
+    (["BN101"], True), (["bn1"], True), (["BN"], True), (["redundant-bias"], True), (["BN10*"], True),
+    (["*01"], True), (["BN2"], False), (["eps-too-large"], False), ([""], False), (["", " BN101 "], True),
+    ([], False), (["BN102", "redundant-bias"], True),
+])
+def test_matches(patterns, expected):
+    assert matches("BN101", "redundant-bias", patterns) is expected
+
+
+def test_get_rule_suggests_the_closest_code():
+    assert get_rule("redundant-bias").code == "BN101"
+    with pytest.raises(UsageError) as err:
+        get_rule("redundant-bais")
+    assert str(err.value) == "no rule 'redundant-bais' (did you mean 'redundant-bias'?); `bnaudit rules` lists them"
+    with pytest.raises(UsageError) as err:
+        get_rule("zzzz")
+    assert str(err.value) == "no rule 'zzzz'; `bnaudit rules` lists them"
+
+
+def test_validate_patterns_and_select_rules():
+    assert validate_patterns(["BN101", " ", "bn-after-activation"], "--select") == ["BN101", "bn-after-activation"]
+    with pytest.raises(UsageError, match="--ignore 'BN9' matches no rule"):
+        validate_patterns(["BN9"], "--ignore")
+    every = [r.code for r in select_rules()]
+    assert every == sorted(every) and {"BN101", "BN112", "BN201", "BN301"} <= set(every)
+    assert [r.code for r in select_rules(["BN101", "eps-too-large"])] == ["BN101", "BN111"]
+    assert [r.code for r in select_rules(["BN10"], ["BN105", "BN106"])] == ["BN101", "BN102", "BN103", "BN104",
+                                                                            "BN107", "BN108", "BN109"]
+    assert [r.code for r in select_rules(ignore=["BN1", "BN2", "BN3"])] == [c for c in every if c >= "BN4"]
+
+
+def test_name_list_limit():
+    names = [f"l{i}" for i in range(8)]
+    assert name_list(names[:6]) == "l0, l1, l2, l3, l4, l5"
+    assert name_list(names[:7]) == "l0, l1, l2, l3, l4, l5 and 1 more"
+    assert name_list(names, limit=2) == "l0, l1 and 6 more"
