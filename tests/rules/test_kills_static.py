@@ -638,3 +638,37 @@ def test_name_list_limit():
     assert name_list(names[:6]) == "l0, l1, l2, l3, l4, l5"
     assert name_list(names[:7]) == "l0, l1, l2, l3, l4, l5 and 1 more"
     assert name_list(names, limit=2) == "l0, l1 and 6 more"
+
+
+def test_bn111_a_history_without_per_channel_records_uses_the_layer_variance():
+    from bnaudit.recording import record
+
+    model = _eps_bn(0.8)
+    with record(model, per_channel=False) as rec:
+        for b in _pm(0.5, batches=2) + _pm(1.0, batches=1):
+            model(b)
+            rec.step()
+    assert rec.history.series("0", "channel_var").shape == (3, 1)  # one column: the variance of all values
+    (f,) = _findings("BN111", model, history=rec.history)
+    assert f.evidence["median_input_var"] == pytest.approx(0.5, rel=1e-6) and f.evidence["variance_steps"] == 3
+
+
+class _BigBatchOnly(nn.Module):
+    """Normalizes only batches of more than 8 samples (fx cannot trace the branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4, bias=False)
+        self.bn = nn.BatchNorm1d(4, eps=0.8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.bn(h) if h.shape[0] > 8 else h
+
+
+def test_bn111_a_history_that_never_saw_the_layer_gives_no_variance():
+    model = _BigBatchOnly()
+    history = _recorded(model, _pm(0.5, n=4))  # batches of 4: bn never runs in the recorded steps
+    # the data (16 samples: bn runs) has no finite statistic, so the history is asked, and has no bn
+    (f,) = _findings("BN111", model, [torch.full((16, 4), float("nan"))], history=history)
+    assert f.layer == "bn" and f.evidence == {"eps": 0.8, "max_eps": 1e-2, "default_eps": 1e-5}
