@@ -672,3 +672,22 @@ def test_bn111_a_history_that_never_saw_the_layer_gives_no_variance():
     # the data (16 samples: bn runs) has no finite statistic, so the history is asked, and has no bn
     (f,) = _findings("BN111", model, [torch.full((16, 4), float("nan"))], history=history)
     assert f.layer == "bn" and f.evidence == {"eps": 0.8, "max_eps": 1e-2, "default_eps": 1e-5}
+
+
+class _LinearWithHead(nn.Linear):
+    """A model that is itself a Linear (a subclass) with one more Linear inside."""
+
+    def __init__(self) -> None:
+        super().__init__(10, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(super().forward(x))
+
+
+def test_bn110_counts_submodules_only():
+    # the model itself is not one of its layers: one weight layer (head), no hidden one
+    assert not _findings("BN110", _LinearWithHead(), A.x(), options={"min_hidden_layers": 1})
+    # nor is it a normalization layer of itself: a bare RmsNorm has no hidden layers and no normalization
+    (f,) = _findings("BN110", A.RmsNorm(10), A.x(), options={"min_hidden_layers": 0})
+    assert f.evidence == {"hidden_layers": 0, "min_hidden_layers": 0}
