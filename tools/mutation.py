@@ -149,6 +149,9 @@ EQUIVALENT: dict[str, str] = {
         "deep-copy one (the audit fails before any rule runs)",
     "bnaudit/rules/layer_settings.py:_median_input_var:dropcond:cv.ndim == 2 and cv.shape[1] -> (cv.shape[1])":
         "History.series of a per-channel statistic is always 2-D ((rows, width) per segment, or zeros((0, width)))",
+    "bnaudit/rules/layer_settings.py:EpsTooLarge._measure:dropcond:ctx.data is not None -> True":
+        "without data the probe reads no batches: its history has no rows, _median_input_var gives None and the "
+        "recorded history is asked, as before; only the empty probe's time is lost",
     "bnaudit/rules/catalog.py:_did_you_mean:const:1 -> 2":
         "difflib.get_close_matches returns the best match first whatever n is; only close[0] is read",
     #
