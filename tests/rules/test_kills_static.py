@@ -691,3 +691,22 @@ def test_bn110_counts_submodules_only():
     # nor is it a normalization layer of itself: a bare RmsNorm has no hidden layers and no normalization
     (f,) = _findings("BN110", A.RmsNorm(10), A.x(), options={"min_hidden_layers": 0})
     assert f.evidence == {"hidden_layers": 0, "min_hidden_layers": 0}
+
+
+# --- BN101-BN105: the cases each condition alone keeps silent -----------------------------------------------------
+@pytest.mark.parametrize(("code", "model"), [
+    ("BN101", lambda: A.BiasTo(residual=True)),  # not every consumer is the BatchNorm
+    ("BN101", lambda: A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2))),  # a ReLU module
+    ("BN101", lambda: A.BiasTo(activation=True)),  # an edge to the BatchNorm through F.relu
+    ("BN102", lambda: A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))),
+    ("BN103", lambda: A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))),
+    ("BN104", lambda: A.mlp(nn.Dropout(0.0), nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2))),
+    ("BN105", lambda: A.SharedBN(shared=False)),
+])
+def test_bn10x_silent_cases(code, model):
+    assert not _findings(code, model(), A.x())
+
+
+def test_bn103_through_a_softmax_module():
+    model = A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.BatchNorm1d(2), nn.Softmax(dim=1))
+    assert [f.layer for f in _findings("BN103", model, A.x())] == ["3"]
