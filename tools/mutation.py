@@ -152,6 +152,9 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/rules/layer_settings.py:EpsTooLarge._measure:dropcond:ctx.data is not None -> True":
         "without data the probe reads no batches: its history has no rows, _median_input_var gives None and the "
         "recorded history is asked, as before; only the empty probe's time is lost",
+    "bnaudit/rules/common.py:audit_batches:compare:is -> is not #2":
+        "batches[:None] is every batch; the callers that pass a limit (limit=1: BN305, BN308) read only the first "
+        "batch, with next(), which the whole list gives too",
     "bnaudit/rules/catalog.py:_did_you_mean:const:1 -> 2":
         "difflib.get_close_matches returns the best match first whatever n is; only close[0] is read",
     #

@@ -348,7 +348,7 @@ class _Versioned(nn.Module):
 
 def test_shared_batches_take_the_dtype_of_the_first_floating_parameter():
     # the batches stay float32: cast to the integer parameter's dtype the train-mode pass would fail
-    assert not _findings("BN302", _Versioned(), torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))
+    assert not _findings("BN302", _Versioned(), _x4())
 
 
 class _SyncTokens(nn.Module):
@@ -710,3 +710,24 @@ def test_bn10x_silent_cases(code, model):
 def test_bn103_through_a_softmax_module():
     model = A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.BatchNorm1d(2), nn.Softmax(dim=1))
     assert [f.layer for f in _findings("BN103", model, A.x())] == ["3"]
+
+
+# --- rules/common.py: the recalibrate command a BN3xx fix quotes ----------------------------------------------------
+@pytest.mark.parametrize(("name", "shown"), [
+    ("model.py:build_model", "model.py:build_model"),  # a MODEL spec with a factory
+    ("models/net.pt", "models/net.pt"),
+    ("Net", "MODEL"),  # a class name, not a spec
+    ("my models/net.pt", "MODEL"),  # a space: not one shell word
+])
+def test_recalibrate_command_quotes_only_a_retypeable_model_spec(name, shown):
+    model = _bn_mlp(nn.BatchNorm1d(8))
+    model[0] = nn.Linear(4, 8, bias=False)
+    with torch.no_grad():  # running statistics far from the data's: BN302 fires and quotes the command
+        model[1].running_mean.fill_(10.0)
+        model[1].num_batches_tracked.fill_(100)
+    (f,) = _findings("BN302", model.eval(), _x4(), name=name)
+    assert f.fix.split("`")[1] == f"bnaudit recalibrate {shown} --data DATA -o recalibrated.pt"
+
+
+def _x4() -> torch.Tensor:
+    return torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
