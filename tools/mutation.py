@@ -129,7 +129,34 @@ EQUIVALENT: dict[str, str] = {
         "differs only when the fitted per-layer factor (exp of a least-squares slope of logs) is 1.0 to the last "
         "bit with the ratio already past the limit; as BatchStatNoise's '>' vs '>='",
     # --- BN1xx rules and the rule machinery (their edge tests: K_STATIC) ---
-    #
+    "bnaudit/rules/architecture.py:RedundantBias.check:compare:<= -> <":
+        "an edge keeps at most _MAX_VIA (12) ops and RESHAPE_FUNCTIONS has 13 names: set(e.via) is never all of "
+        "it, so subset and proper subset agree",
+    "bnaudit/rules/architecture.py:BNAfterActivation._activation_between:dropcond:mod is not None and "
+    "is_activation(mod) -> (is_activation(mod))":
+        "is_activation is an isinstance check: is_activation(None) is False, as the dropped 'mod is not None' gave",
+    "bnaudit/rules/architecture.py:BNAfterActivation.check:dropcond:src_module is not None and "
+    "is_activation(src_module) -> (is_activation(src_module))":
+        "is_activation is an isinstance check: is_activation(None) is False, as the dropped test gave",
+    "bnaudit/rules/architecture.py:_parameter_free:dropcond:not is_batchnorm(node.module) and not any(True for _ in "
+    "node.module.parameters(recurse=False)) -> (not any(True for _ in node.module.parameters(recurse=False)))":
+        "its only caller (NormOnOutput.check) asks it in the elif after is_batchnorm(node.module) was False",
+    "bnaudit/rules/architecture.py:DropoutBeforeBN.check:const:0.0 -> 1.0":
+        "the getattr default is read only for is_dropout modules, torch's dropout classes, which all have p",
+    "bnaudit/rules/architecture.py:UnusedNormalization.check:dropcond:not isinstance(p, "
+    "nn.parameter.UninitializedParameter) -> True":
+        "no rule sees an uninitialized parameter: run_audit deep-copies the model first and torch refuses to "
+        "deep-copy one (the audit fails before any rule runs)",
+    "bnaudit/rules/layer_settings.py:_median_input_var:dropcond:cv.ndim == 2 and cv.shape[1] -> (cv.shape[1])":
+        "History.series of a per-channel statistic is always 2-D ((rows, width) per segment, or zeros((0, width)))",
+    "bnaudit/rules/layer_settings.py:EpsTooLarge._measure:dropcond:ctx.data is not None -> True":
+        "without data the probe reads no batches: its history has no rows, _median_input_var gives None and the "
+        "recorded history is asked, as before; only the empty probe's time is lost",
+    "bnaudit/rules/common.py:audit_batches:compare:is -> is not #2":
+        "batches[:None] is every batch; the callers that pass a limit (limit=1: BN305, BN308) read only the first "
+        "batch, with next(), which the whole list gives too",
+    "bnaudit/rules/catalog.py:_did_you_mean:const:1 -> 2":
+        "difflib.get_close_matches returns the best match first whatever n is; only close[0] is read",
     #
     # --- BN2xx rules and the data probe (K_DATA) ---
     #

@@ -193,7 +193,8 @@ class WrongAxis(Rule):
     ``(N, L, C)`` puts features on the last axis, so ``BatchNorm1d(L)`` after it computes a statistic per
     position, mixing all features, and fails on any other sequence length. The rule fires when the
     BatchNorm1d's 3-D input comes (without a transpose/permute) from a layer whose features are on the last
-    axis.
+    axis. Any BatchNorm given a 3-D input normalizes its axis 1 the same way: a SyncBatchNorm (what
+    ``convert_sync_batchnorm`` makes of a BatchNorm1d for DDP) is checked alike.
 
     Options: none.
 
@@ -218,7 +219,7 @@ class WrongAxis(Rule):
     def check(self, ctx: RuleContext) -> Iterator[Finding]:
         g = ctx.graph
         for node in graph_batchnorms(ctx):
-            if not isinstance(node.module, nn.BatchNorm1d) or not node.input_shapes:
+            if not node.input_shapes:  # BatchNorm2d/3d refuse 3-D input; any other BatchNorm normalizes axis 1
                 continue
             shape = node.input_shapes[0]
             if len(shape) != 3:
