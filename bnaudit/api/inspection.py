@@ -75,7 +75,7 @@ def inspect(
 
     with preserved_rng(device):
         prepared = prepare(model, data, predict, device=device, weights=weights, trust_pickle=trust_pickle,
-                           input_key=input_key, batch_size=batch_size, example=False)
+                           input_shape=input_shape, input_key=input_key, batch_size=batch_size, example=False)
         meta: dict[str, Any] = {"weights": str(weights)} if weights else {}
         if prepared.data is None:
             # Without data the graph needs an example: --input-shape, else one inferred from the first layer.

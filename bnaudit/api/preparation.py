@@ -43,6 +43,7 @@ class Prepared:
         data_given: the caller gave the data (not found as ``build_data`` in the model's file).
         owned: the model was built from a spec (bnaudit's own object, free to move or call); False for a
             module the caller passed in.
+        lazy_initialized: the model had uninitialized lazy modules and preparing it gave them their shapes.
     """
 
     loaded: LoadedModel
@@ -56,6 +57,7 @@ class Prepared:
     data_spec: str | None = None
     data_given: bool = False
     owned: bool = False
+    lazy_initialized: bool = False
 
     @property
     def model(self) -> nn.Module:
@@ -162,9 +164,53 @@ def prepare(
         data_given=data is not None,
         owned=not isinstance(model, nn.Module),
     )
+    prepared = _initialize_lazy(prepared, input_shape=input_shape, batch_size=batch_size, seed=seed)
     if not example:
         return prepared
     return with_example(prepared, input_shape=input_shape, batch_size=batch_size, seed=seed)
+
+
+def _initialize_lazy(prepared: Prepared, *, input_shape: Any, batch_size: int, seed: int) -> Prepared:
+    """Give a model built from a spec its lazy modules' shapes (``nn.LazyLinear``, ``nn.LazyBatchNorm2d``):
+    one forward pass of the example input, in eval mode under no_grad (no running statistic moves), with
+    their initial values drawn from a generator seeded with ``seed``. Every command copies the model, and
+    torch cannot copy an uninitialized parameter. A module the caller passed in is theirs: refused instead.
+
+    Raises:
+        UsageError: uninitialized lazy modules in a caller's module, or no input to initialize them with.
+        DataError: the model rejects the example input.
+    """
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    from bnaudit.errors import DataError, UsageError
+
+    model = prepared.model
+    lazy = [n or type(m).__name__ for n, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if not lazy:
+        return prepared
+    shown = ", ".join(lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+    what = f"{len(lazy)} lazy module{'s' * (len(lazy) > 1)} not initialized yet ({shown})"
+    if not prepared.owned:
+        raise UsageError(f"{what}: call the model once on a real batch (model(x)) before auditing it, so that "
+                         "their shapes are known")
+    given = with_example(prepared, input_shape=input_shape, batch_size=batch_size, seed=seed)
+    if given.example is None or given.example_inferred:  # a shape guessed from a later layer would fix a wrong one
+        raise UsageError(f"{what}: pass --data or --input-shape so that bnaudit can run the model once to "
+                         "initialize them")
+    example = given.example
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.eval()(example)
+    except Exception as exc:  # noqa: BLE001 - the model's own code: any error is a bad input
+        raise DataError(f"{what}; the model rejects the example input that would initialize them: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return replace(prepared, dtype=_model_dtype(model), lazy_initialized=True)
 
 
 def with_example(

@@ -318,30 +318,9 @@ def recalibrate(
     )
     if prepared.data is None:
         raise UsageError("recalibrate needs --data: the batches the model is trained on or will serve")
-    module = warmed_up(prepared)
+    module = prepared.model
     with preserved_rng(prepared.device):
         return transform(module, prepared.data, batches=batches, device=device and prepared.device)
-
-
-def warmed_up(prepared: Prepared) -> nn.Module:
-    """The model with its lazy modules' shapes known: a model loaded from a spec (bnaudit's own object) is
-    called once in eval mode, which leaves BatchNorm buffers alone; a given module is returned as it is."""
-    from bnaudit.transforms.recalibrate import has_uninitialized
-
-    module = prepared.model
-    if not prepared.owned or not has_uninitialized(module):
-        return module  # a lazy module of the caller's is theirs to call first (it cannot even be copied before)
-    import torch
-
-    flags = {m: m.training for m in module.modules()}
-    try:
-        module.eval()
-        with torch.no_grad(), preserved_rng(prepared.device):
-            module.to(prepared.device)(prepared.data.first(device=prepared.device).inputs)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    return module
 
 
 @dataclass(frozen=True)
@@ -382,13 +361,11 @@ def recalibrate_prepared(
         UsageError: no data. DataError, SpecError, WeightsError: bad input.
     """
     from bnaudit.loading.modelfile import MODEL_FILE_SUFFIXES, holds_model_file
-    from bnaudit.transforms.recalibrate import has_uninitialized
 
     prepared = prepare(model, data, device=device, example=False, **prep)
-    lazy = has_uninitialized(prepared.model)  # decided before the first call gives the lazy modules their shapes
     new, table = recalibrate(prepared, batches=batches, device=device)
     pickled = model.endswith(MODEL_FILE_SUFFIXES) and not holds_model_file(model)
-    return Recalibrated(model, prepared, new, table, pickled, pickled or lazy)
+    return Recalibrated(model, prepared, new, table, pickled, pickled or prepared.lazy_initialized)
 
 
 def recalibrated_writer(done: Recalibrated, batches: int | None) -> Callable[[Path], Any]:
