@@ -361,3 +361,221 @@ def test_moments_are_collected_only_from_a_positional_tensor_of_two_or_more_dime
     res = running_stats_fit(_Feeds(how), [_x(6)])
     assert res.batches == 1 and res.layers == {}  # the layer ran, but on nothing the hook can read
     assert set(running_stats_fit(_Feeds("tensor"), [_x(6)]).layers) == {"bn"}
+
+
+# --- BN301 batch-dependent-inference ---------------------------------------------------------------------------
+def _small_cnn() -> nn.Module:
+    """An untrained CNN left in train mode: a batch of one runs (64 values per channel), its co-batches differ."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).train()
+
+
+def test_bn301_evidence_of_the_default_options():
+    (f,) = _findings("BN301", _small_cnn(), X.digits(), predict=XM.predict_no_eval)
+    ev = f.evidence
+    assert ev["tolerance"] == 1e-4 and ev["cobatch_sizes"] == [8, 8, 1] and ev["train_mode_layers"] == ["2"]
+    assert "single_sample_error" not in ev and "active_dropout" not in ev  # a batch of one ran, no dropout
+    assert ev["numerical_noise"] < 1e-4 / 4 and ev["noise_margin"] == 4.0
+    # a co-batch is never smaller than two samples
+    (f,) = _findings("BN301", _small_cnn(), X.digits(), {"cobatch_size": 1}, predict=XM.predict_no_eval)
+    assert f.evidence["cobatch_sizes"] == [2, 2, 1]
+
+
+class _IntFirst(nn.Module):
+    """A model whose first parameter is an integer step counter: the dtype comes from the float ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = nn.Parameter(torch.tensor([3]), requires_grad=False)
+        self.net = _small_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_bn301_tolerance_is_at_least_two_units_in_the_last_place_of_the_models_float_dtype():
+    (f,) = _findings("BN301", _IntFirst(), X.digits(), predict=XM.predict_no_eval)
+    assert f.evidence["tolerance"] == 1e-4
+    (f,) = _findings("BN301", XM.trained_mlp().to(torch.bfloat16), X.digits(), predict=XM.predict_no_eval)
+    assert f.evidence["tolerance"] == 2 * torch.finfo(torch.bfloat16).eps == 0.015625
+
+
+class _Zeroed(nn.Module):
+    """A BatchNorm built with track_running_stats=False whose output is multiplied by 0: it normalizes with
+    batch statistics, yet no co-batch changes the output. ``length`` > 1 feeds it (N, C, length), which a
+    single sample can normalize; the squeeze() then makes a batch of one fail for reasons of its own."""
+
+    def __init__(self, length: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 10)
+        self.bn = nn.BatchNorm1d(64, track_running_stats=False)
+        self.length = length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.length == 1 else x[:, :, None].expand(-1, -1, self.length)
+        out = self.lin(x) + 0 * self.bn(h).sum()
+        return out.squeeze() if self.length > 1 else out
+
+
+def test_bn301_reports_a_batch_of_one_failing_in_batchnorm_even_when_no_co_batch_changes_the_output():
+    (f,) = _findings("BN301", _Zeroed(), X.digits())
+    assert f.layer == "bn" and f.evidence["relative_delta"] == 0.0 and "numerical_noise" not in f.evidence
+    assert "fails on a batch of one sample (ValueError: Expected more than 1 value per channel" in f.message
+    # the batch of one fails elsewhere (squeeze), but a layer normalized with batch statistics: still reported
+    (f,) = _findings("BN301", _Zeroed(length=2), X.digits())
+    assert f.layer == "bn" and "fails on a batch of one sample (ValueError: the output has no tensor" in f.message
+
+
+class _RefusesEight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 8:
+            raise RuntimeError("no batches of eight")
+        return self.bn(self.lin(x))
+
+
+def test_bn301_without_predict_does_not_blame_a_predict():
+    # the forward itself fails on a co-batch: no predict() was given, so no "predict() raised" DataError
+    report = bnaudit.inspect(_RefusesEight().eval(), _x(32), select=["BN301"])
+    assert "no batches of eight" in report.rules_skipped["BN301"] and "predict" not in report.rules_skipped["BN301"]
+
+
+def _mixed_modes() -> nn.Module:
+    """A tracking BatchNorm left in train mode, and an untracked one in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.BatchNorm1d(16, track_running_stats=False), nn.Linear(16, 10)).train()
+    model[4].eval()
+    return model
+
+
+def test_bn301_one_finding_per_cause():
+    found = _findings("BN301", _mixed_modes(), X.digits(), predict=XM.predict_no_eval)
+    assert [(f.layer, f.evidence.get("train_mode_layers")) for f in found] == [(None, ["1"]), ("4", None)]
+    # an untracked layer in train mode is named by the train-mode finding alone
+    (f,) = _findings("BN301", XM.untracked_mlp(), X.digits(), predict=XM.predict_no_eval)
+    assert f.layer is None and f.evidence["train_mode_layers"] == ["1"]
+    (f,) = _findings("BN301", XM.untracked_mlp(), X.digits())  # eval mode: the untracked layer alone
+    assert f.layer == "1" and "train_mode_layers" not in f.evidence
+
+
+class _Centered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x - x.mean(0))
+
+
+def test_bn301_batch_mixing_without_batchnorm_gets_the_generic_finding_alone():
+    (f,) = _findings("BN301", _Centered(), X.digits())
+    assert f.layer is None and "although no BatchNorm normalized with batch statistics" in f.message
+
+
+# --- BN306 inference-mutates-stats -----------------------------------------------------------------------------
+class _Outlier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] > 50).any()):
+            raise RuntimeError("an outlier")
+        return self.bn(self.lin(x))
+
+
+def test_bn306_without_predict_does_not_blame_a_predict():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = _x(32)
+    x[20, 0] = 100.0  # in the second batch: the graph pass (first batch) runs, the probe's second call fails
+    report = bnaudit.inspect(_Outlier().eval(), DataLoader(TensorDataset(x), batch_size=16), select=["BN306"])
+    assert "an outlier" in report.rules_skipped["BN306"] and "predict" not in report.rules_skipped["BN306"]
+
+
+class _Counting(nn.Module):
+    """A BatchNorm MLP with a call counter on the root module and one in a plain submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = XM.trained_mlp()
+        self.tally = nn.Module()
+        self.tally.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _predict_counting(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        model.calls += 1
+        model.tally.seen += x.shape[0]
+        return model(x).softmax(1)
+
+
+def test_bn306_names_batchnorms_and_other_changed_buffers_apart():
+    (f,) = _findings("BN306", _Counting(), X.digits(), predict=_predict_counting)
+    assert set(f.evidence["changed"]) == {"net.1", "net.4", "tally", "<model>"}
+    assert f.evidence["changed"]["<model>"]["buffers"] == ["calls"]
+    assert "running statistics of 2 BatchNorm layer(s) (net.1, net.4;" in f.message
+    assert f.message.endswith("; buffers of <model>, tally changed too")
+    assert "net.1.num_batches_tracked went 120 -> 122" in f.message
+
+
+def test_bn306_buffers_changed_outside_batchnorm_only():
+    model = _Counting().eval()
+    (f,) = _findings("BN306", model, X.digits(), predict=_predict_counting)
+    assert "BatchNorm" not in f.message and "changed buffers of" in f.message and "<model>" in f.message
+    assert "not side-effect free" in f.message and set(f.evidence["changed"]) == {"tally", "<model>"}
+
+
+def _nudge(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        model[1].running_mean.add_(0.5)
+        return model(x)
+
+
+def test_bn306_batchnorm_changes_alone():
+    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval)
+    assert "changed too" not in f.message and set(f.evidence["changed"]) == {"1", "4"}
+    # the statistics moved without a counted batch: no counter to quote
+    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=_nudge)
+    assert set(f.evidence["changed"]) == {"1"} and "num_batches_tracked" not in f.message
+    assert "num_batches_tracked" not in f.evidence["changed"]["1"] and "largest change 1" in f.message
+
+
+# --- BN308 predict-relies-on-eval-mode -------------------------------------------------------------------------
+class _Served(nn.Module):
+    """Given in eval mode except ``late``; also an InstanceNorm that tracks running statistics and an
+    untracked BatchNorm: only ``bn`` is a tracking BatchNorm given in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(64, 16), nn.BatchNorm1d(16)
+        self.inorm = nn.InstanceNorm1d(16, track_running_stats=True)
+        self.untracked, self.late = nn.BatchNorm1d(16, track_running_stats=False), nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.lin(x)))
+        h = h + self.inorm(h[:, :, None].expand(-1, -1, 2).contiguous()).mean(2) + self.untracked(h)
+        return self.head(self.late(h))
+
+
+def test_bn308_counts_and_names_only_tracking_batchnorms_given_in_eval_mode():
+    model = _Served().eval()
+    model.late.train()
+    (f,) = _findings("BN308", model, X.digits(), predict=XM.predict_no_eval)
+    assert f.evidence == {"train_mode_layers": ["bn"], "eval_mode_layers_given": 1}
