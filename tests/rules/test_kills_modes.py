@@ -582,6 +582,16 @@ def test_bn308_counts_and_names_only_tracking_batchnorms_given_in_eval_mode():
     assert f.evidence == {"train_mode_layers": ["bn"], "eval_mode_layers_given": 1}
 
 
+def test_bn308_does_not_call_predict_when_no_batchnorm_is_given_in_eval_mode():
+    def broken(model, x):
+        raise RuntimeError("only for deployed models")
+
+    # in train mode (as after training): nothing relies on eval mode, predict() is not even called
+    assert _findings("BN308", XM.trained_mlp(), X.digits(), predict=broken) == []
+    with pytest.raises(bnaudit.BnauditError, match="predict\\(\\) raised"):
+        bnaudit.inspect(XM.deployed(), X.digits(), predict=broken, select=["BN308"])
+
+
 # --- BN307 training-in-eval-mode -------------------------------------------------------------------------------
 class _Four(nn.Module):
     """bn_a (affine) and bn_b (no affine) feed bn_c; ``spare`` is never called."""
