@@ -151,6 +151,15 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/rules/running_stats.py:FrozenBNDrifts.check:dropcond:res.forward_ran and layer.moved is False -> "
     "(layer.moved is False)":
         "frozen_bn_drift leaves moved None unless its forward ran, so moved is False implies forward_ran",
+    "bnaudit/rules/running_stats.py:_model_trained:boolop:and -> or":
+        "torch refuses an eval-mode forward of a BatchNorm with only one of running_mean/running_var, and the "
+        "audit's graph pass runs one before BN303/BN304 read this: the two are both tensors or both None",
+    "bnaudit/rules/running_stats.py:_model_trained:dropcond:isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) -> (isinstance(rv, torch.Tensor))":
+        "torch refuses an eval-mode forward of a BatchNorm with only one of running_mean/running_var, and the "
+        "audit's graph pass runs one before BN303/BN304 read this: the two are both tensors or both None",
+    "bnaudit/rules/running_stats.py:_model_trained:dropcond:isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) -> (isinstance(rm, torch.Tensor))":
+        "torch refuses an eval-mode forward of a BatchNorm with only one of running_mean/running_var, and the "
+        "audit's graph pass runs one before BN303/BN304 read this: the two are both tensors or both None",
     "bnaudit/rules/running_stats.py:_mismatch:boolop:or -> and":
         "layer_fit sets z and r in the same branch: both None or both floats",
     "bnaudit/rules/running_stats.py:TrainEvalGap.check:dropcond:res.train_accuracy is not None and "
@@ -158,6 +167,8 @@ EQUIVALENT: dict[str, str] = {
         "train_eval_gap sets both accuracies under the same condition (metric cross_entropy): both None or both floats",
     "bnaudit/rules/running_stats.py:TrainEvalGap.check:dropcond:res.train_accuracy is not None and "
     "res.eval_accuracy is not None -> (res.train_accuracy is not None)":
+        "train_eval_gap sets both accuracies under the same condition (metric cross_entropy): both None or both floats",
+    "bnaudit/rules/running_stats.py:TrainEvalGap.check:boolop:and -> or #2":
         "train_eval_gap sets both accuracies under the same condition (metric cross_entropy): both None or both floats",
     "bnaudit/probes/common.py:_varies:const:0 -> 1":
         "read only when numel() > 1; 'an element differs from flat[0]' and 'from flat[1]' both mean 'not all "
