@@ -209,6 +209,12 @@ def test_model_state_skips_an_absent_bias_and_restores_a_flipped_requires_grad()
             model[0].weight.mul_(2)
     assert model[0].bias is None and torch.equal(model[0].weight, before)
     assert all(p.requires_grad for p in model.parameters())
+    # an experiment that swaps a parameter or a buffer object: the original objects are put back
+    weight, mean = model[0].weight, model[1].running_mean
+    with state.restoring():
+        model[0].weight = nn.Parameter(torch.zeros(3, 4))
+        model[1].running_mean = torch.ones(3)
+    assert model[0].weight is weight and torch.equal(weight, before) and model[1].running_mean is mean
 
 
 # --- probes/running_stats.py: the data's moments against the running buffers ----------------------------------
@@ -295,6 +301,9 @@ def test_layer_fit_of_a_layer_that_keeps_no_statistics_still_reports_the_datas()
     # moments with a mean but no variance (set by hand) give no fit rather than an error
     half = ChannelMoments()
     half.mean = x.mean(0)
+    assert layer_fit("bn", nn.BatchNorm1d(3), half).z is None
+    half = ChannelMoments()
+    half.var = x.var(0)  # and the other way round
     assert layer_fit("bn", nn.BatchNorm1d(3), half).z is None
 
 
