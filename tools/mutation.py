@@ -162,7 +162,52 @@ EQUIVALENT: dict[str, str] = {
     #
     #
     # --- BN3xx rules and their probes (K_MODES) ---
-    #
+    "bnaudit/rules/modes.py:BatchDependentInference.check:dropcond:single and not changed and not "
+    "(res.batch_stat_layers or \"value per channel\" in single) -> (single) and (not (res.batch_stat_layers or "
+    "\"value per channel\" in single))":
+        "when changed is True nothing after this line reads single (the early return needs not changed, the "
+        "message the change), so the dropped 'not changed' only ever clears a value that is not read",
+    "bnaudit/rules/modes.py:BatchDependentInference.check:dropcond:layer in res.train_mode_layers and reported -> "
+    "(layer in res.train_mode_layers)":
+        "a non-empty train_mode_layers always yields the train-mode finding first, so reported is True whenever "
+        "the layer is in it",
+    "bnaudit/rules/modes.py:PredictReliesOnEvalMode.check:const:1 -> 2":
+        "next() takes the first of batches[:1] or of batches[:2]: the same batch",
+    "bnaudit/rules/running_stats.py:FrozenBNDrifts.check.probe:const:1 -> 2":
+        "next() takes the first of batches[:1] or of batches[:2]: the same batch",
+    "bnaudit/rules/running_stats.py:FrozenBNDrifts.check:dropcond:res.forward_ran and layer.moved is False -> "
+    "(layer.moved is False)":
+        "frozen_bn_drift leaves moved None unless its forward ran, so moved is False implies forward_ran",
+    "bnaudit/rules/running_stats.py:_model_trained:boolop:and -> or":
+        "torch refuses an eval-mode forward of a BatchNorm with only one of running_mean/running_var, and the "
+        "audit's graph pass runs one before BN303/BN304 read this: the two are both tensors or both None",
+    "bnaudit/rules/running_stats.py:_model_trained:dropcond:isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) -> (isinstance(rv, torch.Tensor))":
+        "torch refuses an eval-mode forward of a BatchNorm with only one of running_mean/running_var, and the "
+        "audit's graph pass runs one before BN303/BN304 read this: the two are both tensors or both None",
+    "bnaudit/rules/running_stats.py:_model_trained:dropcond:isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) -> (isinstance(rm, torch.Tensor))":
+        "torch refuses an eval-mode forward of a BatchNorm with only one of running_mean/running_var, and the "
+        "audit's graph pass runs one before BN303/BN304 read this: the two are both tensors or both None",
+    "bnaudit/rules/running_stats.py:_mismatch:boolop:or -> and":
+        "layer_fit sets z and r in the same branch: both None or both floats",
+    "bnaudit/rules/running_stats.py:TrainEvalGap.check:dropcond:res.train_accuracy is not None and "
+    "res.eval_accuracy is not None -> (res.eval_accuracy is not None)":
+        "train_eval_gap sets both accuracies under the same condition (metric cross_entropy): both None or both floats",
+    "bnaudit/rules/running_stats.py:TrainEvalGap.check:dropcond:res.train_accuracy is not None and "
+    "res.eval_accuracy is not None -> (res.train_accuracy is not None)":
+        "train_eval_gap sets both accuracies under the same condition (metric cross_entropy): both None or both floats",
+    "bnaudit/rules/running_stats.py:TrainEvalGap.check:boolop:and -> or #2":
+        "train_eval_gap sets both accuracies under the same condition (metric cross_entropy): both None or both floats",
+    "bnaudit/probes/common.py:_varies:const:0 -> 1":
+        "read only when numel() > 1; 'an element differs from flat[0]' and 'from flat[1]' both mean 'not all "
+        "equal' (a NaN differs from everything under either)",
+    "bnaudit/probes/common.py:buffer_hashes:dropcond:b is not None -> True":
+        "named_buffers() never yields a None buffer",
+    "bnaudit/probes/state.py:ModelState.restore:dropcond:m._buffers.get(name) is not b -> True":
+        "storing the saved object again under the name it is already stored under changes nothing",
+    "bnaudit/probes/state.py:ModelState.restore:dropcond:m._parameters.get(name) is not p -> True":
+        "storing the saved object again under the name it is already stored under changes nothing",
+    "bnaudit/probes/state.py:ModelState.restore:dropcond:p.requires_grad != requires_grad -> True":
+        "requires_grad_(v) on a parameter (a leaf) whose requires_grad is already v changes nothing",
     #
     # --- the inference, train/eval and eval-step probes, BN4xx (K_PROBES) ---
 }

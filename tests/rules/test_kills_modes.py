@@ -4,3 +4,873 @@ unpinned: each test decides a behaviour that a plausible one-token change would 
 evidence value against a naive recomputation, an edge path). Real small models, real or exactly constructed data."""
 
 from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bnaudit
+from bnaudit.loading.data import Batch
+from bnaudit.probes.common import (
+    affine_frozen,
+    affine_trained,
+    batch_size,
+    bn_layers,
+    buffer_hashes,
+    concat,
+    first_output_tensor,
+    sample_output,
+    seeded,
+    short_error,
+    take,
+    tracks_running_stats,
+)
+from bnaudit.probes.running_stats import ChannelMoments, layer_fit, running_stats_fit, train_mode_pass
+from bnaudit.probes.state import ModelState, state_for
+from bnaudit.rules import examples as X
+from bnaudit.rules import examples_modes as XM
+
+
+def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
+
+
+def _findings(code, model, data=None, options=None, **kw):
+    config = {code: {"options": options}} if options else None
+    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
+    assert code in report.rules_run, report.rules_skipped
+    return [f for f in report.findings if f.code == code]
+
+
+# --- probes/common.py: the user's inputs taken apart and put together ------------------------------------------
+def test_batch_size_reads_the_first_tensor_with_a_batch_dimension():
+    x = _x(5)
+    assert batch_size(x) == 5 and batch_size(x.T) == 4  # the leading size, not another
+    assert batch_size((3, torch.tensor(2.0), x)) == 5  # an int and a 0-d tensor have no batch dimension
+    assert batch_size({"flag": True}) is None and batch_size(torch.tensor(1.0)) is None
+    assert batch_size(torch.arange(3.0)) == 3  # a 1-D tensor is a batch of scalars
+
+
+def test_take_indexes_only_the_tensors_of_batch_size():
+    x, mask = _x(5), torch.arange(3.0)
+    got, m, flag = take((x, mask, 7), [4, 0])
+    assert torch.equal(got, x[[4, 0]]) and torch.equal(m, mask) and flag == 7
+
+
+def test_concat_joins_batches_of_different_sizes_and_refuses_other_structures():
+    a, b, c = _x(2, seed=1), _x(3, seed=2), _x(4, seed=3)
+    assert torch.equal(concat([a, b]), torch.cat([a, b]))
+    assert torch.equal(concat([a, b, c]), torch.cat([a, b, c]))
+    only = concat([(a, 1)])
+    assert torch.equal(only[0], a) and only[1] == 1
+    with pytest.raises(ValueError):
+        concat([a, (b, b)])
+    with pytest.raises(ValueError):
+        concat([a, b, (c, c)])  # the odd one out need not be the second
+
+
+def test_sample_output_takes_only_the_outputs_of_batch_size():
+    logits, aux, scalar = _x(3, f=2, seed=1), _x(5, f=2, seed=2), torch.tensor(7.0)
+    got = sample_output((logits, aux, scalar, "note"), 3, 1)
+    assert got.dtype == torch.float64 and torch.equal(got, logits[1].double())
+    images = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_output({"a": images, "b": logits}, 3, 2), torch.cat([images[2].reshape(-1), logits[2]]).double())
+    with pytest.raises(ValueError, match="leading batch dimension of 4"):
+        sample_output((logits, aux), 4, 0)
+
+
+def test_first_output_tensor_skips_what_is_not_a_tensor():
+    x = _x(2)
+    assert first_output_tensor(("text", 3, x, _x(3))) is x
+    assert first_output_tensor({"n": 1}) is None
+
+
+def test_short_error_keeps_the_first_line():
+    assert short_error(ValueError("first line\nsecond line")) == "ValueError: first line"
+    assert short_error(KeyError()) == "KeyError"
+    assert short_error(RuntimeError("  \n")) == "RuntimeError"
+
+
+def test_seeded_repeats_a_draw_and_restores_the_callers_stream():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded(5):
+        a = torch.rand(3)
+    with seeded(5, "cpu"):
+        b = torch.rand(3)
+    with seeded(5, torch.device("cpu")):
+        c = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(torch.rand(3), expected_next)  # the user's stream was not advanced
+
+
+def test_bn_layers_and_which_of_them_track_running_stats():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4, track_running_stats=False),
+                          nn.InstanceNorm1d(4, track_running_stats=True), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    assert list(bn_layers(model)) == ["1", "2", "4", "5"]
+    # a flag switched off after construction: the buffers are still there, but nothing tracks into them
+    model[4].track_running_stats = False
+    # buffers removed, flag left on: nothing to normalize with in eval mode
+    model[5].running_mean = None
+    assert [tracks_running_stats(model[i]) for i in (1, 2, 4, 5)] == [True, False, False, False]
+
+
+def _bn_with(weight: list[float], bias: list[float]) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(len(weight))
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(weight))
+        bn.bias.copy_(torch.tensor(bias))
+    return bn
+
+
+def test_affine_trained_needs_every_parameter_to_vary_across_channels():
+    assert affine_trained(_bn_with([1.0, 2.0], [0.5, -0.5])) is True  # two channels are enough
+    assert affine_trained(_bn_with([1.0, 2.0], [0.0, 0.0])) is False  # beta constant: an initialisation
+    assert affine_trained(_bn_with([3.0, 3.0], [0.1, 0.2])) is False
+    assert affine_trained(_bn_with([0.0, 0.0], [0.0, 0.0])) is False
+    assert affine_trained(_bn_with([1.0], [0.5])) is False  # one channel cannot vary
+    assert affine_trained(nn.BatchNorm1d(0)) is False  # no channel at all
+    assert affine_trained(nn.BatchNorm1d(3, affine=False)) is None
+
+
+def test_affine_frozen_needs_parameters_none_of_which_requires_grad():
+    bn = nn.BatchNorm1d(3)
+    assert affine_frozen(bn) is False
+    bn.weight.requires_grad_(False)
+    assert affine_frozen(bn) is False  # bias still trains
+    bn.bias.requires_grad_(False)
+    assert affine_frozen(bn) is True
+    assert affine_frozen(nn.BatchNorm1d(3, affine=False)) is False  # nothing to freeze
+
+
+def test_buffer_hashes_name_every_buffer_and_see_empty_and_bfloat16_ones():
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    model.register_buffer("empty", torch.zeros(0))
+    model.register_buffer("bf16", torch.ones(2, dtype=torch.bfloat16))
+    model.register_buffer("nothing", None)
+    before = buffer_hashes(model)
+    assert set(before) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "empty", "bf16"}
+    assert buffer_hashes(copy.deepcopy(model)) == before
+    model.bf16.add_(1)
+    after = buffer_hashes(model)
+    assert after["bf16"] != before["bf16"] and after["empty"] == before["empty"]
+    model.empty = torch.zeros(0, dtype=torch.float64)  # another dtype, no bytes
+    assert buffer_hashes(model)["empty"] != before["empty"]
+
+
+# --- probes/state.py: putting the model back -------------------------------------------------------------------
+def test_restore_writes_back_in_place_and_leaves_untouched_parameters_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4))
+    model.register_buffer("nothing", None)
+    state = ModelState(model)
+    assert state_for(model, state) is state and state_for(model, None) is not state
+    with pytest.raises(ValueError):
+        state_for(nn.Linear(2, 2), state)
+    weight, bn = model[0].weight, model[1]
+    ptrs = {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    versions = {n: p._version for n, p in model.named_parameters()}
+    with state.restoring():
+        model(_x(8))  # train mode: the running statistics move, the parameters do not
+    assert bn.num_batches_tracked == 0 and torch.all(bn.running_mean == 0)
+    # written back into the same storage; an untouched parameter is not even copied (its version is unchanged)
+    assert {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]} == ptrs
+    assert {n: p._version for n, p in model.named_parameters()} == versions
+    assert model.nothing is None and model[0].weight is weight
+
+
+def test_restore_undoes_a_dtype_change_and_a_shape_change_separately():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    state = ModelState(model)
+    with state.restoring():
+        model[0].weight.data = model[0].weight.data.half()  # dtype only
+        model[1].running_var.data = model[1].running_var.data[:2]  # shape only
+        model[0].bias.data = model[0].bias.data[:1]  # a parameter's shape only
+        model[1].weight.data = model[1].weight.data.double()  # a parameter's dtype only
+    for n, t in model.state_dict().items():
+        assert t.dtype == saved[n].dtype and torch.equal(t, saved[n]), n
+
+
+def test_model_state_skips_an_absent_bias_and_restores_a_flipped_requires_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3))
+    state = ModelState(model)
+    before = model[0].weight.detach().clone()
+    with state.restoring():
+        model.requires_grad_(False)
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+    assert model[0].bias is None and torch.equal(model[0].weight, before)
+    assert all(p.requires_grad for p in model.parameters())
+    # an experiment that swaps a parameter or a buffer object: the original objects are put back
+    weight, mean = model[0].weight, model[1].running_mean
+    with state.restoring():
+        model[0].weight = nn.Parameter(torch.zeros(3, 4))
+        model[1].running_mean = torch.ones(3)
+    assert model[0].weight is weight and torch.equal(weight, before) and model[1].running_mean is mean
+
+
+# --- probes/running_stats.py: the data's moments against the running buffers ----------------------------------
+def test_channel_moments_average_over_calls_per_channel_of_a_sequence_input():
+    # (N, C, L) with C != L: the channel axis is 1, the statistics pool the batch and the length
+    a = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(1)).double()
+    b = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(2)).double() + 1.0
+    mom = ChannelMoments()
+    assert (mom.calls, mom.samples, mom.mean, mom.var) == (0, 0, None, None)
+    mom.add(a)
+    assert (mom.calls, mom.samples) == (1, 15)
+    torch.testing.assert_close(mom.mean, a.mean((0, 2)))
+    mom.add(b)
+    assert (mom.calls, mom.samples) == (2, 25)
+    # the cumulative average of the per-call moments, as momentum=None accumulates them
+    torch.testing.assert_close(mom.mean, (a.mean((0, 2)) + b.mean((0, 2))) / 2)
+    torch.testing.assert_close(mom.var, (a.var((0, 2)) + b.var((0, 2))) / 2)
+    pair = ChannelMoments()
+    pair.add(a[:1, :, :2])  # one sample of two positions: two values per channel are enough
+    assert pair.calls == 1 and pair.samples == 2
+
+
+def _buffers(bn: nn.Module, mean, var) -> nn.Module:
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor(mean))
+        bn.running_var.copy_(torch.tensor(var))
+    return bn
+
+
+def test_layer_fit_against_a_naive_recomputation():
+    x = _x(16, f=3, seed=4).double()
+    mom = ChannelMoments()
+    mom.add(x)
+    bn = _buffers(nn.BatchNorm1d(3, eps=1e-3), [0.5, -0.2, 0.0], [0.25, 0.5, 2.0])  # variances below 1 too
+    fit = layer_fit("bn", bn, mom)
+    rm, rv = bn.running_mean.double(), bn.running_var.double()
+    shift = (x.mean(0) - rm).abs() / (rv + 1e-3).sqrt()
+    ratio = (x.var(0) + 1e-3) / (rv + 1e-3)
+    assert fit.z == pytest.approx(float(shift.mean()), rel=1e-12) and fit.z_max == pytest.approx(float(shift.max()), rel=1e-12)
+    assert fit.r == pytest.approx(float(ratio.mean()), rel=1e-12)
+    assert (fit.r_min, fit.r_max) == (pytest.approx(float(ratio.min()), rel=1e-12), pytest.approx(float(ratio.max()), rel=1e-12))
+    assert (fit.channels, fit.calls, fit.samples, fit.tracks, fit.at_init, fit.num_batches_tracked) == (3, 1, 16, True, False, 0)
+    assert torch.equal(fit.mean, x.mean(0)) and torch.equal(fit.var, x.var(0))
+
+
+def test_layer_fit_at_init_needs_both_buffers_at_their_initial_values():
+    mom = ChannelMoments()
+    mom.add(_x(8, f=2))
+    assert layer_fit("bn", nn.BatchNorm1d(2), mom).at_init is True
+    assert layer_fit("bn", _buffers(nn.BatchNorm1d(2), [0.0, 0.0], [1.0, 2.0]), mom).at_init is False
+    assert layer_fit("bn", _buffers(nn.BatchNorm1d(2), [0.0, 0.3], [1.0, 1.0]), mom).at_init is False
+
+
+class _Stats(nn.Module):
+    """A module with running buffers but no ``eps`` and no ``num_features`` of its own."""
+
+    def __init__(self, mean, var) -> None:
+        super().__init__()
+        self.track_running_stats = True
+        self.register_buffer("running_mean", torch.tensor(mean))
+        self.register_buffer("running_var", torch.tensor(var))
+
+
+def test_layer_fit_of_a_module_without_eps_or_num_features():
+    x = _x(8, f=2, seed=5).double()
+    mom = ChannelMoments()
+    mom.add(x)
+    fit = layer_fit("s", _Stats([0.0, 1.0], [0.0, 4.0]), mom)
+    assert fit.channels == 2 and fit.num_batches_tracked is None and fit.affine_trained is None
+    # the default epsilon is BatchNorm's 1e-5: with a running variance of 0 it alone scales the ratio
+    ratio = (x.var(0) + 1e-5) / (torch.tensor([0.0, 4.0], dtype=torch.float64) + 1e-5)
+    assert fit.r == pytest.approx(float(ratio.mean()), rel=1e-12)
+    none = layer_fit("s", nn.Identity(), ChannelMoments())
+    assert none.channels == 0 and none.z is None and none.mean is None and none.var is None
+
+
+def test_layer_fit_of_a_layer_that_keeps_no_statistics_still_reports_the_datas():
+    x = _x(8, f=3, seed=6).double()
+    mom = ChannelMoments()
+    mom.add(x)
+    fit = layer_fit("bn", nn.BatchNorm1d(3, track_running_stats=False), mom)
+    assert fit.tracks is False and fit.z is None and fit.r is None and fit.at_init is False
+    assert torch.equal(fit.mean, x.mean(0)) and torch.equal(fit.var, x.var(0)) and fit.num_batches_tracked is None
+    # moments with a mean but no variance (set by hand) give no fit rather than an error
+    half = ChannelMoments()
+    half.mean = x.mean(0)
+    assert layer_fit("bn", nn.BatchNorm1d(3), half).z is None
+    half = ChannelMoments()
+    half.var = x.var(0)  # and the other way round
+    assert layer_fit("bn", nn.BatchNorm1d(3), half).z is None
+
+
+def test_train_mode_pass_counts_the_batches_it_ran_and_keeps_their_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    a, b = _x(2, seed=1), _x(5, seed=2)
+    res = train_mode_pass(model, [a, _x(1), torch.tensor(3.0), Batch(b)])
+    assert (res.batches, res.samples) == (2, 7)
+    assert res.skipped == ("a batch of 1 sample(s) (train-mode statistics need at least 2)",
+                           "a batch of 0 sample(s) (train-mode statistics need at least 2)")
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        expected = [reference(a), None, None, reference(b)]
+    assert [o is None for o in res.outputs] == [e is None for e in expected]
+    assert torch.equal(res.outputs[0], expected[0]) and torch.equal(res.outputs[3], expected[3])
+    assert res.moments["1"].calls == 2 and res.moments["1"].samples == 7
+    assert not model.training and model[1].num_batches_tracked == 0  # put back
+
+
+class _NoTensorOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"n": int(self.bn(x).shape[0])}
+
+
+def test_train_mode_pass_of_a_model_without_a_tensor_output():
+    res = train_mode_pass(_NoTensorOut(), [_x(4)])
+    assert res.outputs == [None] and res.batches == 1 and res.moments["bn"].calls == 1
+
+
+class _Flexible(nn.BatchNorm1d):
+    """A BatchNorm that also takes a list of tensors or a 1-D tensor (one channel), converting them itself."""
+
+    def forward(self, x):
+        if isinstance(x, (list, tuple)):
+            x = torch.cat(list(x))
+        if x.dim() == 1:
+            x = x[:, None]
+        return super().forward(x)
+
+
+class _Feeds(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.bn = _Flexible(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        col = x[:, :1]
+        if self.how == "list":
+            return self.bn([col[:2], col[2:]])
+        if self.how == "flat":
+            return self.bn(col[:, 0])
+        if self.how == "keyword":
+            return self.bn(x=col)
+        return self.bn(col)
+
+
+@pytest.mark.parametrize("how", ["list", "flat", "keyword"])
+def test_moments_are_collected_only_from_a_positional_tensor_of_two_or_more_dimensions(how):
+    res = running_stats_fit(_Feeds(how), [_x(6)])
+    assert res.batches == 1 and res.layers == {}  # the layer ran, but on nothing the hook can read
+    assert set(running_stats_fit(_Feeds("tensor"), [_x(6)]).layers) == {"bn"}
+
+
+# --- BN301 batch-dependent-inference ---------------------------------------------------------------------------
+def _small_cnn() -> nn.Module:
+    """An untrained CNN left in train mode: a batch of one runs (64 values per channel), its co-batches differ."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).train()
+
+
+def test_bn301_evidence_of_the_default_options():
+    (f,) = _findings("BN301", _small_cnn(), X.digits(), predict=XM.predict_no_eval)
+    ev = f.evidence
+    assert ev["tolerance"] == 1e-4 and ev["cobatch_sizes"] == [8, 8, 1] and ev["train_mode_layers"] == ["2"]
+    assert "single_sample_error" not in ev and "active_dropout" not in ev  # a batch of one ran, no dropout
+    assert ev["numerical_noise"] < 1e-4 / 4 and ev["noise_margin"] == 4.0
+    # a co-batch is never smaller than two samples
+    (f,) = _findings("BN301", _small_cnn(), X.digits(), {"cobatch_size": 1}, predict=XM.predict_no_eval)
+    assert f.evidence["cobatch_sizes"] == [2, 2, 1]
+
+
+class _IntFirst(nn.Module):
+    """A model whose first parameter is an integer step counter: the dtype comes from the float ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = nn.Parameter(torch.tensor([3]), requires_grad=False)
+        self.net = _small_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_bn301_tolerance_is_at_least_two_units_in_the_last_place_of_the_models_float_dtype():
+    (f,) = _findings("BN301", _IntFirst(), X.digits(), predict=XM.predict_no_eval)
+    assert f.evidence["tolerance"] == 1e-4
+    (f,) = _findings("BN301", XM.trained_mlp().to(torch.bfloat16), X.digits(), predict=XM.predict_no_eval)
+    assert f.evidence["tolerance"] == 2 * torch.finfo(torch.bfloat16).eps == 0.015625
+
+
+class _Zeroed(nn.Module):
+    """A BatchNorm built with track_running_stats=False whose output is multiplied by 0: it normalizes with
+    batch statistics, yet no co-batch changes the output. ``length`` > 1 feeds it (N, C, length), which a
+    single sample can normalize; the squeeze() then makes a batch of one fail for reasons of its own."""
+
+    def __init__(self, length: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 10)
+        self.bn = nn.BatchNorm1d(64, track_running_stats=False)
+        self.length = length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.length == 1 else x[:, :, None].expand(-1, -1, self.length)
+        out = self.lin(x) + 0 * self.bn(h).sum()
+        return out.squeeze() if self.length > 1 else out
+
+
+def test_bn301_reports_a_batch_of_one_failing_in_batchnorm_even_when_no_co_batch_changes_the_output():
+    (f,) = _findings("BN301", _Zeroed(), X.digits())
+    assert f.layer == "bn" and f.evidence["relative_delta"] == 0.0 and "numerical_noise" not in f.evidence
+    assert "fails on a batch of one sample (ValueError: Expected more than 1 value per channel" in f.message
+    # the batch of one fails elsewhere (squeeze), but a layer normalized with batch statistics: still reported
+    (f,) = _findings("BN301", _Zeroed(length=2), X.digits())
+    assert f.layer == "bn" and "fails on a batch of one sample (ValueError: the output has no tensor" in f.message
+
+
+class _RefusesEight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 8:
+            raise RuntimeError("no batches of eight")
+        return self.bn(self.lin(x))
+
+
+def test_bn301_without_predict_does_not_blame_a_predict():
+    # the forward itself fails on a co-batch: no predict() was given, so no "predict() raised" DataError
+    report = bnaudit.inspect(_RefusesEight().eval(), _x(32), select=["BN301"])
+    assert "no batches of eight" in report.rules_skipped["BN301"] and "predict" not in report.rules_skipped["BN301"]
+
+
+def _mixed_modes() -> nn.Module:
+    """A tracking BatchNorm left in train mode, and an untracked one in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.BatchNorm1d(16, track_running_stats=False), nn.Linear(16, 10)).train()
+    model[4].eval()
+    return model
+
+
+def test_bn301_one_finding_per_cause():
+    found = _findings("BN301", _mixed_modes(), X.digits(), predict=XM.predict_no_eval)
+    assert [(f.layer, f.evidence.get("train_mode_layers")) for f in found] == [(None, ["1"]), ("4", None)]
+    # an untracked layer in train mode is named by the train-mode finding alone
+    (f,) = _findings("BN301", XM.untracked_mlp(), X.digits(), predict=XM.predict_no_eval)
+    assert f.layer is None and f.evidence["train_mode_layers"] == ["1"]
+    (f,) = _findings("BN301", XM.untracked_mlp(), X.digits())  # eval mode: the untracked layer alone
+    assert f.layer == "1" and "train_mode_layers" not in f.evidence
+
+
+class _Centered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x - x.mean(0))
+
+
+def test_bn301_batch_mixing_without_batchnorm_gets_the_generic_finding_alone():
+    (f,) = _findings("BN301", _Centered(), X.digits())
+    assert f.layer is None and "although no BatchNorm normalized with batch statistics" in f.message
+
+
+# --- BN306 inference-mutates-stats -----------------------------------------------------------------------------
+class _Outlier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] > 50).any()):
+            raise RuntimeError("an outlier")
+        return self.bn(self.lin(x))
+
+
+def test_bn306_without_predict_does_not_blame_a_predict():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = _x(32)
+    x[20, 0] = 100.0  # in the second batch: the graph pass (first batch) runs, the probe's second call fails
+    report = bnaudit.inspect(_Outlier().eval(), DataLoader(TensorDataset(x), batch_size=16), select=["BN306"])
+    assert "an outlier" in report.rules_skipped["BN306"] and "predict" not in report.rules_skipped["BN306"]
+
+
+class _Counting(nn.Module):
+    """A BatchNorm MLP with a call counter on the root module and one in a plain submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = XM.trained_mlp()
+        self.tally = nn.Module()
+        self.tally.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _predict_counting(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        model.calls += 1
+        model.tally.seen += x.shape[0]
+        return model(x).softmax(1)
+
+
+def test_bn306_names_batchnorms_and_other_changed_buffers_apart():
+    (f,) = _findings("BN306", _Counting(), X.digits(), predict=_predict_counting)
+    assert set(f.evidence["changed"]) == {"net.1", "net.4", "tally", "<model>"}
+    assert f.evidence["changed"]["<model>"]["buffers"] == ["calls"]
+    assert "running statistics of 2 BatchNorm layer(s) (net.1, net.4;" in f.message
+    assert f.message.endswith("; buffers of <model>, tally changed too")
+    assert "net.1.num_batches_tracked went 120 -> 122" in f.message
+
+
+def test_bn306_buffers_changed_outside_batchnorm_only():
+    model = _Counting().eval()
+    (f,) = _findings("BN306", model, X.digits(), predict=_predict_counting)
+    assert "BatchNorm" not in f.message and "changed buffers of <model>, tally: inference" in f.message
+    assert "not side-effect free" in f.message and set(f.evidence["changed"]) == {"tally", "<model>"}
+
+
+def _nudge(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        model[1].running_mean.add_(0.5)
+        return model(x)
+
+
+def test_bn306_batchnorm_changes_alone():
+    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval)
+    assert "changed too" not in f.message and set(f.evidence["changed"]) == {"1", "4"}
+    # the statistics moved without a counted batch: no counter to quote
+    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=_nudge)
+    assert set(f.evidence["changed"]) == {"1"} and "num_batches_tracked" not in f.message
+    assert "num_batches_tracked" not in f.evidence["changed"]["1"] and "largest change 1" in f.message
+
+
+# --- BN308 predict-relies-on-eval-mode -------------------------------------------------------------------------
+class _Served(nn.Module):
+    """Given in eval mode except ``late``; also an InstanceNorm that tracks running statistics and an
+    untracked BatchNorm: only ``bn`` is a tracking BatchNorm given in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(64, 16), nn.BatchNorm1d(16)
+        self.inorm = nn.InstanceNorm1d(16, track_running_stats=True)
+        self.untracked, self.late = nn.BatchNorm1d(16, track_running_stats=False), nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.lin(x)))
+        h = h + self.inorm(h[:, :, None].expand(-1, -1, 2).contiguous()).mean(2) + self.untracked(h)
+        return self.head(self.late(h))
+
+
+def test_bn308_counts_and_names_only_tracking_batchnorms_given_in_eval_mode():
+    model = _Served().eval()
+    model.late.train()
+    (f,) = _findings("BN308", model, X.digits(), predict=XM.predict_no_eval)
+    assert f.evidence == {"train_mode_layers": ["bn"], "eval_mode_layers_given": 1}
+
+
+def test_bn308_does_not_call_predict_when_no_batchnorm_is_given_in_eval_mode():
+    def broken(model, x):
+        raise RuntimeError("only for deployed models")
+
+    # in train mode (as after training): nothing relies on eval mode, predict() is not even called
+    assert _findings("BN308", XM.trained_mlp(), X.digits(), predict=broken) == []
+    with pytest.raises(bnaudit.BnauditError, match="predict\\(\\) raised"):
+        bnaudit.inspect(XM.deployed(), X.digits(), predict=broken, select=["BN308"])
+
+
+# --- BN307 training-in-eval-mode -------------------------------------------------------------------------------
+class _Four(nn.Module):
+    """bn_a (affine) and bn_b (no affine) feed bn_c; ``spare`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn_a, self.bn_b = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.BatchNorm1d(8, affine=False)
+        self.bn_c, self.spare, self.head = nn.BatchNorm1d(8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn_c(torch.relu(self.bn_b(self.bn_a(self.lin(x))))))
+
+
+@functools.lru_cache(maxsize=1)
+def _four_recorded() -> tuple[nn.Module, object]:
+    """12 recorded steps: bn_a and bn_b left in eval mode after step 4 (7 steps), bn_c after step 10 (1 step),
+    the never-called ``spare`` in eval mode throughout."""
+    model = _Four()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    model.spare.eval()
+    with bnaudit.record(model) as rec:
+        for step in range(12):
+            model(torch.randn(16, 8, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 4:
+                model.bn_a.eval()
+                model.bn_b.eval()
+            if step == 10:
+                model.bn_c.eval()
+            rec.step()
+    return model, rec.history
+
+
+def _bn307(options=None):
+    model, history = _four_recorded()
+    return _findings("BN307", copy.deepcopy(model), None, options, history=history, input_shape="8")
+
+
+def test_bn307_groups_layers_by_their_steps_in_order_of_the_first_step():
+    group, single = _bn307()
+    assert group.layer is None and group.evidence["layers"] == ["bn_a", "bn_b"]
+    assert (group.evidence["first_step"], group.evidence["eval_steps"], group.evidence["min_steps"]) == (5, 7, 1)
+    # one of the two has weights: the message says theirs were trained
+    assert group.message.startswith("2 BatchNorm layers (bn_a, bn_b) stayed in eval mode for 7 of 12")
+    assert "while their weights were being trained; num_batches_tracked stalled at 5" in group.message
+    # a single step counts by default; the never-called spare is BN112's, not reported here
+    assert single.layer == "bn_c" and single.evidence["layers"] == ["bn_c"] and single.evidence["eval_steps"] == 1
+    assert single.message.startswith("BatchNorm1d bn_c stayed in eval mode for 1 of 12 recorded optimizer steps")
+    assert "its weights were being trained; num_batches_tracked stalled at 11" in single.message
+
+
+def test_bn307_min_steps_at_its_edge():
+    assert [f.evidence["layers"] for f in _bn307({"min_steps": 2})] == [["bn_a", "bn_b"]]
+    assert [f.evidence["layers"] for f in _bn307({"min_steps": 7})] == [["bn_a", "bn_b"]]
+    assert _bn307({"min_steps": 8}) == []
+    # fewer than one is one
+    assert [(f.evidence["layers"], f.evidence["min_steps"]) for f in _bn307({"min_steps": 0})] == [
+        (["bn_a", "bn_b"], 1), (["bn_c"], 1)]
+
+
+# --- BN302 / BN303 / BN304 on one BatchNorm fed the data directly ----------------------------------------------
+def _column(n: int = 64, channels: int = 1) -> torch.Tensor:
+    """Distinct values per channel with batch mean 0 and (biased) variance 1 to float precision."""
+    v = torch.linspace(-1.5, 1.5, n)[:, None] + 0.01 * torch.randn(n, channels, generator=torch.Generator().manual_seed(0))
+    v = v - v.mean(0)
+    return v / v.pow(2).mean(0).sqrt()
+
+
+def _norm(channels: int = 1, mean: float = 0.0, var: float = 1.0, trained: bool = False, head: int = 0) -> nn.Module:
+    """A BatchNorm with the given running buffers (and per-channel gamma/beta if ``trained``), optionally
+    followed by a Linear head."""
+    bn = nn.BatchNorm1d(channels)
+    with torch.no_grad():
+        bn.running_mean.fill_(mean)
+        bn.running_var.fill_(var)
+        if trained:
+            bn.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            bn.bias.copy_(torch.linspace(-0.5, 0.5, channels))
+    return nn.Sequential(bn, nn.Linear(channels, head)) if head else nn.Sequential(bn)
+
+
+def _rs(code: str, model: nn.Module, data, options=None):
+    return _findings(code, model, data, options, batch_size=64)
+
+
+def test_bn302_default_thresholds_and_min_samples():
+    x = _column(32, 2)  # exactly min_samples values per channel
+    # z ~ 0.35 (between 0.25 and twice that), r ~ 1: the mean shift alone
+    (f,) = _rs("BN302", _norm(2, mean=-0.35), x)
+    assert 0.34 < f.evidence["z"] < 0.36 and 0.9 < f.evidence["r"] < 1.1 and f.evidence["samples"] == 32
+    assert "mean shift z=" in f.message and "variance ratio r=" not in f.message
+    assert _rs("BN302", _norm(2, mean=-0.1), x) == []  # z ~ 0.1, r ~ 1 (above r_min 0.7, below twice that)
+    # r ~ 2 (between r_max 1.4 and twice that), z ~ 0.14: the variance ratio alone
+    (f,) = _rs("BN302", _norm(2, mean=-0.1, var=0.5), x)
+    assert 1.9 < f.evidence["r"] < 2.1 and "variance ratio r=" in f.message and "mean shift" not in f.message
+    assert _rs("BN302", _norm(2, mean=-0.1, var=0.5), x[:31]) == []  # 31 values per channel: too few to judge
+
+
+def _edge_value(code: str, key: str, model_fn, x, options) -> float:
+    (f,) = _rs(code, model_fn(), x, options)
+    return f.evidence[key]
+
+
+def test_bn302_mean_shift_exactly_at_z_max_is_tolerated():
+    x = _column(32, 2)
+    wide = {"r_min": 1e-9, "r_max": 1e9}
+    z = _edge_value("BN302", "z", lambda: _norm(2, mean=-0.35), x, {"z_max": 0.0, **wide})
+    assert _rs("BN302", _norm(2, mean=-0.35), x, {"z_max": z, **wide}) == []
+    assert _rs("BN302", _norm(2, mean=-0.35), x, {"z_max": math.nextafter(z, 0), **wide})
+    # at the edge with the variance ratio out of range: the message names the ratio alone
+    (f,) = _rs("BN302", _norm(2, mean=-0.35), x, {"z_max": z, "r_min": 1e-9, "r_max": 1e-9})
+    assert "mean shift" not in f.message and "variance ratio r=" in f.message
+    # the ratio exactly at both ends of its range, with a mean shift: the message names the shift alone
+    r = f.evidence["r"]
+    (f,) = _rs("BN302", _norm(2, mean=-0.35), x, {"z_max": 0.0, "r_min": r, "r_max": r})
+    assert "mean shift z=" in f.message and "variance ratio r=" not in f.message
+
+
+def test_bn302_leaves_buffers_at_their_initial_values_to_bn303_and_bn303_leaves_moved_ones_to_bn302():
+    x = _column(32, 2) * 2 + 1  # far from N(0, 1): both layers mismatch the data
+    assert _rs("BN302", _norm(2, trained=True), x) == []
+    assert [f.layer for f in _rs("BN303", _norm(2, trained=True), x)] == ["0"]
+    assert _rs("BN303", _norm(2, mean=0.1, trained=True), x) == []
+    assert [f.layer for f in _rs("BN302", _norm(2, mean=0.1, trained=True), x)] == ["0"]
+
+
+def test_bn303_default_thresholds_and_min_samples():
+    x = _column(32, 2)
+    (f,) = _rs("BN303", _norm(2, trained=True), x + 0.35)  # z ~ 0.35, r ~ 1
+    assert 0.34 < f.evidence["z"] < 0.36 and 0.9 < f.evidence["r"] < 1.1 and f.evidence["samples"] == 32
+    assert _rs("BN303", _norm(2, trained=True), x + 0.1) == []  # z ~ 0.1, r ~ 1
+    (f,) = _rs("BN303", _norm(2, trained=True), x * math.sqrt(2) + 0.1)  # r ~ 2, z ~ 0.1
+    assert 1.9 < f.evidence["r"] < 2.1
+    assert _rs("BN303", _norm(2, trained=True), (x * math.sqrt(2) + 0.1)[:31]) == []
+
+
+def _with_other(change: str) -> nn.Module:
+    """A BatchNorm at its initial values (constant gamma/beta) and another whose one sign of training is
+    ``change``."""
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        if change == "mean":
+            model[1].running_mean.copy_(torch.tensor([0.0, 0.3]))
+        elif change == "counter":
+            model[1].num_batches_tracked.fill_(1)
+    return model
+
+
+@pytest.mark.parametrize("change", ["mean", "counter"])
+def test_bn303_any_moved_buffer_shows_training(change):
+    x = _column(32, 2) * 2 + 1
+    assert _rs("BN303", _with_other("none"), x) == []  # a fresh model: nothing trained
+    assert [f.layer for f in _rs("BN303", _with_other(change), x)] == ["0"]
+
+
+def _regression(s2: float, d2: float) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Train mode reproduces x, eval mode x + d (running_mean -d): with targets x +- s the train-mode mean
+    squared error is s**2 and the eval-mode one s**2 + d**2."""
+    x = _column(64)
+    e = torch.ones(64, 1)
+    e[1::2] = -1
+    return _norm(1, mean=-math.sqrt(d2)), (x, x + math.sqrt(s2) * e)
+
+
+@pytest.mark.parametrize(("s2", "d2", "fires"), [
+    (1.0, 1.0, True),     # ratio 2 (between 1.5 and twice that), delta 1
+    (0.1, 0.15, True),    # ratio 2.5, delta 0.15 (between 0.1 and twice that)
+    (0.01, 0.05, False),  # ratio 6 but delta 0.05: both must exceed
+    (1.0, 0.3, False),    # delta 0.3 but ratio 1.3
+])
+def test_bn304_loss_needs_both_the_ratio_and_the_difference(s2, d2, fires):
+    model, data = _regression(s2, d2)
+    found = _rs("BN304", model, data)
+    assert bool(found) == fires
+    if found:
+        ev = found[0].evidence
+        assert ev["metric"] == "mse" and ev["train_accuracy"] is None and ev["eval_accuracy"] is None
+        assert ev["train_loss"] == pytest.approx(s2, rel=1e-4) and ev["eval_loss"] == pytest.approx(s2 + d2, rel=1e-4)
+        assert ev["loss_ratio"] == ev["eval_loss"] / ev["train_loss"]
+        assert "mean squared error" in found[0].message and "accuracy" not in found[0].message
+
+
+def test_bn304_loss_limits_are_tolerated_exactly_at_the_measured_values():
+    model, data = _regression(0.1, 0.15)
+    (f,) = _rs("BN304", copy.deepcopy(model), data)
+    ratio, delta = f.evidence["loss_ratio"], f.evidence["eval_loss"] - f.evidence["train_loss"]
+    assert _rs("BN304", copy.deepcopy(model), data, {"max_loss_ratio": ratio}) == []
+    assert _rs("BN304", copy.deepcopy(model), data, {"max_loss_ratio": math.nextafter(ratio, 0)})
+    assert _rs("BN304", copy.deepcopy(model), data, {"min_loss_delta": delta}) == []
+    assert _rs("BN304", copy.deepcopy(model), data, {"min_loss_delta": math.nextafter(delta, 0)})
+
+
+def test_bn304_a_train_mode_loss_of_zero_is_an_infinite_ratio():
+    # a constant input: train mode normalizes it to beta = 0 exactly, the targets; eval mode gives 0.5
+    x, target = torch.ones(64, 1), torch.zeros(64, 1)
+    (f,) = _rs("BN304", _norm(1, mean=0.5), (x, target))
+    assert f.evidence["train_loss"] == 0.0 and f.evidence["loss_ratio"] == math.inf
+    assert f.evidence["eval_loss"] == pytest.approx(0.25, rel=1e-4)
+
+
+def test_bn304_output_change_default_and_its_edge():
+    (f,) = _rs("BN304", _norm(1, mean=-0.75), _column(64))  # eval = train + 0.75: RMS change 0.6 of eval's
+    change = f.evidence["relative_change"]
+    assert f.evidence["metric"] == "output" and 0.59 < change < 0.61
+    assert _rs("BN304", _norm(1, mean=-0.75), _column(64), {"max_output_change": change}) == []
+    assert _rs("BN304", _norm(1, mean=-0.75), _column(64), {"max_output_change": math.nextafter(change, 0)})
+
+
+def _classifier(flipped: int) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Class 1 iff x > 0 in train mode (accuracy 1); eval mode adds d, moving the ``flipped`` negative
+    samples nearest 0 to class 1."""
+    x = _column(64)
+    neg = sorted(float(v) for v in x[:, 0] if v < 0)[::-1]
+    d = -(neg[flipped - 1] + neg[flipped]) / 2
+    model = _norm(1, mean=-d, head=2)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-3.0], [3.0]]))
+        model[1].bias.zero_()
+    return model, (x, (x[:, 0] > 0).long())
+
+
+def test_bn304_accuracy_drop_default_and_its_edge():
+    model, data = _classifier(10)  # a drop of 10/64 = 0.156: between 0.1 and twice that
+    loss_ok = {"max_loss_ratio": 1e9}
+    (f,) = _rs("BN304", copy.deepcopy(model), data, loss_ok)
+    ev = f.evidence
+    assert ev["metric"] == "cross_entropy" and (ev["train_accuracy"], ev["eval_accuracy"]) == (1.0, 54 / 64)
+    assert "accuracy 84.4% in eval mode vs 100.0% in train mode" in f.message and "cross-entropy" in f.message
+    drop = ev["train_accuracy"] - ev["eval_accuracy"]
+    assert _rs("BN304", copy.deepcopy(model), data, {**loss_ok, "max_accuracy_drop": drop}) == []
+    assert _rs("BN304", copy.deepcopy(model), data, {**loss_ok, "max_accuracy_drop": math.nextafter(drop, 0)})
+    small, data = _classifier(6)  # 6/64 = 0.094: within the default
+    assert _rs("BN304", small, data, loss_ok) == []
+
+
+# --- BN305 frozen-bn-drifts ------------------------------------------------------------------------------------
+class _FrozenNorm(nn.Module):
+    """A frozen BatchNorm under a trainable scalar temperature (one trainable element, or none)."""
+
+    def __init__(self, trainable: bool = True, counter: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = nn.Linear(64, 8), nn.BatchNorm1d(8)
+        self.lin.requires_grad_(False)
+        self.bn.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.ones(()), requires_grad=trainable)
+        if not counter:
+            self.bn.num_batches_tracked = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x)) / self.temperature
+
+
+def test_bn305_a_model_given_in_eval_mode_with_anything_trainable_is_reported():
+    (f,) = _findings("BN305", _FrozenNorm().eval(), X.digits())
+    assert f.layer == "bn" and f.evidence["training"] is False and f.evidence["trainable_params"] == 1
+    assert "will be in train mode after model.train()" in f.message and f.evidence["num_batches_tracked"] == [0, 1]
+    assert _findings("BN305", _FrozenNorm(trainable=False).eval(), X.digits()) == []  # inference only
+
+
+def test_bn305_a_layer_in_train_mode_is_reported_even_when_nothing_trains():
+    (f,) = _findings("BN305", _FrozenNorm(trainable=False).train(), X.digits())
+    assert f.evidence["training"] is True and f.evidence["trainable_params"] == 0 and "is in train mode" in f.message
+
+
+def test_bn305_without_data_or_without_a_counter():
+    (f,) = _findings("BN305", _FrozenNorm().train(), None, input_shape="64")
+    assert "mean_shift" not in f.evidence and "one train-mode forward" not in f.message
+    (f,) = _findings("BN305", _FrozenNorm(counter=False).train(), X.digits())
+    assert f.evidence["mean_shift"] > 0 and "num_batches_tracked" not in f.evidence
