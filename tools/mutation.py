@@ -56,7 +56,8 @@ KILLS = "tests/rules/test_mutation_kills.py"  # edge cases found by this tool: q
 # Edge cases found by this tool, one file per family of modules: quick, so they run first.
 K_STATIC = "tests/rules/test_kills_static.py"  # BN1xx: rules/architecture, layer_settings, base, catalog, common
 K_DATA = "tests/rules/test_kills_data.py"  # BN2xx: rules/data, probes/data
-K_MODES = "tests/rules/test_kills_modes.py"  # BN3xx: rules/modes, running_stats, probes/running_stats, common, state
+K_MODES = "tests/rules/test_kills_modes.py"  # BN3xx: rules/modes, rules/running_stats
+K_MODES_PROBES = "tests/rules/test_kills_modes_probes.py"  # their probes: probes/running_stats, common, state
 K_PROBES = "tests/rules/test_kills_probes.py"  # probes/inference, train_eval, eval_steps; rules/distributed
 ARCH = ["tests/test_architectures.py", "tests/rules/test_architecture.py", "tests/rules/test_architecture_issue19.py"]
 MODES = ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]
@@ -69,14 +70,15 @@ TESTS: dict[str, list[list[str]]] = {
     "bnaudit/rules/catalog.py": [[K_STATIC], [EXAMPLES, "-k", "BN1 or BN3"], ["tests/test_config.py", "tests/test_cli.py"]],
     "bnaudit/rules/architecture.py": [[K_STATIC], [EXAMPLES, "-k", "BN1"], ARCH],
     "bnaudit/rules/layer_settings.py": [[K_STATIC], [EXAMPLES, "-k", "BN1"], ARCH],
-    "bnaudit/rules/common.py": [[KILLS, K_STATIC, K_MODES], [EXAMPLES, "-k", "BN1 or BN3"], MODES],
+    "bnaudit/rules/common.py": [[K_STATIC, K_MODES], [KILLS], [EXAMPLES, "-k", "BN1 or BN3"], MODES],
     "bnaudit/rules/data.py": DATA,
     "bnaudit/probes/data.py": DATA,
-    "bnaudit/rules/modes.py": [[KILLS, K_MODES], [EXAMPLES, "-k", "BN3"], MODES],
-    "bnaudit/rules/running_stats.py": [[KILLS, K_MODES], [EXAMPLES, "-k", "BN3"], MODES],
-    "bnaudit/probes/common.py": [[KILLS, K_MODES, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
-    "bnaudit/probes/running_stats.py": [[KILLS, K_MODES], [EXAMPLES, "-k", "BN3"], MODES],
-    "bnaudit/probes/state.py": [["tests/test_probes_state.py", K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/rules/modes.py": [[K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/rules/running_stats.py": [[K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/common.py": [[K_MODES_PROBES, K_MODES, K_PROBES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/running_stats.py": [[K_MODES_PROBES, K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/state.py": [["tests/test_probes_state.py", K_MODES_PROBES, K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"],
+                                MODES],
     "bnaudit/probes/inference.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
     "bnaudit/probes/train_eval.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
     "bnaudit/probes/eval_steps.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
@@ -161,7 +163,7 @@ EQUIVALENT: dict[str, str] = {
     # --- BN2xx rules and the data probe (K_DATA) ---
     #
     #
-    # --- BN3xx rules and their probes (K_MODES) ---
+    # --- BN3xx rules and their probes (K_MODES, K_MODES_PROBES) ---
     "bnaudit/rules/modes.py:BatchDependentInference.check:dropcond:single and not changed and not "
     "(res.batch_stat_layers or \"value per channel\" in single) -> (single) and (not (res.batch_stat_layers or "
     "\"value per channel\" in single))":
