@@ -5,3 +5,459 @@ unpinned: each test decides a behaviour that a plausible one-token change would 
 evidence value against a naive recomputation, an edge path). Real small models, real or exactly constructed data."""
 
 from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnaudit.loading.data import Batch
+from bnaudit.probes.inference import cobatch_invariance, predict_mutations, predict_train_mode_layers
+from bnaudit.probes.running_stats import train_mode_pass
+from bnaudit.probes.train_eval import train_eval_gap
+from bnaudit.rules import examples_modes as XM
+
+
+def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
+
+
+def _linear(seed: int = 0, f: int = 4, out: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(f, out)).eval()
+
+
+class _Counted:
+    """An iterable of batches that counts how many of them were drawn."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.drawn += 1
+            yield b
+
+
+# --- cobatch_invariance (BN301): pooling, co-batch sizes, comparisons -------------------------------------------
+def test_cobatch_sizes_by_pooled_samples_and_cobatch_size():
+    model = _linear()
+    # (pooled samples, cobatch_size) -> the co-batch sizes compared: the reference, a disjoint one, the sample alone
+    cases = {(2, 8): (2, 1), (3, 8): (2, 2, 1), (4, 8): (2, 2, 1), (5, 8): (3, 3, 1), (6, 8): (3, 3, 1),
+             (7, 8): (4, 4, 1), (15, 8): (8, 8, 1), (20, 8): (8, 8, 1), (20, 2): (2, 2, 1), (20, 1): (2, 2, 1),
+             (20, 3): (3, 3, 1), (4, 3): (2, 2, 1), (5, 3): (3, 3, 1)}
+    for (n, size), compared in cases.items():
+        assert cobatch_invariance(model, [_x(n)], cobatch_size=size).compared == compared, (n, size)
+    assert cobatch_invariance(model, [_x(20)]).compared == (8, 8, 1)  # the default co-batch holds 8 samples
+
+
+def test_cobatch_draws_only_the_batches_it_needs():
+    model = _linear()
+    # cobatch_size 2 needs 3 samples: two batches of 2 give 4 (both drawn, the third never is)
+    batches = _Counted([_x(2, seed=s) for s in range(4)])
+    assert cobatch_invariance(model, batches, cobatch_size=2).compared == (2, 2, 1)
+    assert batches.drawn == 2
+    # exactly enough in the first batch: the second is never drawn
+    batches = _Counted([_x(3, seed=s) for s in range(3)])
+    assert cobatch_invariance(model, batches, cobatch_size=2).compared == (2, 2, 1)
+    assert batches.drawn == 1
+    # an empty batch is skipped, not counted as the pool
+    assert cobatch_invariance(model, [_x(0), _x(3)], cobatch_size=2).compared == (2, 2, 1)
+
+
+def test_cobatch_of_one_sample_is_not_run():
+    res = cobatch_invariance(_linear(), [_x(1)], lambda m, x: m(x))
+    assert res.note == "needs at least two samples" and res.compared == () and res.used_predict is True
+    assert res.max_abs_delta == 0.0 and res.scale == 0.0 and res.relative == 0.0
+    assert cobatch_invariance(_linear(), []).used_predict is False
+    ok = cobatch_invariance(_linear(), [_x(2)])
+    assert ok.note == "" and ok.used_predict is False and ok.changed is None and ok.noise is None
+
+
+def test_cobatch_seeds_zero_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    x = _x(6)
+
+    def draws(**kw):
+        return cobatch_invariance(model, [x], XM.predict_no_eval, **kw).scale
+
+    assert draws() == draws(seed=0) != draws(seed=1)
+
+
+class _SimilarityHead(nn.Module):
+    """Each sample's output is its similarity to every sample of the batch: (N, N), one row per sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ x.T
+
+
+def test_cobatch_output_of_another_shape_is_an_infinite_change():
+    res = cobatch_invariance(_SimilarityHead(), [_x(2)])
+    assert res.compared == (2, 1) and res.max_abs_delta == math.inf and res.relative == math.inf
+
+
+class _Empty(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :0]
+
+
+def test_cobatch_of_an_output_without_values_changes_by_zero():
+    res = cobatch_invariance(_Empty(), [_x(5)])
+    assert res.compared == (3, 3, 1) and res.max_abs_delta == 0.0 and res.scale == 0.0 and res.relative == 0.0
+
+
+class _NoSingles(nn.Module):
+    """Batch-independent, but refuses a batch of one sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            raise ValueError("needs two samples")
+        return 2.0 * x
+
+
+def test_cobatch_when_a_single_sample_raises():
+    res = cobatch_invariance(_NoSingles(), [_x(5)])
+    assert res.compared == (3, 3) and res.single_sample_error and "needs two samples" in res.single_sample_error
+    assert res.max_abs_delta == 0.0 and res.relative == 0.0
+    # with any tolerance, even one below zero, the missing single-sample output is not compared
+    for tolerance in (0.0, -1.0):
+        res = cobatch_invariance(_NoSingles(), [_x(5)], tolerance=tolerance)
+        assert res.changed is False and res.compared == (3, 3)
+        assert res.noise == (0.0 if tolerance < 0 else None)  # below zero, the co-batch noise is measured
+
+
+def test_cobatch_no_change_at_tolerance_zero_measures_no_noise():
+    # an elementwise model: every co-batch gives the sample bit-identical outputs, a change of exactly 0
+    res = cobatch_invariance(_NoSingles(), [_x(5)], tolerance=0.0)
+    assert res.max_abs_delta == 0.0 and res.changed is False and res.noise is None
+    res = cobatch_invariance(nn.Sequential(nn.Tanh()), [_x(5)], tolerance=0.0)
+    assert res.compared == (3, 3, 1) and res.max_abs_delta == 0.0 and res.changed is False and res.noise is None
+
+
+class _Untracked(nn.Module):
+    """A BatchNorm without running statistics over (N, 2, 3): batch statistics in eval mode too, and one sample
+    has three values per channel, so a single sample normalizes over itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.reshape(-1, 2, 3))
+
+
+def test_cobatch_two_samples_single_comparison_alone_decides():
+    # two samples: no disjoint co-batch, so the sample alone against the pair is the only comparison; the
+    # sample repeated twice has its own statistics, as alone: noise ~0, the change is real
+    x = _x(2, f=6, seed=3)
+    res = cobatch_invariance(_Untracked().eval(), [x], tolerance=1e-3)
+    assert res.compared == (2, 1) and res.max_abs_delta > 0.1
+    assert res.changed is True and res.noise is not None and res.noise < 1e-5
+    assert res.batch_stat_layers == ("bn",) and res.untracked_layers == ("bn",) and res.train_mode_layers == ()
+
+
+def test_cobatch_batch_dependence_beats_the_measured_noise():
+    res = cobatch_invariance(_Untracked().eval(), [_x(9, f=6, seed=4)], tolerance=1e-3)
+    assert res.compared == (5, 5, 1) and res.changed is True and res.noise is not None and res.noise < 1e-5
+
+
+class _BatchSum(nn.Module):
+    """y_i = x_i + alpha * sum_j x_j + beta * i: batch dependence through the sum (alpha), and a position effect
+    (beta) that looks like noise to the probe, since moving the sample within its co-batch changes it."""
+
+    def __init__(self, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[0], dtype=x.dtype)[:, None]
+        return x + self.alpha * x.sum(0, keepdim=True) + self.beta * pos
+
+
+def test_cobatch_change_must_exceed_four_times_the_noise_by_default():
+    x = torch.tensor([[1.0], [2.0], [3.0]])  # reference [0, 1], disjoint [0, 2], moved [1, 0] (sample 0 last)
+    # the disjoint co-batch changes the sample by alpha * |x1 - x2| = 0.01; moving it changes it by beta = 0.01 / 6;
+    # the sample alone changes by alpha * x1 = 0.02 and repeated twice by alpha * x0 = 0.01 (noise, too large)
+    model = _BatchSum(0.01, 0.01 / 6)
+    res = cobatch_invariance(model, [x], tolerance=1e-3)
+    scale = 1.0 + 0.01 * 3.0
+    assert res.scale == pytest.approx(scale, rel=1e-6) and res.max_abs_delta == pytest.approx(0.02, rel=1e-4)
+    assert res.changed is True and res.noise == pytest.approx(0.01 / scale, rel=1e-4)
+    assert cobatch_invariance(model, [x], tolerance=1e-3, noise_margin=8.0).changed is False  # 6x is not 8x
+    assert cobatch_invariance(model, [x], tolerance=0.03).changed is False  # 0.01 / 1.03 is within it
+
+
+class _LpNormalize(nn.Module):
+    """Not a dropout layer, though it has a ``p`` (the norm's order)."""
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, p=self.p, dim=1)
+
+
+def test_cobatch_names_each_layer_by_what_it_does_in_its_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.BatchNorm1d(6, track_running_stats=False),
+                          nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Dropout(0.5), _LpNormalize(), nn.Linear(6, 2))
+    model.eval()
+    model[3].train()  # tracked, in train mode
+    model[5].train()  # the only active dropout
+    model[6].train()
+    res = cobatch_invariance(model, [_x(6)], XM.predict_no_eval)  # keeps the modes as given
+    assert res.batch_stat_layers == ("2", "3") and res.train_mode_layers == ("3",) and res.untracked_layers == ("2",)
+    assert res.active_dropout == ("5",) and res.used_predict is True
+    # without a predict the path is an eval-mode forward: only the untracked layer uses batch statistics
+    plain = cobatch_invariance(model, [_x(6)])
+    assert plain.batch_stat_layers == ("2",) and plain.train_mode_layers == () and plain.active_dropout == ()
+
+
+# --- predict_train_mode_layers (BN308) ----------------------------------------------------------------------------
+def test_predict_train_mode_layers_calls_predict_once_on_the_first_two_samples_seeded_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.InstanceNorm1d(4, track_running_stats=True))
+    seen = []
+
+    def predict(m, x):
+        seen.append((x.clone(), torch.rand(1)))
+        return m[:2](x)
+
+    x = _x(2)
+    assert predict_train_mode_layers(model, x, predict) == ("1",)  # a batch of two is enough
+    ((inputs, draw),) = seen
+    assert torch.equal(inputs, x[:2])
+    torch.manual_seed(0)
+    assert torch.equal(draw, torch.rand(1))  # seeded with 0 by default
+    predict_train_mode_layers(model, _x(5), predict)
+    assert torch.equal(seen[1][0], _x(5)[:2])
+    assert predict_train_mode_layers(model, _x(1), predict) == () and len(seen) == 2  # one sample: not called
+
+
+# --- predict_mutations (BN306) ------------------------------------------------------------------------------------
+def _bn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+
+
+def test_predict_mutations_runs_two_batches_by_default_and_counts_their_samples():
+    res = predict_mutations(_bn(), [_x(8, seed=s) for s in range(4)], XM.predict_no_eval)
+    assert res.calls == 2 and res.samples == 16 and res.used_predict is True and res.note == ""
+    assert res.changes[0].num_batches_tracked == (0, 2)
+    three = predict_mutations(_bn(), [_x(8, seed=s) for s in range(4)], XM.predict_no_eval, max_calls=3)
+    assert three.calls == 3 and three.samples == 24
+
+
+def test_predict_mutations_without_batches():
+    res = predict_mutations(_bn(), [])
+    assert res.note == "no batches" and res.calls == 0 and res.samples == 0 and res.used_predict is False
+    assert res.changes == ()
+    eval_path = predict_mutations(_bn(), [_x(8)])
+    assert eval_path.used_predict is False and eval_path.changes == () and eval_path.calls == 1
+
+
+class _Counter(nn.Module):
+    """A hand-written normalization that counts its calls in a buffer named like BatchNorm's counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked += 1
+        return x - x.mean(0)
+
+
+def test_predict_mutations_reads_counters_of_batchnorms_only():
+    model = nn.Sequential(nn.Linear(4, 4), _Counter())
+    (change,) = predict_mutations(model, [_x(8)], XM.predict_no_eval).changes
+    assert change.layer == "1" and change.buffers == ("num_batches_tracked",) and change.num_batches_tracked is None
+    assert change.max_abs_delta == 0.0  # an integer counter has no float change
+
+
+def test_predict_mutations_buffers_added_removed_or_resized_are_infinite_changes():
+    def added(model, x):
+        model[1].register_buffer("extra", torch.zeros(2))
+        return model.eval()(x)
+
+    def removed(model, x):
+        del model[1]._buffers["running_var"]
+        return model[0](x)
+
+    def resized(model, x):
+        model[1].running_mean = torch.zeros(8)
+        return model[0](x)
+
+    for predict, name in ((added, "extra"), (removed, "running_var"), (resized, "running_mean")):
+        (change,) = predict_mutations(_bn(), [_x(8)], predict).changes
+        assert change.buffers == (name,) and change.max_abs_delta == math.inf, name
+
+
+# --- train_eval_gap (BN304): which metric, and each against a naive recomputation ---------------------------------
+def _bn_head(out: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, out))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return copy.deepcopy(model).eval()(x).double(), copy.deepcopy(model).train()(x).double()
+
+
+def _metric(model: nn.Module, x: torch.Tensor, y) -> str:
+    return train_eval_gap(model, [Batch(x, y) if y is not None else x]).metric
+
+
+def test_train_eval_gap_metric_by_targets_and_output():
+    x, head = _x(8, seed=6), _bn_head()
+    classes = torch.tensor([0, 1, 2, 0, 1, 2, 0, 2])
+    assert _metric(head, x, classes) == "cross_entropy"  # 0 and 2 = C - 1 both allowed
+    assert _metric(head, x, None) == "output"
+    assert _metric(head, x, classes - 1) == "output"  # -1 is no class (an ignore index)
+    assert _metric(head, x, classes + 1) == "output"  # 3 is no class of 3
+    assert _metric(head, x, nn.functional.one_hot(classes, 3)) == "output"  # integer one-hot: no class indices
+    assert _metric(head, x, classes[:4]) == "output"  # not one target per sample
+    assert _metric(head, x, torch.zeros(8, 3)) == "mse"
+    assert _metric(head, x, torch.zeros(8, 2)) == "output"  # float targets of another size
+    assert _metric(head, x, torch.zeros(8, dtype=torch.complex64)) == "output"
+    assert _metric(head, x, torch.zeros(8, 3, dtype=torch.complex64)) == "output"
+    flat = nn.Sequential(_bn_head(1), nn.Flatten(0))  # a 1-D output (N,) with float targets (N,)
+    assert _metric(flat, x, torch.zeros(8)) == "mse"
+    assert _metric(flat, x, torch.zeros(8, dtype=torch.long)) == "output"
+
+
+def test_train_eval_gap_cross_entropy_against_a_naive_recomputation():
+    head, classes = _bn_head(), torch.tensor([0, 1, 2, 0, 1, 2, 0, 2, 1, 1])
+    xs = [_x(10, seed=7), _x(6, seed=8)]
+    ys = [classes, classes[:6]]
+    res = train_eval_gap(head, [Batch(x, y) for x, y in zip(xs, ys)])
+    loss = {"eval": 0.0, "train": 0.0}
+    right = {"eval": 0.0, "train": 0.0}
+    for x, y in zip(xs, ys):
+        for mode, out in zip(("eval", "train"), _outputs(head, x)):
+            for i in range(len(y)):
+                loss[mode] += float(torch.logsumexp(out[i], 0) - out[i, y[i]])
+                right[mode] += float(int(out[i].argmax()) == int(y[i]))
+    assert res.metric == "cross_entropy" and res.batches == 2 and res.samples == 16
+    assert res.train_value == pytest.approx(loss["train"] / 16, rel=1e-9)
+    assert res.eval_value == pytest.approx(loss["eval"] / 16, rel=1e-9)
+    assert res.relative_change == pytest.approx((loss["eval"] - loss["train"]) / loss["train"], rel=1e-9)
+    assert res.train_accuracy == right["train"] / 16 and res.eval_accuracy == right["eval"] / 16
+
+
+def test_train_eval_gap_mse_against_a_naive_recomputation():
+    head = _bn_head(2)
+    x, y = _x(12, seed=9), 0.3 * _x(12, f=2, seed=10)
+    e, t = _outputs(head, x)
+    res = train_eval_gap(head, [Batch(x, y)])
+    train_v, eval_v = float(((t - y.double()) ** 2).mean()), float(((e - y.double()) ** 2).mean())
+    assert 0 < train_v < 1  # the relative change divides by it
+    assert res.metric == "mse" and res.batches == 1 and res.samples == 12
+    assert res.train_value == pytest.approx(train_v, rel=1e-9) and res.eval_value == pytest.approx(eval_v, rel=1e-9)
+    assert res.relative_change == pytest.approx((eval_v - train_v) / train_v, rel=1e-9)
+    assert res.train_accuracy is None and res.eval_accuracy is None
+
+
+def test_train_eval_gap_output_rms_of_both_modes():
+    head = _bn_head(2)
+    x = _x(12, seed=11, scale=2.0)
+    e, t = _outputs(head, x)
+    res = train_eval_gap(head, [x, x[:1]])  # the batch of one is skipped
+    assert res.batches == 1 and res.samples == 12
+    assert res.train_value == pytest.approx(float(t.pow(2).mean().sqrt()), rel=1e-9)
+    assert res.eval_value == pytest.approx(float(e.pow(2).mean().sqrt()), rel=1e-9)
+
+
+def test_train_eval_gap_zero_losses():
+    # train-mode outputs that are the targets exactly: a train loss of 0, any eval loss is an infinite change
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0)
+    x = _x(8, f=3, seed=12)
+    with torch.no_grad():
+        y = copy.deepcopy(bn).train()(x)
+    res = train_eval_gap(bn, [Batch(x, y)])
+    assert res.metric == "mse" and res.train_value == 0.0 and res.eval_value > 0 and res.relative_change == math.inf
+    # both losses 0 (an all-zero head, zero targets): no change
+    zero = _bn_head(2)
+    with torch.no_grad():
+        zero[1].weight.zero_()
+        zero[1].bias.zero_()
+    res = train_eval_gap(zero, [Batch(x[:, :2].repeat(1, 2), torch.zeros(8, 2))])
+    assert res.metric == "mse" and res.train_value == res.eval_value == 0.0 and res.relative_change == 0.0
+
+
+def test_train_eval_gap_output_that_is_zero_in_eval_mode_is_an_infinite_change():
+    # running statistics far above the data: eval-mode outputs are negative, zero after the ReLU; train mode's aren't
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(100.0)
+    res = train_eval_gap(nn.Sequential(bn, nn.ReLU()), [_x(8, f=3, seed=13)])
+    assert res.metric == "output" and res.eval_value == 0.0 and res.train_value > 0 and res.relative_change == math.inf
+
+
+class _ByMode(nn.Module):
+    """Returns its output in one mode of its BatchNorm only (as detection models return different things in train
+    and eval mode), ``None`` in the other."""
+
+    def __init__(self, in_train: bool) -> None:
+        super().__init__()
+        self.bn, self.in_train = nn.BatchNorm1d(4), in_train
+
+    def forward(self, x: torch.Tensor):
+        return self.bn(x) if self.bn.training == self.in_train else None
+
+
+class _WidthByMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) if self.bn.training else self.bn(x)[:, :2]
+
+
+def test_train_eval_gap_skips_batches_without_comparable_outputs():
+    note = "no batch of two or more samples with a usable output"
+    for model in (_ByMode(True), _ByMode(False), _WidthByMode(), _Empty()):
+        res = train_eval_gap(model, [_x(8)])
+        assert res.note == note and res.batches == 0 and res.samples == 0, model
+        assert res.metric == "output" and res.train_value == res.eval_value == res.relative_change == 0.0
+
+
+def test_train_eval_gap_takes_boolean_labels_as_classes_0_and_1():
+    # cross_entropy refuses bool targets: the probe used to raise on a binary task labelled with booleans
+    head, x = _bn_head(2), _x(8, seed=17)
+    labels = torch.tensor([True, False, True, True, False, False, True, False])
+    res = train_eval_gap(head, [Batch(x, labels)])
+    ref = train_eval_gap(head, [Batch(x, labels.long())])
+    assert res.metric == "cross_entropy" and res == ref
+
+
+def test_train_eval_gap_keeps_the_first_batchs_metric():
+    head = _bn_head(2)
+    x = _x(8, seed=14)
+    res = train_eval_gap(head, [Batch(x, torch.zeros(8, 2)), x, Batch(x, torch.ones(8, 2))])
+    assert res.metric == "mse" and res.batches == 2 and res.samples == 16  # the batch without targets is left out
+    e, t = _outputs(head, x)
+    expected = (float((e**2).sum() + ((e - 1) ** 2).sum()) / 32, float((t**2).sum() + ((t - 1) ** 2).sum()) / 32)
+    assert (res.eval_value, res.train_value) == pytest.approx(expected, rel=1e-9)
+
+
+def test_train_eval_gap_uses_the_train_pass_it_is_given():
+    head = _bn_head(2)
+    calls = []
+    head.register_forward_hook(lambda m, a, o: calls.append(m.training))
+    batches = [_x(8, seed=15), _x(8, seed=16)]
+    given = train_mode_pass(head, batches)
+    calls.clear()
+    res = train_eval_gap(head, batches, train_pass=given)
+    assert calls == [False, False]  # the eval passes only
+    assert res.train_value == pytest.approx(train_eval_gap(head, batches).train_value, rel=1e-12)
+    calls.clear()
+    train_eval_gap(head, batches)
+    assert len(calls) == 4
