@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+import bnaudit
 from bnaudit.loading.data import Batch
+from bnaudit.probes.eval_steps import eval_mode_steps, history_eval_mode_steps
 from bnaudit.probes.inference import cobatch_invariance, predict_mutations, predict_train_mode_layers
 from bnaudit.probes.running_stats import train_mode_pass
-from bnaudit.probes.train_eval import train_eval_gap
+from bnaudit.probes.train_eval import frozen_bn_drift, train_eval_gap
 from bnaudit.rules import examples_modes as XM
 
 
@@ -461,3 +463,159 @@ def test_train_eval_gap_uses_the_train_pass_it_is_given():
     calls.clear()
     train_eval_gap(head, batches)
     assert len(calls) == 4
+
+
+# --- frozen_bn_drift (BN305) --------------------------------------------------------------------------------------
+class _Frozen(nn.Module):
+    """Six BatchNorms: a (frozen, train mode), b (trainable), c (frozen, no running statistics), d (frozen, eval,
+    kept in eval by ``train()``), e (frozen, in train mode as given though ``train()`` would keep it in eval),
+    f (frozen, in eval mode as given, put in train mode by ``train()``); a dropout before them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+        self.a, self.b, self.c = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4, track_running_stats=False)
+        self.d, self.e, self.f = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        for m in (self.a, self.c, self.d, self.e, self.f):
+            m.requires_grad_(False)
+        for m in (self.a, self.b, self.d, self.e, self.f):
+            m.running_var.fill_(0.25)  # below 1: the shift divides by sqrt(0.25 + eps)
+        self.train()
+        self.e.train()
+        self.f.eval()
+
+    def train(self, mode: bool = True) -> _Frozen:
+        super().train(mode)
+        self.d.eval()
+        self.e.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.lin(x))
+        for m in (self.a, self.b, self.c, self.d, self.e, self.f):
+            h = m(h)
+        return h
+
+
+def test_frozen_bn_drift_layers_and_drift_against_a_naive_recomputation():
+    model, x = _Frozen(), _x(8, seed=18, scale=3.0)
+    res = frozen_bn_drift(model, x)
+    assert res.frozen_total == 5 and res.trainable_params == 4 * 4 + 4 + 2 * 4 and res.forward_ran
+    assert [(lay.layer, lay.training_now, lay.training_after_train) for lay in res.layers] == [
+        ("a", True, True), ("e", True, False), ("f", False, True)]
+    naive = copy.deepcopy(model).train()
+    before = {n: (m.running_mean.double().clone(), m.running_var.double().clone()) for n, m in naive.named_children()
+              if isinstance(m, nn.BatchNorm1d) and m.running_mean is not None}
+    torch.manual_seed(0)  # the probe seeds the dropout with 0
+    with torch.no_grad():
+        naive(x)
+    for lay in res.layers:
+        m, (rm0, rv0) = getattr(naive, lay.layer), before[lay.layer]
+        rm1, rv1 = m.running_mean.double(), m.running_var.double()
+        shift = float(((rm1 - rm0).abs() / torch.sqrt(rv0 + m.eps)).max())
+        ratio = float(torch.maximum((rv0 + m.eps) / (rv1 + m.eps), (rv1 + m.eps) / (rv0 + m.eps)).max())
+        moved = not (torch.equal(rm0, rm1) and torch.equal(rv0, rv1))
+        assert (lay.moved, lay.num_batches_tracked) == (moved, (0, 0 if lay.layer == "e" else 1)), lay.layer
+        assert lay.mean_shift == pytest.approx(shift, rel=1e-9) and lay.var_ratio == pytest.approx(ratio, rel=1e-9)
+    assert [lay.moved for lay in res.layers] == [True, False, True]  # e stays in eval mode in the forward
+
+
+def test_frozen_bn_drift_without_a_usable_batch_measures_nothing():
+    for batch in (None, _x(1, seed=19)):  # a batch of one sample cannot normalize in train mode
+        res = frozen_bn_drift(_Frozen(), batch)
+        assert not res.forward_ran and [lay.layer for lay in res.layers] == ["a", "e", "f"]
+        assert all(lay.moved is None and lay.mean_shift is None and lay.var_ratio is None
+                   and lay.num_batches_tracked is None for lay in res.layers)
+    assert frozen_bn_drift(_Frozen(), _x(2, seed=19)).forward_ran  # two samples are enough
+
+
+def test_frozen_bn_drift_with_nothing_frozen_or_nothing_that_drifts():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert frozen_bn_drift(plain, _x(8)) == type(frozen_bn_drift(plain))((), 0, 28, False)
+    untracked = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False).requires_grad_(False))
+    res = frozen_bn_drift(untracked, _x(8))
+    assert res.layers == () and res.frozen_total == 1 and res.trainable_params == 20 and not res.forward_ran
+
+
+def _exact_bn(mean: float, var: float) -> nn.Module:
+    bn = nn.BatchNorm1d(1, momentum=0.5).requires_grad_(False)
+    with torch.no_grad():
+        bn.running_mean.fill_(mean)
+        bn.running_var.fill_(var)
+    return bn.train()
+
+
+def test_frozen_bn_drift_moved_when_either_buffer_moves():
+    x = torch.tensor([[-1.0], [0.0], [1.0]])  # batch mean 0, unbiased variance 1, exactly
+    only_mean = frozen_bn_drift(_exact_bn(1.0, 1.0), x).layers[0]  # mean 1 -> 0.5, variance stays 1
+    assert only_mean.moved is True and only_mean.var_ratio == 1.0
+    only_var = frozen_bn_drift(_exact_bn(0.0, 4.0), x).layers[0]  # mean stays 0, variance 4 -> 2.5
+    assert only_var.moved is True and only_var.mean_shift == 0.0
+    still = frozen_bn_drift(_exact_bn(0.0, 1.0), x).layers[0]
+    assert still.moved is False and still.mean_shift == 0.0 and still.var_ratio == 1.0
+    assert still.num_batches_tracked == (0, 1)
+
+
+# --- eval_mode_steps (BN307) --------------------------------------------------------------------------------------
+def _span(flags, counts=None, grads=None, updated=None, steps=None):
+    steps = list(steps or range(10, 10 + len(flags)))
+    spans = eval_mode_steps(steps, {"bn": flags}, {"bn": grads or [True] * len(flags)},
+                            {"bn": counts} if counts is not None else None, updated)
+    return spans[0] if spans else None
+
+
+def test_eval_mode_steps_counts_only_trained_steps_with_a_stalled_counter():
+    F, T = False, True
+    # the counter advances at step 11 (a validation switch: the forward ran in train mode), stalls at 12 and 13;
+    # at 14 it advances in train mode, at 15 it stalls again
+    span = _span([T, F, F, F, T, F], [0, 1, 1, 1, 2, 2])
+    assert span.steps == (12, 13, 15) and (span.first, span.last) == (12, 15) and span.stalled_at == 1
+    assert span.confirmed and span.total_steps == 6 and span.trained_steps == 6
+    # a counter that gets running statistics at step 11: its first value compares with nothing before it
+    assert _span([F, F, F], [-1, 5, 5]).steps == (12,)
+    # a counter shorter than the flags: the steps past it are not judged
+    assert _span([F, F, F, F], [3, 3]).steps == (11,)
+    # frozen affine parameters, or no optimizer step, at a step: not counted, nor trained
+    span = _span([F, F, F, F], [0, 0, 0, 0], grads=[T, F, T, T], updated=[T, T, F, T])
+    assert span.steps == (13,) and span.trained_steps == 2
+    assert _span([F, F], [0, 0], updated=[T, T]).steps == (11,)
+
+
+def test_eval_mode_steps_without_a_counter_counts_every_eval_step_unconfirmed():
+    span = _span([True, False, False, True, False])
+    assert span.steps == (11, 12, 14) and not span.confirmed and span.stalled_at is None
+    assert (span.first, span.last) == (11, 14)
+    assert _span([True, True]) is None
+
+
+def test_history_eval_mode_steps_needs_a_recorded_history():
+    class OnlyLayers:
+        bn_layers: list = []
+
+    class OnlyModes:
+        def bn_modes(self, layer):
+            raise AssertionError
+
+    for history in (OnlyLayers(), OnlyModes(), object()):
+        with pytest.raises(TypeError, match="not a recorded History"):
+            history_eval_mode_steps(history)
+
+
+def test_history_eval_mode_steps_skips_frozen_affine_and_counts_affine_free_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with bnaudit.record(model) as rec:
+        for step in range(4):
+            model(_x(8, seed=step)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 0:
+                model.eval()
+            rec.step()
+    spans = history_eval_mode_steps(rec.history)
+    assert [s.layer for s in spans] == ["2"] and spans[0].steps == (1, 2, 3) and spans[0].trained_steps == 4
+    assert [s.layer for s in history_eval_mode_steps(rec)] == ["2"]  # the recorder itself will do
