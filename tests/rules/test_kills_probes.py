@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import bnaudit
+from bnaudit.distributed import DDPFacts, ddp_context
 from bnaudit.loading.data import Batch
 from bnaudit.probes.eval_steps import eval_mode_steps, history_eval_mode_steps
 from bnaudit.probes.inference import cobatch_invariance, predict_mutations, predict_train_mode_layers
@@ -619,3 +620,111 @@ def test_history_eval_mode_steps_skips_frozen_affine_and_counts_affine_free_laye
     spans = history_eval_mode_steps(rec.history)
     assert [s.layer for s in spans] == ["2"] and spans[0].steps == (1, 2, 3) and spans[0].trained_steps == 4
     assert [s.layer for s in history_eval_mode_steps(rec)] == ["2"]  # the recorder itself will do
+
+
+# --- BN401-BN403 in one process (the two-rank cases are at the end) ------------------------------------------------
+def _bn40(code: str, model: nn.Module, data=None, options=None, **kw):
+    config = {code: {"options": options}} if options else None
+    if data is None:
+        kw.setdefault("input_shape", "4")
+    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
+    assert code in report.rules_run, report.rules_skipped
+    return [f for f in report.findings if f.code == code]
+
+
+class _Buffers(nn.Module):
+    """A hand-written normalization that holds the running buffers named (subtracts its running mean, if any)."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__()
+        for name in names:
+            self.register_buffer(name, torch.zeros(4) if name == "running_mean" else torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - getattr(self, "running_mean", torch.zeros(4))
+
+
+class FrozenBatchNorm1d(_Buffers):
+    """As torchvision's FrozenBatchNorm2d: fixed statistics and affine, no batch statistics ever."""
+
+    def __init__(self) -> None:
+        super().__init__("running_mean", "running_var")
+
+
+def _batch_stat_zoo() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4, track_running_stats=False),
+        nn.Sequential(nn.Unflatten(1, (2, 2)), nn.InstanceNorm1d(2, track_running_stats=True), nn.Flatten()),
+        FrozenBatchNorm1d(), _Buffers("running_mean"),
+        _Buffers("running_var"), _Buffers("running_mean", "running_var"), nn.Linear(4, 2),
+    ).eval()
+
+
+def test_bn403_names_each_layer_that_normalizes_over_the_device_batch_next_to_syncbn():
+    found = _bn40("BN403", _batch_stat_zoo())
+    (info,) = [f for f in found if f.severity == "info"]
+    assert info.layer == "1" and info.evidence["sync_bn_layers"] == ["1"] and "1 SyncBatchNorm layer(s) (1)" in info.message
+    mixed = {f.layer: f for f in found if f.severity != "info"}
+    # torch BatchNorms, tracked or not, and the hand-written one with both buffers; not InstanceNorm, not a
+    # Frozen one, not a layer with only one of the two buffers
+    assert set(mixed) == {"2", "3", "8"}
+    assert [mixed[k].evidence["torch_batchnorm"] for k in ("2", "3", "8")] == [True, True, False]
+    assert "left unconverted" in mixed["2"].message and "hand-written" in mixed["8"].message
+
+
+def test_bn401_planned_counts_the_same_layers():
+    found = _bn40("BN401", _batch_stat_zoo(), _x(16), {"world_size": 2}, batch_size=16)
+    assert sorted(f.layer for f in found) == ["2", "3", "8"]  # the SyncBatchNorm normalizes over the global batch
+
+
+def test_bn403_shows_four_sync_layers_and_counts_the_rest():
+    def sync(n: int) -> nn.Module:
+        return nn.Sequential(*[nn.SyncBatchNorm(4) for _ in range(n)]).eval()
+
+    (five,) = _bn40("BN403", sync(5))
+    assert five.layer == "0" and "5 SyncBatchNorm layer(s) (0, 1, 2, 3 and 1 more)" in five.message
+    (four,) = _bn40("BN403", sync(4))
+    assert four.layer == "0" and "4 SyncBatchNorm layer(s) (0, 1, 2, 3) run" in four.message
+    assert _bn40("BN403", nn.Sequential(nn.BatchNorm1d(4)).eval()) == []
+
+
+def test_bn403_reads_the_ddp_facts_of_the_audit():
+    model = nn.Sequential(nn.Linear(4, 4), nn.SyncBatchNorm(4)).eval()
+    with ddp_context(DDPFacts(forward_sync_buffers=True, has_sync_bn_at_wrap=False, device_type="cpu",
+                              sync_bn_layers=("1",))):
+        late = [f for f in _bn40("BN403", model) if "converted after" in f.message]
+    assert [f.layer for f in late] == ["1"] and late[0].evidence["has_sync_bn_at_wrap"] is False
+    with ddp_context(DDPFacts(True, True, "cpu", ("1",))):  # converted before the wrap: fine
+        assert [f.severity for f in _bn40("BN403", model)] == ["info"]
+
+
+def test_bn403_in_a_process_group_of_one_rank():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("no gloo backend")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        (f,) = _bn40("BN403", nn.Sequential(nn.Linear(4, 4), nn.SyncBatchNorm(4)).eval())
+    finally:
+        dist.destroy_process_group()
+    assert f.severity == "info" and "the process group has one rank" in f.message
+    assert f.evidence["initialized"] is True and f.evidence["world_size"] == 1
+
+
+def test_bn401_planned_world_sizes_and_options():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert _bn40("BN401", model, _x(8), {"world_size": 1}, batch_size=8) == []  # one device: nothing split
+    (f,) = _bn40("BN401", model, _x(16), {"world_size": 2}, batch_size=16)
+    assert f.evidence["samples_per_device"] == 8 and f.evidence["world_size"] == 2
+    # 16 samples per device meet min_batch; 16 values per channel do not meet a min_values of 17
+    assert _bn40("BN401", model, _x(32), {"world_size": 2}, batch_size=32) == []
+    (f,) = _bn40("BN401", model, _x(32), {"world_size": 2, "min_values": 17}, batch_size=32)
+    assert f.evidence["values_per_channel_per_device"] == 16 and f.evidence["min_values"] == 17
+    # 4 per device on 4 devices: SyncBatchNorm would see 16, exactly min_batch: converting is the fix
+    (f,) = _bn40("BN401", model, _x(16), {"world_size": 4}, batch_size=16)
+    assert f.evidence["global_samples"] == 16 and "SyncBatchNorm" in f.fix and "over 16 samples" in f.fix
+    (f,) = _bn40("BN401", model, _x(12), {"world_size": 4}, batch_size=12)
+    assert "GroupNorm" in f.fix and "only 12" in f.fix
