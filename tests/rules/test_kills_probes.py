@@ -21,6 +21,7 @@ from bnaudit.probes.inference import cobatch_invariance, predict_mutations, pred
 from bnaudit.probes.running_stats import train_mode_pass
 from bnaudit.probes.train_eval import frozen_bn_drift, train_eval_gap
 from bnaudit.rules import examples_modes as XM
+from bnaudit.rules import get_rule
 
 
 def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -728,3 +729,174 @@ def test_bn401_planned_world_sizes_and_options():
     assert f.evidence["global_samples"] == 16 and "SyncBatchNorm" in f.fix and "over 16 samples" in f.fix
     (f,) = _bn40("BN401", model, _x(12), {"world_size": 4}, batch_size=12)
     assert "GroupNorm" in f.fix and "only 12" in f.fix
+
+
+# --- BN401-BN403 on two ranks of a gloo group on CPU: one spawn for every case ------------------------------------
+def _bn40_findings(code: str, model: nn.Module, data=None, **options) -> dict:
+    report = bnaudit.inspect(model, data, select=[code], input_shape=None if data is not None else "3",
+                             rule_config={code: {"options": options}} if options else None)
+    return {"run": code in report.rules_run,
+            "found": [(f.layer, f.severity, f.message, f.fix, dict(f.evidence)) for f in report.findings]}
+
+
+def _bn40_rank_buffers(rank: int) -> nn.Module:
+    """Seven BatchNorms with running variance 0.25 everywhere; on rank 1: "0" a mean 0.15 off in channel 2 (0.3
+    running std), "1" a variance twice rank 0's in channel 1, "2" one more batch counted, "3" the same, "4" a NaN
+    mean, "5" both a mean 0.3 off and a variance twice rank 0's in channel 0, "6" a variance half rank 0's."""
+    model = nn.Sequential(*[nn.BatchNorm1d(3) for _ in range(7)]).eval()
+    with torch.no_grad():
+        for m in model:
+            m.running_var.fill_(0.25)
+        if rank == 1:
+            model[0].running_mean[2] = 0.15
+            model[1].running_var[1] = 0.5
+            model[2].num_batches_tracked += 1
+            model[4].running_mean[0] = float("nan")
+            model[5].running_mean[0] = 0.3
+            model[5].running_var[0] = 0.5
+            model[6].running_var[1] = 0.125
+    return model
+
+
+class _Spare(nn.Module):
+    """A BatchNorm that the forward uses and one it never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn, self.unused = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x))
+
+
+def _bn40_scenarios(rank: int) -> dict:
+    out = {}
+    model = _bn40_rank_buffers(rank)
+    default = out["402"] = _bn40_findings("BN402", model)
+    ev = {layer: e for layer, _, _, _, e in default["found"]}
+    gap, ratio = ev["5"]["max_mean_gap"], ev["5"]["max_var_ratio"]
+    out["402_at"] = _bn40_findings("BN402", model, mean_tol=gap, var_ratio=ratio)
+    out["402_at_gap"] = _bn40_findings("BN402", model, mean_tol=gap)
+    out["402_at_ratio"] = _bn40_findings("BN402", model, var_ratio=ratio)
+    out["402_below"] = _bn40_findings("BN402", model, mean_tol=math.nextafter(gap, 0), var_ratio=math.nextafter(ratio, 0))
+    out["402_wide"] = _bn40_findings("BN402", model, mean_tol=0.4, var_ratio=2.5)
+    with ddp_context(DDPFacts(False, True, "cpu")):
+        out["402_no_broadcast"] = _bn40_findings("BN402", model)
+    with ddp_context(DDPFacts(True, True, "cpu")):
+        out["402_broadcast"] = _bn40_findings("BN402", model)
+    sync = nn.Sequential(nn.Linear(3, 3), nn.SyncBatchNorm(3)).eval()
+    out["403"] = _bn40_findings("BN403", sync)
+    for device in ("cpu", "cuda"):  # the device DDP wrapped the model on decides, not the audit's
+        with ddp_context(DDPFacts(True, True, device, ("1",))):
+            out[f"403_{device}"] = _bn40_findings("BN403", sync)
+    out["401"] = _bn40_findings("BN401", _Spare(), _x(8, f=3, seed=rank))
+    return out
+
+
+def _bn40_rank(rank: int, world: int, init: str, out_dir: str) -> None:
+    """The spawn entry point: every case on this rank, pickled for the test."""
+    import os
+    import pickle
+    import sys
+    import traceback
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        result = _bn40_scenarios(rank)
+    except Exception:  # noqa: BLE001 - shown by the test
+        result = {"error": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def bn40_ranks(tmp_path_factory) -> list[dict]:
+    import pickle
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("no gloo backend")
+    out = tmp_path_factory.mktemp("bn40")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(_bn40_rank, args=(2, f"tcp://127.0.0.1:{port}", str(out)), nprocs=2, join=False,
+                             start_method="spawn")
+    while not ctx.join(timeout=120):
+        pass
+    ranks = [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    for got in ranks:
+        assert "error" not in got, got["error"]
+    return ranks
+
+
+def _by_layer(got: dict) -> dict:
+    assert got["run"]
+    return {layer: (message, fix, ev) for layer, _, message, fix, ev in got["found"]}
+
+
+def test_bn402_two_ranks_each_difference_alone_and_the_evidence(bn40_ranks):
+    found = _by_layer(bn40_ranks[0]["402"])
+    assert set(found) == {"0", "1", "2", "4", "5", "6"}  # "3" is the same on both ranks
+    std0 = math.sqrt(float(torch.tensor(0.25)) + 1e-5)
+    message, fix, ev = found["0"]
+    assert ev["max_mean_gap"] == pytest.approx(float(torch.tensor(0.15)) / std0, rel=1e-12) and ev["max_var_ratio"] == 1.0
+    assert (ev["world_size"], ev["worst_rank"], ev["worst_channel"], ev["num_batches_tracked"]) == (2, 1, 2, [0, 0])
+    assert ev["mean_tol"] == 0.2 and ev["var_ratio"] == 1.25 and "forward_sync_buffers" not in ev
+    assert "rank 1's running_mean is 0.30 running std away from rank 0's (channel 2)" in message
+    assert "running_var is" not in message and "num_batches_tracked" not in message and fix == get_rule("BN402").fix
+    message, _, ev = found["1"]
+    assert ev["max_var_ratio"] == pytest.approx((0.5 + 1e-5) / (0.25 + 1e-5), rel=1e-12) and ev["max_mean_gap"] == 0.0
+    assert "rank 1's running_var is 2.00x rank 0's (channel 1)" in message and "running_mean is" not in message
+    message, _, ev = found["2"]
+    assert ev["num_batches_tracked"] == [0, 1] and "num_batches_tracked differs ([0, 1]" in message
+    assert "running_mean is" not in message and "running_var is" not in message
+    _, _, ev = found["4"]
+    assert ev["max_mean_gap"] == math.inf and ev["max_var_ratio"] == math.inf
+    _, _, ev = found["6"]  # half the variance is as far as twice it
+    assert ev["max_var_ratio"] == pytest.approx((0.25 + 1e-5) / (0.125 + 1e-5), rel=1e-12)
+    assert set(_by_layer(bn40_ranks[0]["402_wide"])) == {"2", "4", "5"}  # 0.3 std and 2x are within 0.4 and 2.5
+
+
+def test_bn402_two_ranks_at_the_tolerances(bn40_ranks):
+    r = bn40_ranks[0]
+    assert "5" not in _by_layer(r["402_at"])  # exactly at both tolerances: allowed
+    message = _by_layer(r["402_at_gap"])["5"][0]  # at the mean tolerance, past the default variance one
+    assert "running_var is" in message and "running_mean is" not in message
+    message = _by_layer(r["402_at_ratio"])["5"][0]
+    assert "running_mean is" in message and "running_var is" not in message
+    message = _by_layer(r["402_below"])["5"][0]
+    assert "running_mean is" in message and "running_var is" in message
+
+
+def test_bn402_two_ranks_fix_follows_ddps_buffer_broadcast(bn40_ranks):
+    _, fix, ev = _by_layer(bn40_ranks[0]["402_no_broadcast"])["0"]
+    assert ev["forward_sync_buffers"] is False and "remove broadcast_buffers=False" in fix
+    _, fix, ev = _by_layer(bn40_ranks[0]["402_broadcast"])["0"]
+    assert ev["forward_sync_buffers"] is True and fix == get_rule("BN402").fix
+
+
+def test_bn403_two_ranks_syncbn_on_cpu_is_an_error_unless_ddp_wrapped_it_on_gpu(bn40_ranks):
+    for rank in bn40_ranks:
+        plain = rank["403"]["found"]
+        assert [(layer, sev) for layer, sev, *_ in plain] == [("1", "error")]  # no "runs as plain BatchNorm" info
+        assert plain[0][4]["backend"] == "gloo" and plain[0][4]["device"] == "cpu"
+        assert [(layer, sev) for layer, sev, *_ in rank["403_cpu"]["found"]] == [("1", "error")]
+        assert rank["403_cuda"]["found"] == []
+
+
+def test_bn401_two_ranks_skips_a_batchnorm_never_called(bn40_ranks):
+    found = _by_layer(bn40_ranks[0]["401"])
+    assert set(found) == {"bn"} and found["bn"][2]["per_rank_samples"] == [8, 8]
