@@ -194,6 +194,26 @@ def test_cobatch_change_must_exceed_four_times_the_noise_by_default():
     assert cobatch_invariance(model, [x], tolerance=0.03).changed is False  # 0.01 / 1.03 is within it
 
 
+def test_cobatch_a_change_exactly_at_the_margin_times_the_noise_does_not_count():
+    # powers of two keep every output exact: y = x + x.sum() / 4 (+ position / 16)
+    x = torch.tensor([[1.0], [2.0], [3.0]])
+    # disjoint co-batch: 2.0 against 1.75, a change of 1/4; moving the sample last: 1/16 more, so 4 x noise = 1/4
+    res = cobatch_invariance(_BatchSum(0.25, 0.0625), [x], tolerance=0.01)
+    assert res.max_abs_delta == 0.5 and res.changed is False  # the sample alone (1.25): 1/2 against 2 x 1/4 noise
+    assert cobatch_invariance(_BatchSum(0.25, 0.0625), [x], tolerance=0.01, noise_margin=3.9).changed is True
+    # two samples: only the sample alone, 1/2 away, its noise 1/4 (the sample twice: 1.5); at a margin of 2: a tie
+    pair = cobatch_invariance(_BatchSum(0.25, 0.0), [x[:2]], tolerance=0.01, noise_margin=2.0)
+    assert pair.compared == (2, 1) and pair.max_abs_delta == 0.5 and pair.changed is False
+    assert cobatch_invariance(_BatchSum(0.25, 0.0), [x[:2]], tolerance=0.01, noise_margin=1.9).changed is True
+
+
+def test_cobatch_measures_noise_only_for_the_comparisons_that_ran():
+    # a position effect alone; with two samples there is no disjoint co-batch, so moving the sample is never
+    # measured, even with a tolerance below zero that every comparison exceeds
+    res = cobatch_invariance(_BatchSum(0.0, 0.5), [torch.tensor([[1.0], [2.0]])], tolerance=-1.0)
+    assert res.compared == (2, 1) and res.noise == 0.0 and res.changed is False
+
+
 class _LpNormalize(nn.Module):
     """Not a dropout layer, though it has a ``p`` (the norm's order)."""
 
@@ -262,6 +282,11 @@ def test_predict_mutations_without_batches():
     assert res.changes == ()
     eval_path = predict_mutations(_bn(), [_x(8)])
     assert eval_path.used_predict is False and eval_path.changes == () and eval_path.calls == 1
+
+
+def test_predict_mutations_counts_no_samples_for_inputs_without_a_batch_dimension():
+    res = predict_mutations(_bn(), [torch.tensor(1.0), torch.tensor(2.0)], lambda m, x: x)
+    assert res.calls == 2 and res.samples == 0 and res.changes == ()
 
 
 class _Counter(nn.Module):
