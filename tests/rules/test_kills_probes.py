@@ -212,6 +212,9 @@ def test_cobatch_measures_noise_only_for_the_comparisons_that_ran():
     # measured, even with a tolerance below zero that every comparison exceeds
     res = cobatch_invariance(_BatchSum(0.0, 0.5), [torch.tensor([[1.0], [2.0]])], tolerance=-1.0)
     assert res.compared == (2, 1) and res.noise == 0.0 and res.changed is False
+    # outputs below 1: the relative change is still the change over the scale (1/16 over 7/32)
+    small = cobatch_invariance(_BatchSum(0.25, 0.0), [torch.tensor([[0.125], [0.25]])])
+    assert small.scale == 0.21875 and small.max_abs_delta == 0.0625 and small.relative == 0.0625 / 0.21875
 
 
 class _LpNormalize(nn.Module):
@@ -244,12 +247,13 @@ def test_cobatch_names_each_layer_by_what_it_does_in_its_mode():
 # --- predict_train_mode_layers (BN308) ----------------------------------------------------------------------------
 def test_predict_train_mode_layers_calls_predict_once_on_the_first_two_samples_seeded_zero():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.InstanceNorm1d(4, track_running_stats=True))
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Unflatten(1, (2, 2)),
+                          nn.InstanceNorm1d(2, track_running_stats=True))  # running statistics, but no BatchNorm
     seen = []
 
     def predict(m, x):
         seen.append((x.clone(), torch.rand(1)))
-        return m[:2](x)
+        return m(x)
 
     x = _x(2)
     assert predict_train_mode_layers(model, x, predict) == ("1",)  # a batch of two is enough
