@@ -894,6 +894,8 @@ def test_bn402_two_ranks_each_difference_alone_and_the_evidence(bn40_ranks):
     assert "running_mean is" not in message and "running_var is" not in message
     _, _, ev = found["4"]
     assert ev["max_mean_gap"] == math.inf and ev["max_var_ratio"] == math.inf
+    _, _, ev = found["5"]  # the mean gap is in units of rank 0's std, whatever rank 1's variance
+    assert ev["max_mean_gap"] == pytest.approx(float(torch.tensor(0.3)) / std0, rel=1e-12)
     _, _, ev = found["6"]  # half the variance is as far as twice it
     assert ev["max_var_ratio"] == pytest.approx((0.25 + 1e-5) / (0.125 + 1e-5), rel=1e-12)
     assert set(_by_layer(bn40_ranks[0]["402_wide"])) == {"2", "4", "5"}  # 0.3 std and 2x are within 0.4 and 2.5
