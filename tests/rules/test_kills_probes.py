@@ -787,16 +787,17 @@ def _bn40_rank_buffers(rank: int) -> nn.Module:
     return model
 
 
-class _Spare(nn.Module):
-    """A BatchNorm that the forward uses and one it never calls."""
+class _Branch(nn.Module):
+    """A BatchNorm that only inputs with a positive first value reach: on rank 0's data, not on rank 1's."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.lin, self.bn, self.unused = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+        self.lin, self.bn, self.branch = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.lin(x))
+        h = self.bn(self.lin(x))
+        return self.branch(h) if float(x[0, 0]) > 0 else h
 
 
 def _bn40_scenarios(rank: int) -> dict:
@@ -819,7 +820,9 @@ def _bn40_scenarios(rank: int) -> dict:
     for device in ("cpu", "cuda"):  # the device DDP wrapped the model on decides, not the audit's
         with ddp_context(DDPFacts(True, True, device, ("1",))):
             out[f"403_{device}"] = _bn40_findings("BN403", sync)
-    out["401"] = _bn40_findings("BN401", _Spare(), _x(8, f=3, seed=rank))
+    x = _x(8, f=3, seed=rank).abs()
+    out["401"] = _bn40_findings("BN401", _Branch(), -x)  # "branch" is reached on neither rank
+    out["401_branch"] = _bn40_findings("BN401", _Branch(), x if rank == 0 else -x)
     return out
 
 
@@ -931,3 +934,11 @@ def test_bn403_two_ranks_syncbn_on_cpu_is_an_error_unless_ddp_wrapped_it_on_gpu(
 def test_bn401_two_ranks_skips_a_batchnorm_never_called(bn40_ranks):
     found = _by_layer(bn40_ranks[0]["401"])
     assert set(found) == {"bn"} and found["bn"][2]["per_rank_samples"] == [8, 8]
+
+
+def test_bn401_two_ranks_a_batchnorm_one_rank_never_reaches_has_no_values_there(bn40_ranks):
+    found = _by_layer(bn40_ranks[0]["401_branch"])
+    assert set(found) == {"bn", "branch"}
+    ev = found["branch"][2]
+    assert ev["per_rank_samples"] == [8, 0] and ev["samples_per_device"] == 0
+    assert ev["values_per_channel_per_device"] == 0
