@@ -212,6 +212,51 @@ EQUIVALENT: dict[str, str] = {
         "requires_grad_(v) on a parameter (a leaf) whose requires_grad is already v changes nothing",
     #
     # --- the inference, train/eval and eval-step probes, BN4xx (K_PROBES) ---
+    "bnaudit/probes/train_eval.py:frozen_bn_drift:dropcond:inputs is not None and (batch_size(inputs) or 0) >= 2 -> "
+    "((batch_size(inputs) or 0) >= 2)":
+        "batch_size(None) is None (None holds no tensor), so (None or 0) >= 2 is False as the dropped test was",
+    "bnaudit/probes/train_eval.py:frozen_bn_drift:const:0 -> 1 #2":
+        "(batch_size(inputs) or 1) >= 2: the default replaces only None or 0, and 0 and 1 are both below 2",
+    "bnaudit/probes/train_eval.py:frozen_bn_drift:const:1e-5 -> 2e-05":
+        "getattr(m, 'eps', 1e-5) on layers from bn_layers(): every torch _BatchNorm sets eps, the default is never read",
+    "bnaudit/probes/train_eval.py:frozen_bn_drift:dropcond:nbt0 is not None and nbt1 is not None -> (nbt1 is not None)":
+        "both counts come from the same layer's num_batches_tracked: both are None or neither is",
+    "bnaudit/probes/train_eval.py:frozen_bn_drift:boolop:and -> or #5":
+        "nbt0 and nbt1 are the same layer's num_batches_tracked before and after: both are None or neither is",
+    "bnaudit/probes/train_eval.py:FrozenResult:const:0 -> 1 #2":
+        "a dataclass default never read: every FrozenResult is built with all four fields",
+    "bnaudit/probes/train_eval.py:train_eval_gap:const:0 -> 1":
+        "(batch_size(inputs) or 1) < 2: the default replaces only None or 0, and 0 and 1 are both below 2",
+    "bnaudit/probes/train_eval.py:train_eval_gap:const:0 -> 1 #3":
+        "n = batch_size(...) or 1 replaces only None or 0, and the next line skips n < 2 either way",
+    "bnaudit/probes/train_eval.py:train_eval_gap:boolop:or -> and #6":
+        "metric is set on the first batch past the shape checks and that batch is always counted (its kind is "
+        "metric), so count == 0 exactly when metric is None: (count == 0 and metric is None) == (count == 0)",
+    "bnaudit/probes/train_eval.py:_metric_for:dropcond:out.dim() >= 2 and out.is_floating_point() and targets.dim() "
+    "== out.dim() - 1 -> (out.is_floating_point()) and (targets.dim() == out.dim() - 1)":
+        "below 2 dims the output is 1-D (0-D returned 'output' already), so targets.dim() == 0, whose empty "
+        "shape[:1] never matched the output's (N,): 'output' was returned before this line",
+    "bnaudit/probes/inference.py:_pool:compare:> -> >=":
+        "concat of one part rebuilds it leaf by leaf (torch.cat of the one leaf): the same values, and the pool is "
+        "only read through take(), which indexes a copy anyway",
+    "bnaudit/probes/inference.py:cobatch_invariance:const:0 -> 1 #2":
+        "_pool keeps only inputs with a batch size of at least 1 and concatenates them, so batch_size(pool) is "
+        "never None or 0 and the 'or' default is never used",
+    "bnaudit/probes/inference.py:cobatch_invariance:const:0 -> 1 #3":
+        "_pool keeps only inputs with a batch size of at least 1, so batch_size(pool) is never None or 0",
+    "bnaudit/probes/inference.py:_dropout_spy.hook:const:0.0 -> 1.0":
+        "the spy sits only on is_dropout() modules, torch's _DropoutNd classes, which all set p",
+    "bnaudit/probes/inference.py:predict_train_mode_layers:const:0 -> 1 #2":
+        "n = batch_size(inputs) or 1 replaces only None or 0, and the next line returns for n < 2 either way",
+    "bnaudit/probes/inference.py:predict_mutations:dropcond:b is not None -> True":
+        "named_buffers() never yields a None buffer (Module._named_members skips them)",
+    "bnaudit/probes/inference.py:predict_mutations:dropcond:b is not None -> True #2":
+        "named_buffers() never yields a None buffer (Module._named_members skips them)",
+    "bnaudit/rules/distributed.py:SmallPerDeviceBatch:const:0 -> 1":
+        "the world_size default: 0 and 1 both mean one device (world <= 1 returns), and a group ignores the option",
+    "bnaudit/probes/inference.py:predict_mutations:dropcond:m is not None and is_batchnorm(m) and "
+    "\"num_batches_tracked\" in names -> (is_batchnorm(m)) and (\"num_batches_tracked\" in names)":
+        "is_batchnorm(None) is False (an isinstance test), as the dropped 'm is not None' was",
 }
 
 

@@ -126,10 +126,11 @@ def train_eval_gap(
             continue
         e, t = out_e.double(), out_t.double()
         if metric == "cross_entropy":
-            sums["eval"] += float(nn.functional.cross_entropy(e, targets, reduction="sum"))
-            sums["train"] += float(nn.functional.cross_entropy(t, targets, reduction="sum"))
-            sums["eval_ok"] += float((e.argmax(1) == targets).sum())
-            sums["train_ok"] += float((t.argmax(1) == targets).sum())
+            classes = targets.long()  # boolean labels are classes 0 and 1; cross_entropy refuses the bool dtype
+            sums["eval"] += float(nn.functional.cross_entropy(e, classes, reduction="sum"))
+            sums["train"] += float(nn.functional.cross_entropy(t, classes, reduction="sum"))
+            sums["eval_ok"] += float((e.argmax(1) == classes).sum())
+            sums["train_ok"] += float((t.argmax(1) == classes).sum())
             elements += n
         elif metric == "mse":
             tgt = targets.double().reshape(e.shape)
