@@ -58,7 +58,8 @@ K_STATIC = "tests/rules/test_kills_static.py"  # BN1xx: rules/architecture, laye
 K_DATA = "tests/rules/test_kills_data.py"  # BN2xx: rules/data, probes/data
 K_MODES = "tests/rules/test_kills_modes.py"  # BN3xx: rules/modes, rules/running_stats
 K_MODES_PROBES = "tests/rules/test_kills_modes_probes.py"  # their probes: probes/running_stats, common, state
-K_PROBES = "tests/rules/test_kills_probes.py"  # probes/inference, train_eval, eval_steps; rules/distributed
+K_PROBES = "tests/rules/test_kills_probes.py"  # probes/inference, train_eval, eval_steps
+K_DIST = "tests/rules/test_kills_distributed.py"  # BN4xx: rules/distributed
 ARCH = ["tests/test_architectures.py", "tests/rules/test_architecture.py", "tests/rules/test_architecture_issue19.py"]
 MODES = ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]
 DATA = [[KILLS, K_DATA, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]]
@@ -79,11 +80,11 @@ TESTS: dict[str, list[list[str]]] = {
     "bnaudit/probes/running_stats.py": [[K_MODES_PROBES, K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
     "bnaudit/probes/state.py": [["tests/test_probes_state.py", K_MODES_PROBES, K_MODES], [KILLS], [EXAMPLES, "-k", "BN3"],
                                 MODES],
-    "bnaudit/probes/inference.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
-    "bnaudit/probes/train_eval.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
-    "bnaudit/probes/eval_steps.py": [[KILLS, K_PROBES], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/inference.py": [[K_PROBES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/train_eval.py": [[K_PROBES], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
+    "bnaudit/probes/eval_steps.py": [[K_PROBES, "tests/rules/test_bn307_history.py"], [KILLS], [EXAMPLES, "-k", "BN3"], MODES],
     # BN4xx examples need a process group: test_examples skips them, the two-rank gloo tests run them.
-    "bnaudit/rules/distributed.py": [[KILLS, K_PROBES, "-k", "bn40"], ["tests/distributed/test_local.py"],
+    "bnaudit/rules/distributed.py": [[K_DIST], [KILLS, "-k", "bn40"], ["tests/distributed/test_local.py"],
                                      ["tests/distributed/test_gloo.py", "-k", "bn40"]],
 }
 # The rules' example factories are the tests' inputs, not code under test (as the factories the rule modules
@@ -211,7 +212,7 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/probes/state.py:ModelState.restore:dropcond:p.requires_grad != requires_grad -> True":
         "requires_grad_(v) on a parameter (a leaf) whose requires_grad is already v changes nothing",
     #
-    # --- the inference, train/eval and eval-step probes, BN4xx (K_PROBES) ---
+    # --- the inference, train/eval and eval-step probes, BN4xx (K_PROBES, K_DIST) ---
     "bnaudit/probes/train_eval.py:frozen_bn_drift:dropcond:inputs is not None and (batch_size(inputs) or 0) >= 2 -> "
     "((batch_size(inputs) or 0) >= 2)":
         "batch_size(None) is None (None holds no tensor), so (None or 0) >= 2 is False as the dropped test was",
