@@ -4,3 +4,337 @@ change would alter (a threshold at its edge, an evidence value against a naive r
 small models, real or exactly constructed data."""
 
 from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bnaudit
+from bnaudit.loading.data import Batch
+from bnaudit.probes.data import SATURATION, run_data_probe
+from bnaudit.recording import record
+from bnaudit.rules import examples_data as XD
+
+
+def _report(code, model, data=None, options=None, **kw):
+    config = {code: {"options": options}} if options else None
+    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
+    assert code in report.rules_run, report.rules_skipped  # a crash of the rule lands in rules_skipped
+    return report
+
+
+def _findings(code, model, data=None, options=None, **kw):
+    return [f for f in _report(code, model, data, options, **kw).findings if f.code == code]
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _below(v: float) -> float:
+    return math.nextafter(v, -math.inf)
+
+
+# --- BN201 unnormalized-input -----------------------------------------------------------------------------------
+def _scaled_features(stds, means=None, n: int = 64) -> torch.Tensor:
+    """(n, f) inputs whose feature j is exactly ``means[j] + stds[j] * (+-1)`` in equal halves."""
+    sign = torch.tensor([1.0, -1.0]).repeat(n // 2)[:, None]
+    x = sign * torch.tensor(stds, dtype=torch.float32)[None, :]
+    return x + (torch.tensor(means, dtype=torch.float32)[None, :] if means is not None else 0.0)
+
+
+def test_bn201_scale_ratio_at_the_threshold_is_not_reported_just_below_it_is():
+    (f,) = _findings("BN201", XD.mlp(2), XD.age_income())
+    ratio = f.evidence["scale_ratio"]
+    quiet = {"max_mean_to_std": 1e9}
+    assert not _findings("BN201", XD.mlp(2), XD.age_income(), {"max_scale_ratio": ratio, **quiet})
+    (g,) = _findings("BN201", XD.mlp(2), XD.age_income(), {"max_scale_ratio": _below(ratio), **quiet})
+    assert g.evidence["scale_ratio"] == ratio and "off_centre_features" not in g.evidence
+
+
+def test_bn201_mean_to_std_at_the_threshold_is_not_reported_just_below_it_is():
+    (f,) = _findings("BN201", XD.mlp(2), XD.age_income())
+    worst = f.evidence["worst_mean_to_std"]
+    quiet = {"max_scale_ratio": 1e9}
+    assert not _findings("BN201", XD.mlp(2), XD.age_income(), {"max_mean_to_std": worst, **quiet})
+    (g,) = _findings("BN201", XD.mlp(2), XD.age_income(), {"max_mean_to_std": _below(worst), **quiet})
+    assert g.evidence["worst_mean_to_std"] == worst and g.evidence["off_centre_features"] == [0]
+    assert "scale_ratio" not in g.evidence and "sit far from zero" in g.message
+
+
+def test_bn201_default_thresholds():
+    # scales 150x apart (between the default 100 and 200), means at 0: the scale part alone
+    (f,) = _findings("BN201", XD.mlp(2), _scaled_features([1.0, 150.0]))
+    assert f.evidence["scale_ratio"] == pytest.approx(150.0, rel=1e-6)
+    assert (f.evidence["largest_std_feature"], f.evidence["smallest_std_feature"]) == (1, 0)
+    assert f.evidence["max_scale_ratio"] == 100.0 and "off_centre_features" not in f.evidence
+    assert "feature scales differ" in f.message
+    # a mean 4 stds from zero (between the default 3 and 6): the off-centre part alone
+    (g,) = _findings("BN201", XD.mlp(2), _scaled_features([1.0, 1.0], [0.0, 4.0]))
+    assert g.evidence["off_centre_features"] == [1] and g.evidence["worst_mean_to_std"] == pytest.approx(4.0)
+    assert g.evidence["max_mean_to_std"] == 3.0 and "scale_ratio" not in g.evidence
+    assert not _findings("BN201", XD.mlp(2), _scaled_features([1.0, 90.0], [0.0, 2.9]))
+
+
+def test_bn201_judges_a_single_live_feature_and_ignores_constant_ones():
+    # feature 0 constant (std 0): not live, neither a scale nor an off-centre feature even at a tight threshold
+    x = _scaled_features([0.0, 1.0], [5.0, 10.0])
+    (f,) = _findings("BN201", XD.mlp(2), x, {"max_mean_to_std": 0.5})
+    assert f.evidence["off_centre_features"] == [1] and "scale_ratio" not in f.evidence
+    # one feature only, far from zero
+    (g,) = _findings("BN201", XD.mlp(1), _scaled_features([1.0], [10.0]))
+    assert g.evidence["off_centre_features"] == [0] and g.evidence["features"] == 1
+
+
+def test_bn201_a_tiny_but_nonzero_std_is_live():
+    # std 1.5e-12 is above the 1e-12 floor: a live feature, 6.7e11 times smaller than the other
+    (f,) = _findings("BN201", XD.mlp(2), _scaled_features([1.5e-12, 1.0]), {"max_mean_to_std": 1e9})
+    assert f.evidence["smallest_std_feature"] == 0 and f.evidence["scale_ratio"] > 1e11
+
+
+def test_bn201_lists_at_most_twenty_off_centre_features():
+    (f,) = _findings("BN201", XD.mlp(25), _scaled_features([1.0] * 25, [10.0] * 25))
+    assert f.evidence["off_centre_features"] == list(range(20)) and "25 feature(s) sit far" in f.message
+
+
+def test_bn201_says_channel_for_images():
+    x = _scaled_features([1.0, 150.0, 1.0])[:, :, None, None].expand(64, 3, 2, 2).contiguous()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    (f,) = _findings("BN201", model, x)
+    assert "channel scales differ" in f.message and f.evidence["layout"] == "channels"
+
+
+class _ParameterOnly(nn.Module):
+    """No submodule: the input reaches the output through a functional op alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+class _TwoBranches(nn.Module):
+    """The input feeds a BatchNorm and, beside it, a Linear layer: it is not normalized on every path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+        self.lin = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(x)) + self.lin(x)
+
+
+def test_bn201_is_skipped_only_when_every_first_layer_is_a_norm():
+    assert _findings("BN201", _ParameterOnly(), XD.age_income())  # no first module: nothing normalizes
+    assert _findings("BN201", _TwoBranches(), XD.age_income())
+
+
+# --- BN202 too-few-values-per-channel ---------------------------------------------------------------------------
+def _batches(size: int, count: int = 3, f: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(_randn(size, f, seed=i), torch.arange(size) % 2) for i in range(count)]
+
+
+@pytest.mark.parametrize(("size", "severity"), [(2, "warning"), (7, "warning"), (8, None)])
+def test_bn202_error_below_two_values_warning_below_min_values(size, severity):
+    found = _findings("BN202", XD.mlp_bn(), _batches(size))
+    assert [f.severity for f in found] == ([severity] if severity else [])
+    if found:
+        assert found[0].evidence["values_per_channel"] == size and found[0].evidence["min_values"] == 8
+        assert f"a batch of {size} sample(s)" in found[0].message
+
+
+def test_bn202_names_the_last_batch_only_when_it_is_the_short_one():
+    loader = DataLoader(TensorDataset(_randn(24, 4), torch.arange(24) % 2), batch_size=4)
+    (f,) = _findings("BN202", XD.mlp_bn(), loader)  # every batch is 4: not "the last batch"
+    assert f.message.startswith("a batch of 4 sample(s)") and f.evidence["batch_size"] == 4
+    (g,) = _findings("BN202", XD.mlp_bn(), XD.odd_dataset())
+    assert g.message.startswith("the last batch of 1 sample(s)")
+
+
+def test_bn202_counts_the_loaders_short_last_batch_even_when_the_probe_never_ran_it():
+    (f,) = _findings("BN202", XD.mlp_bn(), XD.odd_dataset(), steps=1)  # the probe sees one batch of 32
+    assert f.severity == "error" and f.evidence["values_per_channel"] == 1 and f.evidence["batch"] == 1
+    assert "error" not in f.evidence  # no batch failed in the probe
+    (g,) = _findings("BN202", XD.mlp_bn(), XD.odd_dataset())  # the probe ran the batch of one: its error is quoted
+    assert "Expected more than 1 value per channel" in g.evidence["error"]
+
+
+# --- BN203 batch-stat-noise -------------------------------------------------------------------------------------
+def _bn_first(f: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm1d(f), nn.Linear(f, 2))
+
+
+def test_bn203_lower_bound_at_the_threshold_is_not_reported_just_below_it_is():
+    data = XD.mean_noise_batches(0.6)
+    (f,) = _findings("BN203", _bn_first(), data)
+    lower = f.evidence["mean_noise_lower"]
+    assert not _findings("BN203", _bn_first(), data, {"max_mean_noise": lower})
+    (g,) = _findings("BN203", _bn_first(), data, {"max_mean_noise": _below(lower)})
+    assert g.evidence["mean_noise_lower"] == lower and g.evidence["max_mean_noise"] == _below(lower)
+
+
+def test_bn203_measures_three_batches_by_default():
+    (f,) = _findings("BN203", _bn_first(), XD.mean_noise_batches(0.9, batches=3))
+    assert f.evidence["batches"] == 3 and f.evidence["mean_noise_median"] == pytest.approx(0.9, abs=1e-5)
+    assert not _findings("BN203", _bn_first(), XD.mean_noise_batches(0.9, batches=2))
+
+
+def test_bn203_evidence_against_a_naive_recomputation():
+    data = XD.tiny_batches()
+    (f,) = _findings("BN203", _bn_first(), data)
+    x = np.stack([b[0].double().numpy() for b in data])  # (batches, samples, channels)
+    cm, cv = x.mean(axis=1), x.var(axis=1)
+    pop_var = cv.mean(axis=0) + cm.var(axis=0)
+    noise = cm.std(axis=0) / np.sqrt(pop_var)
+    ev = f.evidence
+    assert ev["mean_noise_median"] == pytest.approx(float(np.median(noise)), rel=1e-4)
+    assert ev["mean_noise_max"] == pytest.approx(float(noise.max()), rel=1e-4)
+    assert ev["var_ratio_spread_median"] == pytest.approx(float(np.median((cv / pop_var).std(axis=0))), rel=1e-4)
+    assert ev["population_mean_abs_max"] == pytest.approx(float(np.abs(cm.mean(axis=0)).max()), rel=1e-4)
+    assert ev["values_per_channel"] == 4 and ev["batches"] == 8
+
+
+def test_bn203_a_channel_of_tiny_variance_still_counts():
+    # channel 0 spreads its batch means by 0.9 population stds, at a population variance of about 1.4e-12
+    data = []
+    for (x, y), (z, _) in zip(XD.mean_noise_batches(0.9), XD.mean_noise_batches(0.1), strict=True):
+        data.append((torch.cat([x[:, :1] * 1.2e-6, z[:, 1:]], dim=1), y))
+    (f,) = _findings("BN203", _bn_first(), data, {"max_mean_noise": 0.01})
+    assert f.evidence["mean_noise_max"] == pytest.approx(0.9, rel=1e-3)
+
+
+# --- BN204 non-iid-batches / the label order -------------------------------------------------------------------
+def _labelled(labels) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One batch per entry of ``labels`` (a list of label lists), inputs random."""
+    return [(_randn(len(y), 4, seed=i), torch.tensor(y)) for i, y in enumerate(labels)]
+
+
+def _loader(labels: list[int], batch_size: int, shuffle: bool = False) -> DataLoader:
+    y = torch.tensor(labels)
+    return DataLoader(TensorDataset(_randn(len(y), 4), y), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(0) if shuffle else None)
+
+
+def _naive_shuffled_purity(batches: list[list[int]]) -> float:
+    labels = np.concatenate([np.asarray(b) for b in batches])
+    rng = np.random.default_rng(0)
+    cuts = np.cumsum([len(b) for b in batches])[:-1]
+    return float(np.mean([np.mean([np.bincount(p).max() / len(p) for p in np.split(rng.permutation(labels), cuts)])
+                          for _ in range(20)]))
+
+
+def test_bn204_two_single_class_batches_of_two_classes_fire():
+    batches = [[1] * 8, [0] * 8]  # not sorted (1 before 0): the purity test decides
+    (f,) = _findings("BN204", XD.mlp(), _labelled(batches))
+    ev = f.evidence
+    assert ev["batch_purity"] == 1.0 and ev["batches"] == 2 and ev["max_purity_excess"] == 0.25
+    assert ev["shuffled_purity"] == _naive_shuffled_purity(batches)
+    assert ev["excess"] == 1.0 - ev["shuffled_purity"]
+
+
+def test_bn204_shuffled_purity_against_a_naive_recomputation_over_uneven_batches():
+    batches = [[3] * 6 + [0, 1], [1] * 5 + [2], [2] * 7, [0] * 4 + [3] * 4, [3, 2, 1, 0, 0]]
+    (f,) = _findings("BN204", XD.mlp(), _labelled(batches), {"max_purity_excess": 0.0})
+    assert f.evidence["shuffled_purity"] == pytest.approx(_naive_shuffled_purity(batches), abs=1e-12)
+    assert f.evidence["batch_purity"] == pytest.approx(np.mean([6 / 8, 5 / 6, 1.0, 0.5, 2 / 5]), abs=1e-12)
+
+
+def test_bn204_excess_at_the_threshold_is_not_reported_just_below_it_is():
+    data = _labelled([[0] * 6 + [1] * 2, [1] * 6 + [2] * 2, [2] * 6 + [0] * 2, [1] * 8])
+    (f,) = _findings("BN204", XD.mlp(), data, {"max_purity_excess": 0.0})
+    excess = f.evidence["excess"]
+    assert 0.25 < excess < 0.5  # also fires at the default
+    assert _findings("BN204", XD.mlp(), data)
+    assert not _findings("BN204", XD.mlp(), data, {"max_purity_excess": excess})
+    assert _findings("BN204", XD.mlp(), data, {"max_purity_excess": _below(excess)})
+
+
+def test_bn204_unshuffled_loader_with_mixed_labels_is_not_called_sorted():
+    labels = [i % 3 for i in range(96)]
+    assert not _findings("BN204", XD.mlp(), _loader(labels, 16))
+
+
+def test_bn204_sorted_loader_of_two_classes_is_reported_as_sorted():
+    (f,) = _findings("BN204", XD.mlp(), _loader([0] * 48 + [1] * 48, 16))
+    assert f.evidence == {"shuffled": False, "samples_checked": 96, "classes": 2}
+
+
+def test_bn204_reads_the_label_order_of_at_most_64_batches():
+    (f,) = _findings("BN204", XD.mlp(), _loader([0] * 100 + [1] * 100, 2))
+    assert f.evidence["samples_checked"] == 128 and f.evidence["classes"] == 2
+
+
+def test_bn204_single_class_data_is_neither_sorted_nor_grouped():
+    assert not _findings("BN204", XD.mlp(), _loader([1] * 64, 16))  # unshuffled: order known, one class
+    assert not _findings("BN204", XD.mlp(), _loader([1] * 64, 16, shuffle=True))
+
+
+def test_bn204_single_class_probe_batches_of_an_unshuffled_two_class_loader_are_grouped():
+    labels = [1] * 32 + [0] * 16 + [1] * 16  # not sorted; the probe's first two batches hold class 1 only
+    (f,) = _findings("BN204", XD.mlp(), _loader(labels, 16), steps=2)
+    assert f.evidence == {"classes_seen": 2}
+    # one class all along (batches given as a list: their order is read too): nothing is grouped
+    assert not _findings("BN204", XD.mlp(), _labelled([[1] * 16, [1] * 16]))
+
+
+def test_bn204_one_probe_batch_or_no_labels_says_nothing():
+    assert not _findings("BN204", XD.mlp(), _labelled([[1] * 16]))
+    float_targets = [(_randn(8, 4, seed=i), _randn(8, seed=10 + i)) for i in range(3)]
+    assert not _findings("BN204", XD.mlp(), float_targets)
+
+
+# --- BN205 padding-in-bn-input ----------------------------------------------------------------------------------
+class _SeqBN(nn.Module):
+    """BatchNorm1d over (N, 3, L) sequences of any length L."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(x).mean(2))
+
+
+def _zero_positions(counts: list[int], length: int, seed: int = 0) -> torch.Tensor:
+    x = torch.rand(len(counts), 3, length, generator=torch.Generator().manual_seed(seed)) + 0.5
+    for i, k in enumerate(counts):
+        x[i, :, :k] = 0.0
+    return x
+
+
+def test_bn205_two_samples_are_enough_for_a_bound():
+    (f,) = _findings("BN205", _SeqBN(), [_zero_positions([5, 5], 10)])
+    ev = f.evidence
+    assert ev["samples"] == 2 and ev["zero_positions"] == 0.5 and ev["zero_positions_lower"] == 0.5
+    assert ev["zero_values"] == pytest.approx(0.5) and ev["max_zero_positions"] == 0.1
+
+
+def test_bn205_lower_bound_at_the_threshold_is_not_reported_just_below_it_is():
+    data = [_zero_positions([30, 40, 50, 40], 100)]
+    (f,) = _findings("BN205", _SeqBN(), data)
+    lower = f.evidence["zero_positions_lower"]
+    assert 0.1 < lower < f.evidence["zero_positions"]
+    assert not _findings("BN205", _SeqBN(), data, {"max_zero_positions": lower})
+    assert _findings("BN205", _SeqBN(), data, {"max_zero_positions": _below(lower)})
+
+
+def test_bn205_pooled_fraction_at_the_threshold_is_not_reported_even_when_the_sample_bound_is_above_it():
+    # short sequences (5 positions, 3 zero) and long ones (100 positions, 50 zero): the pooled fraction over
+    # positions (0.505) sits below the per-sample bound (about 0.51); the pooled fraction decides first
+    y = torch.tensor([0, 1, 0, 1])
+    data = [(_zero_positions([3] * 4, 5), y), (_zero_positions([50] * 4, 100, seed=1), y)]
+    (f,) = _findings("BN205", _SeqBN(), data, {"max_zero_positions": 0.4})
+    frac = f.evidence["zero_positions"]
+    assert frac == pytest.approx(212 / 420) and f.evidence["zero_positions_lower"] > frac
+    assert not _findings("BN205", _SeqBN(), data, {"max_zero_positions": frac})
