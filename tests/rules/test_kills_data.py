@@ -14,10 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnaudit
+from bnaudit.context import RuleContext
 from bnaudit.loading.data import Batch
 from bnaudit.probes.data import SATURATION, run_data_probe
 from bnaudit.recording import record
 from bnaudit.rules import examples_data as XD
+from bnaudit.rules.data import ActivationDrift
 
 
 def _report(code, model, data=None, options=None, **kw):
@@ -338,3 +340,204 @@ def test_bn205_pooled_fraction_at_the_threshold_is_not_reported_even_when_the_sa
     frac = f.evidence["zero_positions"]
     assert frac == pytest.approx(212 / 420) and f.evidence["zero_positions_lower"] > frac
     assert not _findings("BN205", _SeqBN(), data, {"max_zero_positions": frac})
+
+
+# --- BN206 activation-drift -------------------------------------------------------------------------------------
+def _identity_chain(depth: int, width: int = 4) -> nn.Sequential:
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        with torch.no_grad():
+            lin.weight.copy_(torch.eye(width))
+            lin.bias.zero_()
+        layers.append(lin)
+    return nn.Sequential(*layers)
+
+
+def _drift_run(depth: int = 7, steps: int = 20, c: float = 0.2, inf_from: int | None = None):
+    """A chain of identity layers whose first bias moves by ``c`` per step: every layer's mean drifts alike.
+    From step ``inf_from`` on, layer 1's bias is +inf (its output is inf, the layers after it NaN)."""
+    model = _identity_chain(depth)
+    x = _randn(32, 4)
+    with record(model) as rec, torch.no_grad():
+        for t in range(steps):
+            model[0].bias.fill_(t * c)
+            if inf_from is not None and t >= inf_from:
+                model[1].bias.fill_(math.inf)
+            model(x)
+            rec.step()
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[1].bias.zero_()
+    return model, rec.history
+
+
+def _bn206(model: nn.Module, history, outputs: tuple[str, ...] = (), **options) -> list:
+    """BN206 as ``bnaudit watch`` runs it: with the model's output layers known (``inspect`` knows none)."""
+    ctx = RuleContext(model=model, graph=None, device=torch.device("cpu"), history=history,
+                      output_layers=frozenset(outputs))
+    return list(ActivationDrift(options=options).check(ctx))
+
+
+def test_bn206_reports_the_top_five_of_the_layers_over():
+    model, h = _drift_run()
+    found = _findings("BN206", model, history=h)
+    assert len(found) == 5 and all(f.evidence["layers_over"] == 7 for f in found)
+    assert found[0].evidence["first_window"] == [0, 3] and found[0].evidence["last_window"] == [16, 19]
+    assert found[0].evidence["max_shift"] == 1.0
+    everything = _findings("BN206", model, history=h, options={"top": 10})
+    assert sorted(f.layer for f in everything) == ["0", "1", "2", "3", "4", "5", "6"]
+
+
+def test_bn206_passes_over_the_output_layers():
+    model, h = _drift_run()
+    found = _bn206(model, h, outputs=("6",), top=10)
+    assert sorted(f.layer for f in found) == ["0", "1", "2", "3", "4", "5"]
+    assert {f.evidence["layers_over"] for f in found} == {6}
+
+
+def test_bn206_window_option_sets_the_steps_compared():
+    model, h = _drift_run()
+    (f, *_) = _findings("BN206", model, history=h, options={"window": 2})
+    assert f.evidence["first_window"] == [0, 1] and f.evidence["last_window"] == [18, 19]
+
+
+def test_bn206_shift_at_the_threshold_is_not_reported_just_below_it_is():
+    model, h = _drift_run()
+    shifts = [f.evidence["shift"] for f in _findings("BN206", model, history=h, options={"top": 10})]
+    worst = max(shifts)
+    assert not _findings("BN206", model, history=h, options={"max_shift": worst})
+    found = _findings("BN206", model, history=h, options={"max_shift": _below(worst)})
+    assert found and all(f.evidence["shift"] == worst for f in found)
+
+
+def test_bn206_skips_layers_whose_shift_is_not_finite():
+    model, h = _drift_run(depth=4, c=0.0, inf_from=10)  # layer 1 goes to inf, 2 and 3 to NaN; 0 does not move
+    assert not _findings("BN206", model, history=h, options={"max_shift": 0.5})
+
+
+def test_bn206_an_empty_history_says_nothing():
+    model = _identity_chain(3)
+    with record(model) as rec:
+        pass
+    assert not _findings("BN206", model, history=rec.history)
+
+
+# --- BN207 vanishing-or-exploding -------------------------------------------------------------------------------
+def _chain(scales: list[float], act: type[nn.Module] | None = None) -> nn.Sequential:
+    """Bias-free linear layers with weights ``scale * I`` (8 wide), an optional activation after each."""
+    layers: list[nn.Module] = []
+    for c in scales:
+        lin = nn.Linear(8, 8, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.eye(8) * c)
+        layers += [lin, act()] if act else [lin]
+    return nn.Sequential(*layers)
+
+
+def _positive(n: int = 64, scale: float = 1.0) -> torch.Tensor:
+    return scale * (_randn(n, 8).abs() + 0.5)
+
+
+def test_bn207_counts_weight_layers_only_against_a_naive_second_moment():
+    scales = [1.0, 0.1, 0.1, 0.1]
+    x = _positive()
+    (f,) = _findings("BN207", _chain(scales, nn.ReLU), x)  # ReLU of positive values: the identity
+    ev = f.evidence
+    assert ev["weight_layers"] == 4 and len(ev["second_moments"]) == 4
+    naive = [float((x.double() * math.prod(scales[: k + 1])).pow(2).mean()) for k in range(4)]
+    assert ev["second_moments"] == pytest.approx(naive, rel=1e-4)
+    assert ev["first_second_moment"] == ev["second_moments"][0] and ev["worst_second_moment"] == ev["second_moments"][3]
+    assert (ev["first_layer"], ev["worst_layer"], f.layer) == ("0", "6", "6")
+    assert "falls 1e+06x" in f.message
+
+
+def test_bn207_default_max_ratio_and_min_layers():
+    a = 6e-4 ** (1 / 6)  # second moments 1, a^2, a^4, a^6: the last is 6e-4 of the first, 4 weight layers
+    (f,) = _findings("BN207", _chain([1.0, a, a, a]), _positive())
+    assert f.evidence["ratio"] == pytest.approx(6e-4, rel=1e-4) and f.evidence["max_ratio"] == 1000.0
+    assert not _findings("BN207", _chain([1.0, a, a]), _positive())  # 3 weight layers: too few
+
+
+def test_bn207_a_small_first_second_moment_is_still_a_reference():
+    (f,) = _findings("BN207", _chain([1.0, 0.1, 0.1, 0.1]), _positive(scale=0.01))
+    assert f.evidence["first_second_moment"] < 1e-3 and f.evidence["ratio"] == pytest.approx(1e-6, rel=1e-4)
+
+
+def test_bn207_a_signal_that_reaches_exactly_zero_vanishes():
+    (f,) = _findings("BN207", _chain([1.0, 0.1, 0.1, 0.0]), _positive())
+    assert f.evidence["ratio"] == 0.0 and f.layer == "3" and "falls 1e+300x" in f.message
+
+
+def test_bn207_a_zero_first_layer_is_no_reference():
+    assert not _findings("BN207", _chain([0.0, 1.0, 1.0, 1.0]), _positive())
+
+
+# --- BN208 dead-or-saturated ------------------------------------------------------------------------------------
+def _dead_mlp(dead: int) -> nn.Module:
+    torch.manual_seed(0)
+    m = XD.mlp(4, 16)
+    with torch.no_grad():
+        m[0].bias[:dead] = -100.0
+        m[0].bias[dead:] = 100.0
+    return m
+
+
+def test_bn208_dead_fraction_default_and_edge():
+    (f,) = _findings("BN208", _dead_mlp(12), XD.standardized())
+    assert (f.evidence["dead_units"], f.evidence["units"], f.evidence["dead_fraction"]) == (12, 16, 0.75)
+    assert f.evidence["max_dead"] == 0.5
+    assert not _findings("BN208", _dead_mlp(8), XD.standardized())  # exactly half is not above half
+
+
+def test_bn208_relu_without_units_is_not_dead():
+    model = nn.Sequential(nn.Linear(4, 0), nn.ReLU(), nn.Linear(0, 2))
+    assert run_data_probe(model, [Batch(_randn(8, 4))]).dead == {"1": (0, 0)}
+    assert not _findings("BN208", model, XD.standardized())
+
+
+@pytest.mark.parametrize("kind", [nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid])
+def test_bn208_saturation_thresholds_per_activation(kind):
+    limit = SATURATION[kind]
+    # per 8 values: 5 between the limit and twice it, one exactly at the limit, two inside
+    row = torch.tensor([1.5, -1.5, 1.9, -1.2, 1.1, 1.0, 0.5, -0.2]) * limit
+    x = row.repeat(16, 1)
+    probe = run_data_probe(nn.Sequential(kind()), [Batch(x)])
+    assert probe.saturated == {"0": (5 / 8, limit)}
+    (f,) = _findings("BN208", nn.Sequential(kind()), x)
+    assert f.evidence == {"saturated_fraction": 5 / 8, "threshold": limit, "max_saturated": 0.5}
+    half = torch.tensor([1.5, -1.5, 1.9, -1.2, 1.0, 0.5, -0.2, 0.0]) * limit  # exactly half: not above
+    assert not _findings("BN208", nn.Sequential(kind()), half.repeat(16, 1))
+
+
+# --- BN209 non-finite -------------------------------------------------------------------------------------------
+class _OwnBuffers(nn.Module):
+    """Not a BatchNorm, but with buffers of the same names (NaN, unused by forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("running_mean", torch.full((4,), math.nan))
+        self.register_buffer("running_var", torch.full((4,), math.nan))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_bn209_reads_running_buffers_of_batchnorms_only():
+    model = nn.Sequential(_OwnBuffers(), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    assert not _findings("BN209", model, XD.standardized())
+
+
+def test_bn209_reports_non_finite_inputs_with_their_fraction():
+    x, y = XD.standardized(64)
+    x[3, 1] = math.nan
+    x[5, 2] = math.inf
+    found = _findings("BN209", XD.mlp(), (x, y))
+    (f,) = [f for f in found if f.layer is None]
+    assert f.evidence == {"input_nonfinite_fraction": 2 / (64 * 4)}
+    assert [g.layer for g in found if g.layer is not None] == ["0"]  # the first layer it reaches
+
+
+def test_bn209_integer_inputs_have_no_input_finding():
+    assert not _findings("BN209", XD.PaddedSeq(), XD.padded_tokens())
