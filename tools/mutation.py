@@ -100,8 +100,6 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/probes/data.py:_Hooks.relu_hook.hook:dropcond:isinstance(out, torch.Tensor) and out.dim() >= 1 "
     "and out.is_floating_point() -> (isinstance(out, torch.Tensor)) and (out.dim() >= 1)":
         "(out > 0).any(...) gives the same answer on integer tensors",
-    "bnaudit/rules/data.py:BatchStatNoise.check:compare:> -> >=":
-        "differs only when the measured median noise equals max_mean_noise to the last bit",
     "bnaudit/rules/catalog.py:select_rules:dropcond:ignore and matches(rule.code, rule.name, ignore) -> "
     "(matches(rule.code, rule.name, ignore))":
         "matches() over no patterns is False, which is what the dropped 'ignore and' gave",
@@ -133,6 +131,22 @@ EQUIVALENT: dict[str, str] = {
     #
     # --- BN2xx rules and the data probe (K_DATA) ---
     #
+    "bnaudit/rules/data.py:_purity:const:0.0 -> 1.0":
+        "no empty batch reaches it: _labels gives None for empty targets (then probe.targets is None), and "
+        "np.split at the batches' own cumulative sizes gives no empty part",
+    "bnaudit/rules/data.py:UnnormalizedInput.check:const:1.0 -> 2.0":
+        "the 1.0 only stands in for a dead feature's std to avoid dividing by zero; the outer np.where replaces "
+        "every such entry by 0.0",
+    "bnaudit/rules/data.py:PaddingInBnInput.check:const:0 -> 1":
+        "the default of zero_samples.get is never used: the probe's zero hook fills zero_samples for every layer "
+        "it fills zero_positions for",
+    "bnaudit/rules/data.py:VanishingOrExploding.check:compare:> -> >=":
+        "at s[k] == 0 both give ratio 0.0: s[0] is finite and positive there (checked above), and 0.0 / s[0] is 0.0",
+    "bnaudit/probes/data.py:_labels:compare:== -> !=":
+        "converts non-bool integer tensors with .long() instead of bool ones; the return converts with .long() "
+        "anyway, giving the same values",
+    "bnaudit/probes/data.py:_Hooks.fill:dropcond:v[1] -> True #2":
+        "the tail hook tallies only tensors with x.numel() > 0, so every tail tally has a nonzero count",
     #
     # --- BN3xx rules and their probes (K_MODES) ---
     #

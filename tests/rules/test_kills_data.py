@@ -666,3 +666,19 @@ def test_probe_runs_batchnorm_in_train_mode_and_everything_else_in_eval_mode():
     probe = run_data_probe(model, [Batch(_randn(8, 4)), Batch(_randn(1, 4))])
     assert spy.modes == [False, False] and model[2].training and not model[3].training
     assert list(probe.errors) == [1]  # the batch of one fails at the train-mode BatchNorm
+
+
+class _EmptySequence(nn.Module):
+    """Hands its BatchNorm (no running statistics) a sequence of length 0 (the input cut to nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x[:, :, :0])
+
+
+def test_probe_of_a_batchnorm_that_sees_no_position_has_no_zero_fraction():
+    probe = run_data_probe(_EmptySequence(), [Batch(_randn(4, 3, 5))])
+    assert "bn" not in probe.zero_positions and probe.spatial == {"bn": 0}
