@@ -682,3 +682,22 @@ class _EmptySequence(nn.Module):
 def test_probe_of_a_batchnorm_that_sees_no_position_has_no_zero_fraction():
     probe = run_data_probe(_EmptySequence(), [Batch(_randn(4, 3, 5))])
     assert "bn" not in probe.zero_positions and probe.spatial == {"bn": 0}
+
+
+def test_data_probe_without_a_data_source_runs_no_batch():
+    from bnaudit.probes.data import data_probe
+
+    ctx = RuleContext(model=XD.mlp_bn(), graph=None, device=torch.device("cpu"))
+    probe = data_probe(ctx)
+    assert probe.batch_sizes == [] and probe.order_targets is None and probe.input is None
+
+
+def test_bn203_bound_at_fifty_percent_from_two_batches_against_the_exact_chi_square():
+    from scipy import stats
+
+    data = XD.mean_noise_batches(0.6, batches=2)
+    (f,) = _findings("BN203", _bn_first(), data, {"min_batches": 2, "confidence": 0.5})
+    med = f.evidence["mean_noise_median"]
+    # one degree of freedom at the median: Wilson-Hilferty is within 4% of the exact quantile (0.455)
+    exact = med * math.sqrt(2 / stats.chi2.ppf(0.5, 1))
+    assert f.evidence["mean_noise_lower"] == pytest.approx(exact, rel=0.02)
