@@ -92,9 +92,6 @@ SKIP_FILES = ("__init__.py", "examples.py", "examples_architecture.py", "example
 # Survivors no test can kill: the mutated program behaves like the original on every input. Keyed by
 # Mutant.key (file, enclosing function, operator, original -> replacement), so edits elsewhere keep the key.
 EQUIVALENT: dict[str, str] = {
-    "bnaudit/probes/data.py:data_probe.compute:boolop:and -> or":
-        "reads the label order of shuffled loaders too; BN204 only acts on an order that is sorted or on "
-        "single-class batches, which a shuffling loader does not serve: only time is lost",
     "bnaudit/probes/data.py:_labels:dropcond:t.dtype == torch.bool -> True":
         "t.long() on an integer tensor is a copy of the same values, and the line after converts with .long() anyway",
     "bnaudit/probes/data.py:_Hooks.relu_hook.hook:dropcond:isinstance(out, torch.Tensor) and out.dim() >= 1 "

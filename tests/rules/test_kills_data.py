@@ -496,9 +496,10 @@ def test_bn208_relu_without_units_is_not_dead():
     assert not _findings("BN208", model, XD.standardized())
 
 
-@pytest.mark.parametrize("kind", [nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid])
-def test_bn208_saturation_thresholds_per_activation(kind):
-    limit = SATURATION[kind]
+@pytest.mark.parametrize(("kind", "limit"), [(nn.Sigmoid, 5.0), (nn.Tanh, 3.0), (nn.Hardtanh, 1.0), (nn.Hardsigmoid, 3.0)])
+def test_bn208_saturation_thresholds_per_activation(kind, limit):
+    # the flat tails: slope under 1% of its maximum beyond |x| = 5 (sigmoid), 3 (tanh, hardsigmoid), 1 (hardtanh)
+    assert SATURATION[kind] == limit
     # per 8 values: 5 between the limit and twice it, one exactly at the limit, two inside
     row = torch.tensor([1.5, -1.5, 1.9, -1.2, 1.1, 1.0, 0.5, -0.2]) * limit
     x = row.repeat(16, 1)
@@ -701,3 +702,14 @@ def test_bn203_bound_at_fifty_percent_from_two_batches_against_the_exact_chi_squ
     # one degree of freedom at the median: Wilson-Hilferty is within 4% of the exact quantile (0.455)
     exact = med * math.sqrt(2 / stats.chi2.ppf(0.5, 1))
     assert f.evidence["mean_noise_lower"] == pytest.approx(exact, rel=0.02)
+
+
+def test_bn204_a_shuffling_loader_of_rare_classes_is_not_called_grouped():
+    # 396 of class 0 and 4 of class 1, shuffled: with this seed the two probe batches hold class 0 only, by
+    # chance, not grouping; the order of a shuffling loader is not read, so nothing calls them grouped
+    # (reading it would find class 1 and report grouped labels)
+    y = torch.tensor([0] * 396 + [1] * 4)
+    loader = DataLoader(TensorDataset(_randn(400, 4), y), batch_size=8, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    report = _report("BN204", XD.mlp(), loader, steps=2)
+    assert not report.findings
