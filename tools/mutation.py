@@ -139,7 +139,7 @@ EQUIVALENT: dict[str, str] = {
         "it fills zero_positions for",
     "bnaudit/rules/data.py:VanishingOrExploding.check:compare:> -> >=":
         "at s[k] == 0 both give ratio 0.0: s[0] is finite and positive there (checked above), and 0.0 / s[0] is 0.0",
-    "bnaudit/probes/data.py:_labels:compare:== -> !=":
+    "bnaudit/probes/data.py:_labels:compare:== -> != #2":
         "converts non-bool integer tensors with .long() instead of bool ones; the return converts with .long() "
         "anyway, giving the same values",
     "bnaudit/probes/data.py:_Hooks.fill:dropcond:v[1] -> True #2":

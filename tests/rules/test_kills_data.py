@@ -713,3 +713,16 @@ def test_bn204_a_shuffling_loader_of_rare_classes_is_not_called_grouped():
                         generator=torch.Generator().manual_seed(0))
     report = _report("BN204", XD.mlp(), loader, steps=2)
     assert not report.findings
+
+
+class _CastingBN(nn.BatchNorm1d):
+    """A BatchNorm that takes integer inputs and casts them itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
+def test_probe_measures_zero_positions_of_float_batchnorm_inputs_only():
+    tokens = torch.tensor([[0, 0, 1], [2, 0, 3], [0, 0, 0], [1, 1, 1]])
+    probe = run_data_probe(nn.Sequential(_CastingBN(3, track_running_stats=False)), [Batch(tokens)])
+    assert probe.errors == {} and probe.zero_positions == {} and probe.spatial == {}
