@@ -726,3 +726,27 @@ def test_probe_measures_zero_positions_of_float_batchnorm_inputs_only():
     tokens = torch.tensor([[0, 0, 1], [2, 0, 3], [0, 0, 0], [1, 1, 1]])
     probe = run_data_probe(nn.Sequential(_CastingBN(3, track_running_stats=False)), [Batch(tokens)])
     assert probe.errors == {} and probe.zero_positions == {} and probe.spatial == {}
+
+
+class _ScalarAndPairRelu(nn.Module):
+    """A ReLU over a 0-d tensor (no unit axis) and a ReLU subclass that returns (output, mask): neither output
+    is a batch of units, so neither is counted."""
+
+    class PairRelu(nn.ReLU):
+        def forward(self, x: torch.Tensor):
+            out = super().forward(x)
+            return out, out > 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = nn.ReLU()
+        self.pair = self.PairRelu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.pair(x)
+        return out + self.total(-x.sum())
+
+
+def test_probe_counts_relu_units_only_on_tensor_outputs_with_a_batch_axis():
+    probe = run_data_probe(_ScalarAndPairRelu(), [Batch(_randn(8, 4))])
+    assert probe.errors == {} and probe.dead == {}
