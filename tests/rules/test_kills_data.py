@@ -750,3 +750,17 @@ class _ScalarAndPairRelu(nn.Module):
 def test_probe_counts_relu_units_only_on_tensor_outputs_with_a_batch_axis():
     probe = run_data_probe(_ScalarAndPairRelu(), [Batch(_randn(8, 4))])
     assert probe.errors == {} and probe.dead == {}
+
+
+class _KeywordSigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(input=x)
+
+
+def test_probe_runs_a_sigmoid_called_with_a_keyword_input():
+    probe = run_data_probe(_KeywordSigmoid(), [Batch(10 * _randn(8, 4))])
+    assert probe.errors == {} and probe.saturated == {}  # nothing to see without a positional input
