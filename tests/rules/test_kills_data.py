@@ -764,3 +764,12 @@ class _KeywordSigmoid(nn.Module):
 def test_probe_runs_a_sigmoid_called_with_a_keyword_input():
     probe = run_data_probe(_KeywordSigmoid(), [Batch(10 * _randn(8, 4))])
     assert probe.errors == {} and probe.saturated == {}  # nothing to see without a positional input
+
+
+def test_probe_summarises_float_inputs_only():
+    tokens, _ = XD.padded_tokens()
+    probe = run_data_probe(XD.PaddedSeq(), [Batch(tokens)])
+    assert probe.errors == {} and probe.input is None  # integer token ids have no scale to judge
+    # the tail hook measures float inputs only: integer inputs of a sigmoid (which promotes them) are not tallied
+    counts = torch.tensor([[0, 7, 9], [12, 1, 6]])
+    assert run_data_probe(nn.Sequential(nn.Sigmoid()), [Batch(counts)]).saturated == {}
