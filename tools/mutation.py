@@ -128,6 +128,9 @@ EQUIVALENT: dict[str, str] = {
     #
     # --- BN2xx rules and the data probe (K_DATA) ---
     #
+    "bnaudit/rules/data.py:_bn_names:dropcond:n and is_batchnorm(m) -> (is_batchnorm(m))":
+        "adds only the unnamed root, when the whole model is a BatchNorm; the probe neither hooks nor records the "
+        "root, so BN202 and BN203 skip it either way (no spatial entry, not in the history)",
     "bnaudit/rules/data.py:_purity:const:0.0 -> 1.0":
         "no empty batch reaches it: _labels gives None for empty targets (then probe.targets is None), and "
         "np.split at the batches' own cumulative sizes gives no empty part",

@@ -773,3 +773,12 @@ def test_probe_summarises_float_inputs_only():
     # the tail hook measures float inputs only: integer inputs of a sigmoid (which promotes them) are not tallied
     counts = torch.tensor([[0, 7, 9], [12, 1, 6]])
     assert run_data_probe(nn.Sequential(nn.Sigmoid()), [Batch(counts)]).saturated == {}
+
+
+def test_bn201_without_a_layer_graph_still_judges_the_inputs():
+    from bnaudit.loading.data import as_source
+    from bnaudit.rules.data import UnnormalizedInput
+
+    ctx = RuleContext(model=XD.mlp(2), graph=None, device=torch.device("cpu"), data=as_source(XD.age_income(), "t"))
+    (f,) = UnnormalizedInput().check(ctx)
+    assert f.evidence["off_centre_features"] == [0] and f.evidence["scale_ratio"] > 1000
