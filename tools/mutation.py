@@ -128,6 +128,10 @@ EQUIVALENT: dict[str, str] = {
     #
     # --- BN2xx rules and the data probe (K_DATA) ---
     #
+    "bnaudit/rules/data.py:TooFewValuesPerChannel.check:dropcond:smallest is not None and batch == smallest and "
+    "smallest != getattr(data, \"batch_size\", None) -> (batch == smallest) and (smallest != getattr(data, "
+    "\"batch_size\", None))":
+        "when smallest is None, batch (an int) == smallest is False already",
     "bnaudit/rules/data.py:_bn_names:dropcond:n and is_batchnorm(m) -> (is_batchnorm(m))":
         "adds only the unnamed root, when the whole model is a BatchNorm; the probe neither hooks nor records the "
         "root, so BN202 and BN203 skip it either way (no spatial entry, not in the history)",

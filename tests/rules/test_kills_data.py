@@ -782,3 +782,26 @@ def test_bn201_without_a_layer_graph_still_judges_the_inputs():
     ctx = RuleContext(model=XD.mlp(2), graph=None, device=torch.device("cpu"), data=as_source(XD.age_income(), "t"))
     (f,) = UnnormalizedInput().check(ctx)
     assert f.evidence["off_centre_features"] == [0] and f.evidence["scale_ratio"] > 1000
+
+
+def test_bn201_a_std_of_exactly_the_floor_is_not_live():
+    # float64 inputs +-a over two samples: the measured std is a to the last bit for a = 1e-12, the floor
+    model = nn.Sequential(nn.Linear(2, 2)).double()
+
+    def batch(a: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.tensor([[a, 1.0], [-a, -1.0]], dtype=torch.float64), torch.tensor([0, 1]))]
+
+    assert run_data_probe(model, [Batch(*batch(1e-12)[0])]).input["std"][0] == 1e-12
+    assert not _findings("BN201", model, batch(1e-12))  # feature 0 is dead: one live feature, nothing to compare
+    (f,) = _findings("BN201", model, batch(math.nextafter(1e-12, 1.0)))
+    assert f.evidence["smallest_std_feature"] == 0 and f.evidence["scale_ratio"] > 1e11
+
+
+def test_bn202_a_probe_batch_below_the_loaders_short_last_batch_is_not_called_the_last_batch():
+    from torch.utils.data import SubsetRandomSampler
+
+    # 70 samples at batch 32 would end in a batch of 6; the sampler serves 4 samples only, one batch of 4
+    ds = TensorDataset(_randn(70, 4), torch.arange(70) % 2)
+    loader = DataLoader(ds, batch_size=32, sampler=SubsetRandomSampler(range(4), generator=torch.Generator().manual_seed(0)))
+    (f,) = _findings("BN202", XD.mlp_bn(), loader)
+    assert f.evidence["batch"] == 4 and f.message.startswith("a batch of 4 sample(s)")
