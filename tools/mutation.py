@@ -128,6 +128,12 @@ EQUIVALENT: dict[str, str] = {
     #
     # --- BN2xx rules and the data probe (K_DATA) ---
     #
+    "bnaudit/rules/data.py:NonIidBatches.check:dropcond:order is not None and len(np.unique(order)) > 1 and "
+    "np.all(np.diff(order) >= 0) -> (len(np.unique(order)) > 1) and (np.all(np.diff(order) >= 0))":
+        "np.unique(None) is array([None]), of length 1: the '> 1' test is False for a None order already",
+    "bnaudit/rules/data.py:NonIidBatches.check:dropcond:order is not None and len(np.unique(order)) > 1 -> "
+    "(len(np.unique(order)) > 1)":
+        "np.unique(None) is array([None]), of length 1: the '> 1' test is False for a None order already",
     "bnaudit/rules/data.py:TooFewValuesPerChannel.check:dropcond:smallest is not None and batch == smallest and "
     "smallest != getattr(data, \"batch_size\", None) -> (batch == smallest) and (smallest != getattr(data, "
     "\"batch_size\", None))":

@@ -421,6 +421,7 @@ def test_bn206_an_empty_history_says_nothing():
     with record(model) as rec:
         pass
     assert not _findings("BN206", model, history=rec.history)
+    assert _bn206(model, None) == []  # no history at all (a context built without one)
 
 
 # --- BN207 vanishing-or-exploding -------------------------------------------------------------------------------
