@@ -114,9 +114,6 @@ EQUIVALENT: dict[str, str] = {
         "an empty tensor adds 0 of 0 to the tally, and tallies with no values are dropped afterwards",
     # Not equivalent in the strict sense: they differ only at a bit-exact tie or far below the precision the
     # code claims, so no test short of restating the formula or staging the tie would notice.
-    "bnaudit/rules/data.py:_t_quantile:const:1920 -> 1921":
-        "moves the t quantile by z**3 / (92160 dof**4): 40 to 2700 times less than the expansion's own error against "
-        "the exact quantile at 2 to 100 dof, at least twice less beyond wherever the change exceeds 1e-15",
     "bnaudit/rules/data.py:_t_quantile:const:945 -> 946":
         "moves the t quantile by z / (92160 dof**4): 110 to 7300 times less than the expansion's own error against "
         "the exact quantile at 2 to 100 dof, at least twice less beyond wherever the change exceeds 1e-15",

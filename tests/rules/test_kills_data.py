@@ -806,3 +806,16 @@ def test_bn202_a_probe_batch_below_the_loaders_short_last_batch_is_not_called_th
     loader = DataLoader(ds, batch_size=32, sampler=SubsetRandomSampler(range(4), generator=torch.Generator().manual_seed(0)))
     (f,) = _findings("BN202", XD.mlp_bn(), loader)
     assert f.evidence["batch"] == 4 and f.message.startswith("a batch of 4 sample(s)")
+
+
+@pytest.mark.parametrize(("dof", "low", "high"), [(20, -0.22, -0.19), (60, -0.205, -0.19), (100, -0.2, -0.19),
+                                                  (200, -0.2, -0.19)])
+def test_t_quantile_is_exact_through_the_fourth_order(dof, low, high):
+    # A&S 26.7.5 to four terms: the error against the exact quantile is the fifth term, about -0.195 / dof**5
+    # (g5 at z = 1.645); a wrong coefficient in any of the four terms leaves an error of order 1 / dof**4
+    from scipy import stats
+
+    from bnaudit.rules.data import _t_quantile
+
+    err = _t_quantile(0.95, dof) - stats.t.ppf(0.95, dof)
+    assert low < err * dof**5 < high
