@@ -819,3 +819,50 @@ def test_t_quantile_is_exact_through_the_fourth_order(dof, low, high):
 
     err = _t_quantile(0.95, dof) - stats.t.ppf(0.95, dof)
     assert low < err * dof**5 < high
+
+
+def _e(v: float) -> float:
+    return math.exp(v)
+
+
+def test_bn207_vanishing_exactly_at_one_over_max_ratio_is_not_reported():
+    # power-of-two scales: second moments exactly 1, 1/4, 1/16, 1/64 of the first
+    model, x = _chain([1.0, 0.5, 0.5, 0.5]), _positive()
+    assert not _findings("BN207", model, x, {"max_ratio": 64.0})
+    (f,) = _findings("BN207", model, x, {"max_ratio": _below(64.0)})
+    assert f.evidence["ratio"] == 1 / 64
+
+
+def test_bn207_explosion_needs_a_rising_trend_above_one():
+    # log second moments 0, 5, 5, 0, 0, 7 (relative): the last is e**7 = 1097x the first, the fitted factor 1.53
+    (f,) = _findings("BN207", _chain([1.0, _e(2.5), 1.0, _e(-2.5), 1.0, _e(3.5)]), _positive())
+    assert f.evidence["per_layer_factor"] == pytest.approx(_e(7.5 / 17.5), rel=1e-3) and "explodes" in f.message
+    # log second moments 0, 6.9, -6.8, -6.8, -6.8, 6.95: the last is 1043x the first, but the fit falls
+    assert not _findings("BN207", _chain([1.0, _e(3.45), _e(-6.85), 1.0, 1.0, _e(6.875)]), _positive())
+
+
+class _SideBranch(nn.Module):
+    """A chain whose second weight layer (NaN weights) is a side branch: its output is never used."""
+
+    def __init__(self, first: float, scales: list[float]) -> None:
+        super().__init__()
+        self.first = _chain([first])
+        self.side = _chain([math.nan])
+        self.rest = _chain(scales)
+        self.bias = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.bias.weight.copy_(torch.eye(8))
+            self.bias.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        self.side(h)
+        return self.rest(self.bias(h))
+
+
+def test_bn207_reference_and_worst_layer_are_the_first_and_last_only():
+    # a NaN side branch second in execution order does not stop the check; the chain after it vanishes
+    (f,) = _findings("BN207", _SideBranch(1.0, [0.01, 0.01, 0.01]), _positive(scale=0.01))
+    assert f.evidence["first_layer"] == "first.0" and math.isnan(f.evidence["second_moments"][1])
+    # a zero first layer is no reference, even when the layer after it adds a bias
+    assert not _findings("BN207", _SideBranch(0.0, [0.01, 0.01, 0.01]), _positive())
