@@ -55,14 +55,16 @@ KILLS = "tests/rules/test_mutation_kills.py"  # edge cases found by this tool: q
 
 # Edge cases found by this tool, one file per family of modules: quick, so they run first.
 K_STATIC = "tests/rules/test_kills_static.py"  # BN1xx: rules/architecture, layer_settings, base, catalog, common
-K_DATA = "tests/rules/test_kills_data.py"  # BN2xx: rules/data, probes/data
+K_DATA = "tests/rules/test_kills_data.py"  # BN2xx: rules/data
+K_DATA_PROBE = "tests/rules/test_kills_data_probe.py"  # their probe: probes/data
 K_MODES = "tests/rules/test_kills_modes.py"  # BN3xx: rules/modes, rules/running_stats
 K_MODES_PROBES = "tests/rules/test_kills_modes_probes.py"  # their probes: probes/running_stats, common, state
 K_PROBES = "tests/rules/test_kills_probes.py"  # probes/inference, train_eval, eval_steps
 K_DIST = "tests/rules/test_kills_distributed.py"  # BN4xx: rules/distributed
 ARCH = ["tests/test_architectures.py", "tests/rules/test_architecture.py", "tests/rules/test_architecture_issue19.py"]
 MODES = ["tests/rules/test_modes.py", "tests/test_probes_modes.py"]
-DATA = [[KILLS, K_DATA, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"], ["tests/rules/test_data.py"]]
+DATA = [[K_DATA, K_DATA_PROBE], [KILLS, "tests/rules/test_padding_margin.py"], [EXAMPLES, "-k", "BN2"],
+        ["tests/rules/test_data.py", "tests/rules/test_output_layers.py"]]
 
 # The fast tests that judge each module: its family's rule examples and its family's unit tests.
 # Commands run in order; the first failure kills the mutant, so the quickest come first.
@@ -153,7 +155,7 @@ EQUIVALENT: dict[str, str] = {
     "bnaudit/rules/catalog.py:_did_you_mean:const:1 -> 2":
         "difflib.get_close_matches returns the best match first whatever n is; only close[0] is read",
     #
-    # --- BN2xx rules and the data probe (K_DATA) ---
+    # --- BN2xx rules and the data probe (K_DATA, K_DATA_PROBE) ---
     #
     "bnaudit/rules/data.py:NonIidBatches.check:dropcond:order is not None and len(np.unique(order)) > 1 and "
     "np.all(np.diff(order) >= 0) -> (len(np.unique(order)) > 1) and (np.all(np.diff(order) >= 0))":
