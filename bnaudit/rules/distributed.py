@@ -74,7 +74,8 @@ class SmallPerDeviceBatch(Rule):
     matters (positions of one image are correlated), for (N, C) layers the two are equal.
 
     Inside a process group with more than one rank each rank's measured batch (the first batch of its
-    ``--data``) is used and the smallest one is reported. In one process, set ``world_size`` to check a plan:
+    ``--data``) is used and the smallest one is reported (a rank whose batch never reaches the layer does not
+    count). In one process, set ``world_size`` to check a plan:
     the ``--data`` batch is then taken as the global batch split evenly over that many devices. Without either
     there is nothing to check.
 
@@ -138,9 +139,10 @@ class SmallPerDeviceBatch(Rule):
             if isinstance(m, nn.SyncBatchNorm):
                 continue
             samples, values = per_rank[:, 2 * k], per_rank[:, 2 * k + 1]
-            if not samples.any():
+            called = samples > 0  # a rank whose data never reaches the layer does not normalize there at all
+            if not called.any():
                 continue  # not called on the example
-            s, v = int(samples.min()), int(values.min())
+            s, v = int(samples[called].min()), int(values[called].min())
             if s >= min_batch and v >= min_values:
                 continue
             total = int(samples.sum()) if not planned else s * world
