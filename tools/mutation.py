@@ -144,6 +144,11 @@ EQUIVALENT: dict[str, str] = {
     "nn.parameter.UninitializedParameter) -> True":
         "no rule sees an uninitialized parameter: run_audit deep-copies the model first and torch refuses to "
         "deep-copy one (the audit fails before any rule runs)",
+    "bnaudit/rules/layer_settings.py:_median_input_var:dropcond:cv.ndim == 2 and cv.shape[1] -> (cv.ndim == 2)":
+        "as 'and -> or' there: only a series of width 0 tells them apart, and no BatchNorm over 0 channels runs",
+    "bnaudit/rules/layer_settings.py:_median_input_var:boolop:and -> or":
+        "differs only for a channel series of width 0, the input of a BatchNorm over 0 channels, which torch "
+        "cannot run (batch_norm raises IndexError), so no history holds one",
     "bnaudit/rules/layer_settings.py:_median_input_var:dropcond:cv.ndim == 2 and cv.shape[1] -> (cv.shape[1])":
         "History.series of a per-channel statistic is always 2-D ((rows, width) per segment, or zeros((0, width)))",
     "bnaudit/rules/layer_settings.py:EpsTooLarge._measure:dropcond:ctx.data is not None -> True":
