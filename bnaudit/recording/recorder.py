@@ -386,8 +386,8 @@ class Recorder:
 
         Raises:
             RecordingError: the step ran the model (parameters or BatchNorm counters moved) but not one
-                hook has fired since recording began, which is what a torch.compile'd model does to hooks
-                added after its first call.
+                hook has fired since recording began: the recorded layers were not called or got nothing
+                they measure (integer inputs), or a torch.compile'd model skips hooks added after its first call.
             UsageError: called outside the ``with`` block.
         """
         if not self._open:
@@ -406,11 +406,17 @@ class Recorder:
         if self._fired_total or not self._slots:
             return
         if self._param_versions() != self._versions or self._bn_counter() != self._nbt:
-            hint = " (it is compiled)" if self.compiled else ""
+            if self.compiled:
+                raise RecordingError(
+                    f"the model (it is compiled) trained during step {self._step} but no recording hook fired: hooks "
+                    "added after a torch.compile'd model's first call never run. Enter bnaudit.record() before the "
+                    "first call of the compiled model, or record the uncompiled module"
+                )
             raise RecordingError(
-                f"the model{hint} trained during step {self._step} but no recording hook fired: hooks added after a "
-                "torch.compile'd model's first call never run. Enter bnaudit.record() before the first call of the "
-                "compiled model, or record the uncompiled module"
+                f"the model trained during step {self._step} but none of the recorded layers was measured: they were "
+                "not called, or got no floating-point tensor to measure (integer inputs), or a torch.compile'd part "
+                "of the model skips hooks added after its first call. Record layers that run on float tensors "
+                "(layers=[...]), or enter bnaudit.record() before a compiled part's first call"
             )
 
     def _write_row(self) -> None:

@@ -595,3 +595,24 @@ def test_third_party_norm_over_the_last_dim_is_recorded_per_feature():
     h = rec.history
     assert h.info["1"]["channel_dim"] == -1 and h.info["1"]["where"] == "input"
     np.testing.assert_allclose(h.series("1", "channel_mean")[0], inner.mean((0, 1)), rtol=1e-5, atol=1e-7)
+
+
+class _CastingBN(nn.BatchNorm1d):
+    """A BatchNorm that takes integer token counts and casts them itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
+def test_a_model_whose_recorded_layers_measure_nothing_is_told_why_without_blaming_compile():
+    model = nn.Sequential(_CastingBN(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    counts = torch.tensor([[0, 7, 9], [12, 1, 6], [3, 3, 0], [5, 2, 8]])
+    with pytest.raises(RecordingError) as info, record(model) as rec:
+        model(counts).square().mean().backward()
+        opt.step()
+        rec.step()
+    message = str(info.value)
+    assert "none of the recorded layers was measured" in message and "integer inputs" in message
+    assert "(it is compiled)" not in message
+    _no_hooks(model)
