@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bnaudit.findings import LayerInfo
-from bnaudit.layers import RESHAPE_FUNCTIONS, is_norm, norm_kind, param_count
+from bnaudit.layers import RESHAPE_FUNCTIONS, eval_mode, is_norm, norm_kind, param_count
 
 INPUT = "<input>"
 OUTPUT = "<output>"
@@ -379,13 +379,8 @@ def build_graph(
         nodes = {name: Node(name, leaves[name], calls=fx_calls.get(name, 0)) for name in fx_order}
         return LayerGraph("fx", note + "; no input given, shapes unknown", nodes, fx_edges, shapes_known=False)
 
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         nodes, hook_edges = _hook_pass(model, leaves, example, run, track=fx_edges is None)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     if fx_edges is not None:
         # fx order is static; keep run-time order but add layers fx saw that did not run this time.
         for name in fx_order:

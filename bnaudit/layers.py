@@ -7,11 +7,15 @@ Normalization is recognised beyond torch's classes (``is_norm``): much of the mo
 classes of its own (timm's RmsNorm2d, LayerNorm2d, EvoNorm2dB0/S0, FilterResponseNormTlu2d; torchvision's and
 detectron2's FrozenBatchNorm2d; apex's FusedLayerNorm), known by a class name with "Norm" in it or by running
 statistics among their buffers. Where a rule needs BatchNorm's own semantics (running buffers updated by
-momentum, ``track_running_stats``, train/eval behaviour), ``is_batchnorm`` stays the strict isinstance check."""
+momentum, ``track_running_stats``, train/eval behaviour), ``is_batchnorm`` stays the strict isinstance check.
+
+``eval_mode`` runs a block with every module in eval mode and puts each module's own flag back."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -49,6 +53,19 @@ RESHAPE_FUNCTIONS = frozenset({
     "view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "clone", "to", "float", "type_as",
     "identity", "__getitem__", "getitem",
 })
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of ``model`` in eval mode for the block; each module's own training flag is put back
+    afterwards, whatever happens (``model.train()`` would not restore a BatchNorm the user holds in eval)."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def is_batchnorm(m: nn.Module) -> bool:

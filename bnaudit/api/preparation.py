@@ -183,6 +183,7 @@ def _initialize_lazy(prepared: Prepared, *, input_shape: Any, batch_size: int, s
     from torch.nn.modules.lazy import LazyModuleMixin
 
     from bnaudit.errors import DataError, UsageError
+    from bnaudit.layers import eval_mode
 
     model = prepared.model
     lazy = [n or type(m).__name__ for n, m in model.named_modules()
@@ -199,17 +200,13 @@ def _initialize_lazy(prepared: Prepared, *, input_shape: Any, batch_size: int, s
         raise UsageError(f"{what}: pass --data or --input-shape so that bnaudit can run the model once to "
                          "initialize them")
     example = given.example
-    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(model):
             torch.manual_seed(seed)
-            model.eval()(example)
+            model(example)
     except Exception as exc:  # noqa: BLE001 - the model's own code: any error is a bad input
         raise DataError(f"{what}; the model rejects the example input that would initialize them: "
                         f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return replace(prepared, dtype=_model_dtype(model), lazy_initialized=True)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from bnaudit.graph import default_run as forward  # model(inputs), as the audit's graph pass calls it
-from bnaudit.layers import is_batchnorm
+from bnaudit.layers import eval_mode, is_batchnorm
 
 Predict = Callable[[nn.Module, Any], Any]
 
@@ -158,16 +158,11 @@ def buffer_hashes(model: nn.Module) -> dict[str, str]:
 def bn_statistics_mode(model: nn.Module):
     """BatchNorm layers in train mode, every other module in eval mode (dropout off), for the block; every
     module's own training flag is restored afterwards, whatever happens."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         for m in model.modules():
             if is_batchnorm(m):
                 m.train()
         yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 __all__ = [

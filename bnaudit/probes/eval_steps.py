@@ -67,6 +67,7 @@ def eval_mode_steps(
         One EvalModeSpan per layer with at least one counted step, by layer name.
     """
     total = len(steps)
+    held = set() if model_training is None else {i for i, t in enumerate(model_training) if t is True}
     spans = []
     for layer in sorted(training):
         flags = list(training[layer])
@@ -74,7 +75,6 @@ def eval_mode_steps(
         counts = list((num_batches_tracked or {}).get(layer, []))
         n = min(len(flags), len(grads), total)
         trained = [i for i in range(n) if grads[i] and (updated is None or bool(updated[i]))]
-        held = set() if model_training is None else {i for i, t in enumerate(model_training) if t is True}
         hits = []
         confirmed = True
         for i in trained:

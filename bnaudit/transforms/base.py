@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from bnaudit.errors import DataError, TransformError
 from bnaudit.graph import LayerGraph, build_graph
+from bnaudit.layers import eval_mode
 
 RunFn = Callable[[nn.Module, Any], Any]
 
@@ -149,13 +150,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 @torch.no_grad()
 def eval_outputs(model: nn.Module, example: Any, run: RunFn) -> list[torch.Tensor]:
     """The model's eval-mode output tensors on ``example``; every module's training flag is restored."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         return [t.detach().clone() for t in _tensors(run(model, example))]
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def max_abs_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -28,6 +28,7 @@ from bnaudit.graph import OUTPUT, LayerGraph, default_run
 from bnaudit.layers import (
     ACTIVATION_FUNCTIONS,
     RESHAPE_FUNCTIONS,
+    eval_mode,
     has_bias,
     is_activation,
     is_conv,
@@ -414,15 +415,14 @@ def _calibrate(
 
         return fn
 
-    flags = {m: m.training for m in model.modules()}
     batches = 0
     try:
-        model.eval()
-        for name, norm in norms.items():
-            handles.append(norm.register_forward_hook(hook(name, norm)))
-        for inputs in iter_inputs(data, limit=limit):
-            run(model, move_to(inputs, device, dtype))
-            batches += 1
+        with eval_mode(model):
+            for name, norm in norms.items():
+                handles.append(norm.register_forward_hook(hook(name, norm)))
+            for inputs in iter_inputs(data, limit=limit):
+                run(model, move_to(inputs, device, dtype))
+                batches += 1
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward on their data
@@ -430,8 +430,6 @@ def _calibrate(
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     for name, norm in norms.items():
         stats = moments[name]
         if stats.mean is None:
