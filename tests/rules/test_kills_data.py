@@ -13,28 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import bnaudit
 from bnaudit.context import RuleContext
 from bnaudit.loading.data import Batch
 from bnaudit.probes.data import SATURATION, run_data_probe
 from bnaudit.recording import record
 from bnaudit.rules import examples_data as XD
 from bnaudit.rules.data import ActivationDrift
-
-
-def _report(code, model, data=None, options=None, **kw):
-    config = {code: {"options": options}} if options else None
-    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
-    assert code in report.rules_run, report.rules_skipped  # a crash of the rule lands in rules_skipped
-    return report
-
-
-def _findings(code, model, data=None, options=None, **kw):
-    return [f for f in _report(code, model, data, options, **kw).findings if f.code == code]
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from tests.rules.kills import rule_findings, rule_report, seeded_randn
 
 
 def _below(v: float) -> float:
@@ -50,63 +35,63 @@ def _scaled_features(stds, means=None, n: int = 64) -> torch.Tensor:
 
 
 def test_bn201_scale_ratio_at_the_threshold_is_not_reported_just_below_it_is():
-    (f,) = _findings("BN201", XD.mlp(2), XD.age_income())
+    (f,) = rule_findings("BN201", XD.mlp(2), XD.age_income())
     ratio = f.evidence["scale_ratio"]
     quiet = {"max_mean_to_std": 1e9}
-    assert not _findings("BN201", XD.mlp(2), XD.age_income(), {"max_scale_ratio": ratio, **quiet})
-    (g,) = _findings("BN201", XD.mlp(2), XD.age_income(), {"max_scale_ratio": _below(ratio), **quiet})
+    assert not rule_findings("BN201", XD.mlp(2), XD.age_income(), {"max_scale_ratio": ratio, **quiet})
+    (g,) = rule_findings("BN201", XD.mlp(2), XD.age_income(), {"max_scale_ratio": _below(ratio), **quiet})
     assert g.evidence["scale_ratio"] == ratio and "off_centre_features" not in g.evidence
 
 
 def test_bn201_mean_to_std_at_the_threshold_is_not_reported_just_below_it_is():
-    (f,) = _findings("BN201", XD.mlp(2), XD.age_income())
+    (f,) = rule_findings("BN201", XD.mlp(2), XD.age_income())
     worst = f.evidence["worst_mean_to_std"]
     quiet = {"max_scale_ratio": 1e9}
-    assert not _findings("BN201", XD.mlp(2), XD.age_income(), {"max_mean_to_std": worst, **quiet})
-    (g,) = _findings("BN201", XD.mlp(2), XD.age_income(), {"max_mean_to_std": _below(worst), **quiet})
+    assert not rule_findings("BN201", XD.mlp(2), XD.age_income(), {"max_mean_to_std": worst, **quiet})
+    (g,) = rule_findings("BN201", XD.mlp(2), XD.age_income(), {"max_mean_to_std": _below(worst), **quiet})
     assert g.evidence["worst_mean_to_std"] == worst and g.evidence["off_centre_features"] == [0]
     assert "scale_ratio" not in g.evidence and "sit far from zero" in g.message
 
 
 def test_bn201_default_thresholds():
     # scales 150x apart (between the default 100 and 200), means at 0: the scale part alone
-    (f,) = _findings("BN201", XD.mlp(2), _scaled_features([1.0, 150.0]))
+    (f,) = rule_findings("BN201", XD.mlp(2), _scaled_features([1.0, 150.0]))
     assert f.evidence["scale_ratio"] == pytest.approx(150.0, rel=1e-6)
     assert (f.evidence["largest_std_feature"], f.evidence["smallest_std_feature"]) == (1, 0)
     assert f.evidence["max_scale_ratio"] == 100.0 and "off_centre_features" not in f.evidence
     assert "feature scales differ" in f.message
     # a mean 4 stds from zero (between the default 3 and 6): the off-centre part alone
-    (g,) = _findings("BN201", XD.mlp(2), _scaled_features([1.0, 1.0], [0.0, 4.0]))
+    (g,) = rule_findings("BN201", XD.mlp(2), _scaled_features([1.0, 1.0], [0.0, 4.0]))
     assert g.evidence["off_centre_features"] == [1] and g.evidence["worst_mean_to_std"] == pytest.approx(4.0)
     assert g.evidence["max_mean_to_std"] == 3.0 and "scale_ratio" not in g.evidence
-    assert not _findings("BN201", XD.mlp(2), _scaled_features([1.0, 90.0], [0.0, 2.9]))
+    assert not rule_findings("BN201", XD.mlp(2), _scaled_features([1.0, 90.0], [0.0, 2.9]))
 
 
 def test_bn201_judges_a_single_live_feature_and_ignores_constant_ones():
     # feature 0 constant (std 0): not live, neither a scale nor an off-centre feature even at a tight threshold
     x = _scaled_features([0.0, 1.0], [5.0, 10.0])
-    (f,) = _findings("BN201", XD.mlp(2), x, {"max_mean_to_std": 0.5})
+    (f,) = rule_findings("BN201", XD.mlp(2), x, {"max_mean_to_std": 0.5})
     assert f.evidence["off_centre_features"] == [1] and "scale_ratio" not in f.evidence
     # one feature only, far from zero
-    (g,) = _findings("BN201", XD.mlp(1), _scaled_features([1.0], [10.0]))
+    (g,) = rule_findings("BN201", XD.mlp(1), _scaled_features([1.0], [10.0]))
     assert g.evidence["off_centre_features"] == [0] and g.evidence["features"] == 1
 
 
 def test_bn201_a_tiny_but_nonzero_std_is_live():
     # std 1.5e-12 is above the 1e-12 floor: a live feature, 6.7e11 times smaller than the other
-    (f,) = _findings("BN201", XD.mlp(2), _scaled_features([1.5e-12, 1.0]), {"max_mean_to_std": 1e9})
+    (f,) = rule_findings("BN201", XD.mlp(2), _scaled_features([1.5e-12, 1.0]), {"max_mean_to_std": 1e9})
     assert f.evidence["smallest_std_feature"] == 0 and f.evidence["scale_ratio"] > 1e11
 
 
 def test_bn201_lists_at_most_twenty_off_centre_features():
-    (f,) = _findings("BN201", XD.mlp(25), _scaled_features([1.0] * 25, [10.0] * 25))
+    (f,) = rule_findings("BN201", XD.mlp(25), _scaled_features([1.0] * 25, [10.0] * 25))
     assert f.evidence["off_centre_features"] == list(range(20)) and "25 feature(s) sit far" in f.message
 
 
 def test_bn201_says_channel_for_images():
     x = _scaled_features([1.0, 150.0, 1.0])[:, :, None, None].expand(64, 3, 2, 2).contiguous()
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-    (f,) = _findings("BN201", model, x)
+    (f,) = rule_findings("BN201", model, x)
     assert "channel scales differ" in f.message and f.evidence["layout"] == "channels"
 
 
@@ -135,18 +120,18 @@ class _TwoBranches(nn.Module):
 
 
 def test_bn201_is_skipped_only_when_every_first_layer_is_a_norm():
-    assert _findings("BN201", _ParameterOnly(), XD.age_income())  # no first module: nothing normalizes
-    assert _findings("BN201", _TwoBranches(), XD.age_income())
+    assert rule_findings("BN201", _ParameterOnly(), XD.age_income())  # no first module: nothing normalizes
+    assert rule_findings("BN201", _TwoBranches(), XD.age_income())
 
 
 # --- BN202 too-few-values-per-channel ---------------------------------------------------------------------------
 def _batches(size: int, count: int = 3, f: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(_randn(size, f, seed=i), torch.arange(size) % 2) for i in range(count)]
+    return [(seeded_randn(size, f, seed=i), torch.arange(size) % 2) for i in range(count)]
 
 
 @pytest.mark.parametrize(("size", "severity"), [(2, "warning"), (7, "warning"), (8, None)])
 def test_bn202_error_below_two_values_warning_below_min_values(size, severity):
-    found = _findings("BN202", XD.mlp_bn(), _batches(size))
+    found = rule_findings("BN202", XD.mlp_bn(), _batches(size))
     assert [f.severity for f in found] == ([severity] if severity else [])
     if found:
         assert found[0].evidence["values_per_channel"] == size and found[0].evidence["min_values"] == 8
@@ -154,18 +139,18 @@ def test_bn202_error_below_two_values_warning_below_min_values(size, severity):
 
 
 def test_bn202_names_the_last_batch_only_when_it_is_the_short_one():
-    loader = DataLoader(TensorDataset(_randn(24, 4), torch.arange(24) % 2), batch_size=4)
-    (f,) = _findings("BN202", XD.mlp_bn(), loader)  # every batch is 4: not "the last batch"
+    loader = DataLoader(TensorDataset(seeded_randn(24, 4), torch.arange(24) % 2), batch_size=4)
+    (f,) = rule_findings("BN202", XD.mlp_bn(), loader)  # every batch is 4: not "the last batch"
     assert f.message.startswith("a batch of 4 sample(s)") and f.evidence["batch_size"] == 4
-    (g,) = _findings("BN202", XD.mlp_bn(), XD.odd_dataset())
+    (g,) = rule_findings("BN202", XD.mlp_bn(), XD.odd_dataset())
     assert g.message.startswith("the last batch of 1 sample(s)")
 
 
 def test_bn202_counts_the_loaders_short_last_batch_even_when_the_probe_never_ran_it():
-    (f,) = _findings("BN202", XD.mlp_bn(), XD.odd_dataset(), steps=1)  # the probe sees one batch of 32
+    (f,) = rule_findings("BN202", XD.mlp_bn(), XD.odd_dataset(), steps=1)  # the probe sees one batch of 32
     assert f.severity == "error" and f.evidence["values_per_channel"] == 1 and f.evidence["batch"] == 1
     assert "error" not in f.evidence  # no batch failed in the probe
-    (g,) = _findings("BN202", XD.mlp_bn(), XD.odd_dataset())  # the probe ran the batch of one: its error is quoted
+    (g,) = rule_findings("BN202", XD.mlp_bn(), XD.odd_dataset())  # the probe ran the batch of one: its error is quoted
     assert "Expected more than 1 value per channel" in g.evidence["error"]
 
 
@@ -177,22 +162,22 @@ def _bn_first(f: int = 4) -> nn.Module:
 
 def test_bn203_lower_bound_at_the_threshold_is_not_reported_just_below_it_is():
     data = XD.mean_noise_batches(0.6)
-    (f,) = _findings("BN203", _bn_first(), data)
+    (f,) = rule_findings("BN203", _bn_first(), data)
     lower = f.evidence["mean_noise_lower"]
-    assert not _findings("BN203", _bn_first(), data, {"max_mean_noise": lower})
-    (g,) = _findings("BN203", _bn_first(), data, {"max_mean_noise": _below(lower)})
+    assert not rule_findings("BN203", _bn_first(), data, {"max_mean_noise": lower})
+    (g,) = rule_findings("BN203", _bn_first(), data, {"max_mean_noise": _below(lower)})
     assert g.evidence["mean_noise_lower"] == lower and g.evidence["max_mean_noise"] == _below(lower)
 
 
 def test_bn203_measures_three_batches_by_default():
-    (f,) = _findings("BN203", _bn_first(), XD.mean_noise_batches(0.9, batches=3))
+    (f,) = rule_findings("BN203", _bn_first(), XD.mean_noise_batches(0.9, batches=3))
     assert f.evidence["batches"] == 3 and f.evidence["mean_noise_median"] == pytest.approx(0.9, abs=1e-5)
-    assert not _findings("BN203", _bn_first(), XD.mean_noise_batches(0.9, batches=2))
+    assert not rule_findings("BN203", _bn_first(), XD.mean_noise_batches(0.9, batches=2))
 
 
 def test_bn203_evidence_against_a_naive_recomputation():
     data = XD.tiny_batches()
-    (f,) = _findings("BN203", _bn_first(), data)
+    (f,) = rule_findings("BN203", _bn_first(), data)
     x = np.stack([b[0].double().numpy() for b in data])  # (batches, samples, channels)
     cm, cv = x.mean(axis=1), x.var(axis=1)
     pop_var = cv.mean(axis=0) + cm.var(axis=0)
@@ -210,19 +195,19 @@ def test_bn203_a_channel_of_tiny_variance_still_counts():
     data = []
     for (x, y), (z, _) in zip(XD.mean_noise_batches(0.9), XD.mean_noise_batches(0.1), strict=True):
         data.append((torch.cat([x[:, :1] * 1.2e-6, z[:, 1:]], dim=1), y))
-    (f,) = _findings("BN203", _bn_first(), data, {"max_mean_noise": 0.01})
+    (f,) = rule_findings("BN203", _bn_first(), data, {"max_mean_noise": 0.01})
     assert f.evidence["mean_noise_max"] == pytest.approx(0.9, rel=1e-3)
 
 
 # --- BN204 non-iid-batches / the label order -------------------------------------------------------------------
 def _labelled(labels) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One batch per entry of ``labels`` (a list of label lists), inputs random."""
-    return [(_randn(len(y), 4, seed=i), torch.tensor(y)) for i, y in enumerate(labels)]
+    return [(seeded_randn(len(y), 4, seed=i), torch.tensor(y)) for i, y in enumerate(labels)]
 
 
 def _loader(labels: list[int], batch_size: int, shuffle: bool = False) -> DataLoader:
     y = torch.tensor(labels)
-    return DataLoader(TensorDataset(_randn(len(y), 4), y), batch_size=batch_size, shuffle=shuffle,
+    return DataLoader(TensorDataset(seeded_randn(len(y), 4), y), batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(0) if shuffle else None)
 
 
@@ -236,7 +221,7 @@ def _naive_shuffled_purity(batches: list[list[int]]) -> float:
 
 def test_bn204_two_single_class_batches_of_two_classes_fire():
     batches = [[1] * 8, [0] * 8]  # not sorted (1 before 0): the purity test decides
-    (f,) = _findings("BN204", XD.mlp(), _labelled(batches))
+    (f,) = rule_findings("BN204", XD.mlp(), _labelled(batches))
     ev = f.evidence
     assert ev["batch_purity"] == 1.0 and ev["batches"] == 2 and ev["max_purity_excess"] == 0.25
     assert ev["shuffled_purity"] == _naive_shuffled_purity(batches)
@@ -245,53 +230,53 @@ def test_bn204_two_single_class_batches_of_two_classes_fire():
 
 def test_bn204_shuffled_purity_against_a_naive_recomputation_over_uneven_batches():
     batches = [[3] * 6 + [0, 1], [1] * 5 + [2], [2] * 7, [0] * 4 + [3] * 4, [3, 2, 1, 0, 0]]
-    (f,) = _findings("BN204", XD.mlp(), _labelled(batches), {"max_purity_excess": 0.0})
+    (f,) = rule_findings("BN204", XD.mlp(), _labelled(batches), {"max_purity_excess": 0.0})
     assert f.evidence["shuffled_purity"] == pytest.approx(_naive_shuffled_purity(batches), abs=1e-12)
     assert f.evidence["batch_purity"] == pytest.approx(np.mean([6 / 8, 5 / 6, 1.0, 0.5, 2 / 5]), abs=1e-12)
 
 
 def test_bn204_excess_at_the_threshold_is_not_reported_just_below_it_is():
     data = _labelled([[0] * 6 + [1] * 2, [1] * 6 + [2] * 2, [2] * 6 + [0] * 2, [1] * 8])
-    (f,) = _findings("BN204", XD.mlp(), data, {"max_purity_excess": 0.0})
+    (f,) = rule_findings("BN204", XD.mlp(), data, {"max_purity_excess": 0.0})
     excess = f.evidence["excess"]
     assert 0.25 < excess < 0.5  # also fires at the default
-    assert _findings("BN204", XD.mlp(), data)
-    assert not _findings("BN204", XD.mlp(), data, {"max_purity_excess": excess})
-    assert _findings("BN204", XD.mlp(), data, {"max_purity_excess": _below(excess)})
+    assert rule_findings("BN204", XD.mlp(), data)
+    assert not rule_findings("BN204", XD.mlp(), data, {"max_purity_excess": excess})
+    assert rule_findings("BN204", XD.mlp(), data, {"max_purity_excess": _below(excess)})
 
 
 def test_bn204_unshuffled_loader_with_mixed_labels_is_not_called_sorted():
     labels = [i % 3 for i in range(96)]
-    assert not _findings("BN204", XD.mlp(), _loader(labels, 16))
+    assert not rule_findings("BN204", XD.mlp(), _loader(labels, 16))
 
 
 def test_bn204_sorted_loader_of_two_classes_is_reported_as_sorted():
-    (f,) = _findings("BN204", XD.mlp(), _loader([0] * 48 + [1] * 48, 16))
+    (f,) = rule_findings("BN204", XD.mlp(), _loader([0] * 48 + [1] * 48, 16))
     assert f.evidence == {"shuffled": False, "samples_checked": 96, "classes": 2}
 
 
 def test_bn204_reads_the_label_order_of_at_most_64_batches():
-    (f,) = _findings("BN204", XD.mlp(), _loader([0] * 100 + [1] * 100, 2))
+    (f,) = rule_findings("BN204", XD.mlp(), _loader([0] * 100 + [1] * 100, 2))
     assert f.evidence["samples_checked"] == 128 and f.evidence["classes"] == 2
 
 
 def test_bn204_single_class_data_is_neither_sorted_nor_grouped():
-    assert not _findings("BN204", XD.mlp(), _loader([1] * 64, 16))  # unshuffled: order known, one class
-    assert not _findings("BN204", XD.mlp(), _loader([1] * 64, 16, shuffle=True))
+    assert not rule_findings("BN204", XD.mlp(), _loader([1] * 64, 16))  # unshuffled: order known, one class
+    assert not rule_findings("BN204", XD.mlp(), _loader([1] * 64, 16, shuffle=True))
 
 
 def test_bn204_single_class_probe_batches_of_an_unshuffled_two_class_loader_are_grouped():
     labels = [1] * 32 + [0] * 16 + [1] * 16  # not sorted; the probe's first two batches hold class 1 only
-    (f,) = _findings("BN204", XD.mlp(), _loader(labels, 16), steps=2)
+    (f,) = rule_findings("BN204", XD.mlp(), _loader(labels, 16), steps=2)
     assert f.evidence == {"classes_seen": 2}
     # one class all along (batches given as a list: their order is read too): nothing is grouped
-    assert not _findings("BN204", XD.mlp(), _labelled([[1] * 16, [1] * 16]))
+    assert not rule_findings("BN204", XD.mlp(), _labelled([[1] * 16, [1] * 16]))
 
 
 def test_bn204_one_probe_batch_or_no_labels_says_nothing():
-    assert not _findings("BN204", XD.mlp(), _labelled([[1] * 16]))
-    float_targets = [(_randn(8, 4, seed=i), _randn(8, seed=10 + i)) for i in range(3)]
-    assert not _findings("BN204", XD.mlp(), float_targets)
+    assert not rule_findings("BN204", XD.mlp(), _labelled([[1] * 16]))
+    float_targets = [(seeded_randn(8, 4, seed=i), seeded_randn(8, seed=10 + i)) for i in range(3)]
+    assert not rule_findings("BN204", XD.mlp(), float_targets)
 
 
 # --- BN205 padding-in-bn-input ----------------------------------------------------------------------------------
@@ -316,7 +301,7 @@ def _zero_positions(counts: list[int], length: int, seed: int = 0) -> torch.Tens
 
 
 def test_bn205_two_samples_are_enough_for_a_bound():
-    (f,) = _findings("BN205", _SeqBN(), [_zero_positions([5, 5], 10)])
+    (f,) = rule_findings("BN205", _SeqBN(), [_zero_positions([5, 5], 10)])
     ev = f.evidence
     assert ev["samples"] == 2 and ev["zero_positions"] == 0.5 and ev["zero_positions_lower"] == 0.5
     assert ev["zero_values"] == pytest.approx(0.5) and ev["max_zero_positions"] == 0.1
@@ -324,11 +309,11 @@ def test_bn205_two_samples_are_enough_for_a_bound():
 
 def test_bn205_lower_bound_at_the_threshold_is_not_reported_just_below_it_is():
     data = [_zero_positions([30, 40, 50, 40], 100)]
-    (f,) = _findings("BN205", _SeqBN(), data)
+    (f,) = rule_findings("BN205", _SeqBN(), data)
     lower = f.evidence["zero_positions_lower"]
     assert 0.1 < lower < f.evidence["zero_positions"]
-    assert not _findings("BN205", _SeqBN(), data, {"max_zero_positions": lower})
-    assert _findings("BN205", _SeqBN(), data, {"max_zero_positions": _below(lower)})
+    assert not rule_findings("BN205", _SeqBN(), data, {"max_zero_positions": lower})
+    assert rule_findings("BN205", _SeqBN(), data, {"max_zero_positions": _below(lower)})
 
 
 def test_bn205_pooled_fraction_at_the_threshold_is_not_reported_even_when_the_sample_bound_is_above_it():
@@ -336,10 +321,10 @@ def test_bn205_pooled_fraction_at_the_threshold_is_not_reported_even_when_the_sa
     # positions (0.505) sits below the per-sample bound (about 0.51); the pooled fraction decides first
     y = torch.tensor([0, 1, 0, 1])
     data = [(_zero_positions([3] * 4, 5), y), (_zero_positions([50] * 4, 100, seed=1), y)]
-    (f,) = _findings("BN205", _SeqBN(), data, {"max_zero_positions": 0.4})
+    (f,) = rule_findings("BN205", _SeqBN(), data, {"max_zero_positions": 0.4})
     frac = f.evidence["zero_positions"]
     assert frac == pytest.approx(212 / 420) and f.evidence["zero_positions_lower"] > frac
-    assert not _findings("BN205", _SeqBN(), data, {"max_zero_positions": frac})
+    assert not rule_findings("BN205", _SeqBN(), data, {"max_zero_positions": frac})
 
 
 # --- BN206 activation-drift -------------------------------------------------------------------------------------
@@ -358,7 +343,7 @@ def _drift_run(depth: int = 7, steps: int = 20, c: float = 0.2, inf_from: int | 
     """A chain of identity layers whose first bias moves by ``c`` per step: every layer's mean drifts alike.
     From step ``inf_from`` on, layer 1's bias is +inf (its output is inf, the layers after it NaN)."""
     model = _identity_chain(depth)
-    x = _randn(32, 4)
+    x = seeded_randn(32, 4)
     with record(model) as rec, torch.no_grad():
         for t in range(steps):
             model[0].bias.fill_(t * c)
@@ -382,11 +367,11 @@ def _bn206(model: nn.Module, history, outputs: tuple[str, ...] = (), **options) 
 
 def test_bn206_reports_the_top_five_of_the_layers_over():
     model, h = _drift_run()
-    found = _findings("BN206", model, history=h)  # the output layer "6" is passed over: 6 layers are over
+    found = rule_findings("BN206", model, history=h)  # the output layer "6" is passed over: 6 layers are over
     assert len(found) == 5 and all(f.evidence["layers_over"] == 6 for f in found)
     assert found[0].evidence["first_window"] == [0, 3] and found[0].evidence["last_window"] == [16, 19]
     assert found[0].evidence["max_shift"] == 1.0
-    everything = _findings("BN206", model, history=h, options={"top": 10})
+    everything = rule_findings("BN206", model, history=h, options={"top": 10})
     assert sorted(f.layer for f in everything) == ["0", "1", "2", "3", "4", "5"]
 
 
@@ -399,29 +384,29 @@ def test_bn206_passes_over_the_output_layers():
 
 def test_bn206_window_option_sets_the_steps_compared():
     model, h = _drift_run()
-    (f, *_) = _findings("BN206", model, history=h, options={"window": 2})
+    (f, *_) = rule_findings("BN206", model, history=h, options={"window": 2})
     assert f.evidence["first_window"] == [0, 1] and f.evidence["last_window"] == [18, 19]
 
 
 def test_bn206_shift_at_the_threshold_is_not_reported_just_below_it_is():
     model, h = _drift_run()
-    shifts = [f.evidence["shift"] for f in _findings("BN206", model, history=h, options={"top": 10})]
+    shifts = [f.evidence["shift"] for f in rule_findings("BN206", model, history=h, options={"top": 10})]
     worst = max(shifts)
-    assert not _findings("BN206", model, history=h, options={"max_shift": worst})
-    found = _findings("BN206", model, history=h, options={"max_shift": _below(worst)})
+    assert not rule_findings("BN206", model, history=h, options={"max_shift": worst})
+    found = rule_findings("BN206", model, history=h, options={"max_shift": _below(worst)})
     assert found and all(f.evidence["shift"] == worst for f in found)
 
 
 def test_bn206_skips_layers_whose_shift_is_not_finite():
     model, h = _drift_run(depth=4, c=0.0, inf_from=10)  # layer 1 goes to inf, 2 and 3 to NaN; 0 does not move
-    assert not _findings("BN206", model, history=h, options={"max_shift": 0.5})
+    assert not rule_findings("BN206", model, history=h, options={"max_shift": 0.5})
 
 
 def test_bn206_an_empty_history_says_nothing():
     model = _identity_chain(3)
     with record(model) as rec:
         pass
-    assert not _findings("BN206", model, history=rec.history)
+    assert not rule_findings("BN206", model, history=rec.history)
     assert _bn206(model, None) == []  # no history at all (a context built without one)
 
 
@@ -438,13 +423,13 @@ def _chain(scales: list[float], act: type[nn.Module] | None = None) -> nn.Sequen
 
 
 def _positive(n: int = 64, scale: float = 1.0) -> torch.Tensor:
-    return scale * (_randn(n, 8).abs() + 0.5)
+    return scale * (seeded_randn(n, 8).abs() + 0.5)
 
 
 def test_bn207_counts_weight_layers_only_against_a_naive_second_moment():
     scales = [1.0, 0.1, 0.1, 0.1]
     x = _positive()
-    (f,) = _findings("BN207", _chain(scales, nn.ReLU), x)  # ReLU of positive values: the identity
+    (f,) = rule_findings("BN207", _chain(scales, nn.ReLU), x)  # ReLU of positive values: the identity
     ev = f.evidence
     assert ev["weight_layers"] == 4 and len(ev["second_moments"]) == 4
     naive = [float((x.double() * math.prod(scales[: k + 1])).pow(2).mean()) for k in range(4)]
@@ -456,23 +441,23 @@ def test_bn207_counts_weight_layers_only_against_a_naive_second_moment():
 
 def test_bn207_default_max_ratio_and_min_layers():
     a = 6e-4 ** (1 / 6)  # second moments 1, a^2, a^4, a^6: the last is 6e-4 of the first, 4 weight layers
-    (f,) = _findings("BN207", _chain([1.0, a, a, a]), _positive())
+    (f,) = rule_findings("BN207", _chain([1.0, a, a, a]), _positive())
     assert f.evidence["ratio"] == pytest.approx(6e-4, rel=1e-4) and f.evidence["max_ratio"] == 1000.0
-    assert not _findings("BN207", _chain([1.0, a, a]), _positive())  # 3 weight layers: too few
+    assert not rule_findings("BN207", _chain([1.0, a, a]), _positive())  # 3 weight layers: too few
 
 
 def test_bn207_a_small_first_second_moment_is_still_a_reference():
-    (f,) = _findings("BN207", _chain([1.0, 0.1, 0.1, 0.1]), _positive(scale=0.01))
+    (f,) = rule_findings("BN207", _chain([1.0, 0.1, 0.1, 0.1]), _positive(scale=0.01))
     assert f.evidence["first_second_moment"] < 1e-3 and f.evidence["ratio"] == pytest.approx(1e-6, rel=1e-4)
 
 
 def test_bn207_a_signal_that_reaches_exactly_zero_vanishes():
-    (f,) = _findings("BN207", _chain([1.0, 0.1, 0.1, 0.0]), _positive())
+    (f,) = rule_findings("BN207", _chain([1.0, 0.1, 0.1, 0.0]), _positive())
     assert f.evidence["ratio"] == 0.0 and f.layer == "3" and "falls 1e+300x" in f.message
 
 
 def test_bn207_a_zero_first_layer_is_no_reference():
-    assert not _findings("BN207", _chain([0.0, 1.0, 1.0, 1.0]), _positive())
+    assert not rule_findings("BN207", _chain([0.0, 1.0, 1.0, 1.0]), _positive())
 
 
 # --- BN208 dead-or-saturated ------------------------------------------------------------------------------------
@@ -486,16 +471,16 @@ def _dead_mlp(dead: int) -> nn.Module:
 
 
 def test_bn208_dead_fraction_default_and_edge():
-    (f,) = _findings("BN208", _dead_mlp(12), XD.standardized())
+    (f,) = rule_findings("BN208", _dead_mlp(12), XD.standardized())
     assert (f.evidence["dead_units"], f.evidence["units"], f.evidence["dead_fraction"]) == (12, 16, 0.75)
     assert f.evidence["max_dead"] == 0.5
-    assert not _findings("BN208", _dead_mlp(8), XD.standardized())  # exactly half is not above half
+    assert not rule_findings("BN208", _dead_mlp(8), XD.standardized())  # exactly half is not above half
 
 
 def test_bn208_relu_without_units_is_not_dead():
     model = nn.Sequential(nn.Linear(4, 0), nn.ReLU(), nn.Linear(0, 2))
-    assert run_data_probe(model, [Batch(_randn(8, 4))]).dead == {"1": (0, 0)}
-    assert not _findings("BN208", model, XD.standardized())
+    assert run_data_probe(model, [Batch(seeded_randn(8, 4))]).dead == {"1": (0, 0)}
+    assert not rule_findings("BN208", model, XD.standardized())
 
 
 @pytest.mark.parametrize(("kind", "limit"), [(nn.Sigmoid, 5.0), (nn.Tanh, 3.0), (nn.Hardtanh, 1.0), (nn.Hardsigmoid, 3.0)])
@@ -507,10 +492,10 @@ def test_bn208_saturation_thresholds_per_activation(kind, limit):
     x = row.repeat(16, 1)
     probe = run_data_probe(nn.Sequential(kind()), [Batch(x)])
     assert probe.saturated == {"0": (5 / 8, limit)}
-    (f,) = _findings("BN208", nn.Sequential(kind()), x)
+    (f,) = rule_findings("BN208", nn.Sequential(kind()), x)
     assert f.evidence == {"saturated_fraction": 5 / 8, "threshold": limit, "max_saturated": 0.5}
     half = torch.tensor([1.5, -1.5, 1.9, -1.2, 1.0, 0.5, -0.2, 0.0]) * limit  # exactly half: not above
-    assert not _findings("BN208", nn.Sequential(kind()), half.repeat(16, 1))
+    assert not rule_findings("BN208", nn.Sequential(kind()), half.repeat(16, 1))
 
 
 # --- BN209 non-finite -------------------------------------------------------------------------------------------
@@ -529,28 +514,28 @@ class _OwnBuffers(nn.Module):
 
 def test_bn209_reads_running_buffers_of_batchnorms_only():
     model = nn.Sequential(_OwnBuffers(), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
-    assert not _findings("BN209", model, XD.standardized())
+    assert not rule_findings("BN209", model, XD.standardized())
 
 
 def test_bn209_reports_non_finite_inputs_with_their_fraction():
     x, y = XD.standardized(64)
     x[3, 1] = math.nan
     x[5, 2] = math.inf
-    found = _findings("BN209", XD.mlp(), (x, y))
+    found = rule_findings("BN209", XD.mlp(), (x, y))
     (f,) = [f for f in found if f.layer is None]
     assert f.evidence == {"input_nonfinite_fraction": 2 / (64 * 4)}
     assert [g.layer for g in found if g.layer is not None] == ["0"]  # the first layer it reaches
 
 
 def test_bn209_integer_inputs_have_no_input_finding():
-    assert not _findings("BN209", XD.PaddedSeq(), XD.padded_tokens())
+    assert not rule_findings("BN209", XD.PaddedSeq(), XD.padded_tokens())
 
 
 def test_bn203_bound_at_fifty_percent_from_two_batches_against_the_exact_chi_square():
     from scipy import stats
 
     data = XD.mean_noise_batches(0.6, batches=2)
-    (f,) = _findings("BN203", _bn_first(), data, {"min_batches": 2, "confidence": 0.5})
+    (f,) = rule_findings("BN203", _bn_first(), data, {"min_batches": 2, "confidence": 0.5})
     med = f.evidence["mean_noise_median"]
     # one degree of freedom at the median: Wilson-Hilferty is within 4% of the exact quantile (0.455)
     exact = med * math.sqrt(2 / stats.chi2.ppf(0.5, 1))
@@ -562,9 +547,9 @@ def test_bn204_a_shuffling_loader_of_rare_classes_is_not_called_grouped():
     # chance, not grouping; the order of a shuffling loader is not read, so nothing calls them grouped
     # (reading it would find class 1 and report grouped labels)
     y = torch.tensor([0] * 396 + [1] * 4)
-    loader = DataLoader(TensorDataset(_randn(400, 4), y), batch_size=8, shuffle=True,
+    loader = DataLoader(TensorDataset(seeded_randn(400, 4), y), batch_size=8, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
-    report = _report("BN204", XD.mlp(), loader, steps=2)
+    report = rule_report("BN204", XD.mlp(), loader, steps=2)
     assert not report.findings
 
 
@@ -586,8 +571,8 @@ def test_bn201_a_std_of_exactly_the_floor_is_not_live():
         return [(torch.tensor([[a, 1.0], [-a, -1.0]], dtype=torch.float64), torch.tensor([0, 1]))]
 
     assert run_data_probe(model, [Batch(*batch(1e-12)[0])]).input["std"][0] == 1e-12
-    assert not _findings("BN201", model, batch(1e-12))  # feature 0 is dead: one live feature, nothing to compare
-    (f,) = _findings("BN201", model, batch(math.nextafter(1e-12, 1.0)))
+    assert not rule_findings("BN201", model, batch(1e-12))  # feature 0 is dead: one live feature, nothing to compare
+    (f,) = rule_findings("BN201", model, batch(math.nextafter(1e-12, 1.0)))
     assert f.evidence["smallest_std_feature"] == 0 and f.evidence["scale_ratio"] > 1e11
 
 
@@ -595,9 +580,9 @@ def test_bn202_a_probe_batch_below_the_loaders_short_last_batch_is_not_called_th
     from torch.utils.data import SubsetRandomSampler
 
     # 70 samples at batch 32 would end in a batch of 6; the sampler serves 4 samples only, one batch of 4
-    ds = TensorDataset(_randn(70, 4), torch.arange(70) % 2)
+    ds = TensorDataset(seeded_randn(70, 4), torch.arange(70) % 2)
     loader = DataLoader(ds, batch_size=32, sampler=SubsetRandomSampler(range(4), generator=torch.Generator().manual_seed(0)))
-    (f,) = _findings("BN202", XD.mlp_bn(), loader)
+    (f,) = rule_findings("BN202", XD.mlp_bn(), loader)
     assert f.evidence["batch"] == 4 and f.message.startswith("a batch of 4 sample(s)")
 
 
@@ -621,17 +606,17 @@ def _e(v: float) -> float:
 def test_bn207_vanishing_exactly_at_one_over_max_ratio_is_not_reported():
     # power-of-two scales: second moments exactly 1, 1/4, 1/16, 1/64 of the first
     model, x = _chain([1.0, 0.5, 0.5, 0.5]), _positive()
-    assert not _findings("BN207", model, x, {"max_ratio": 64.0})
-    (f,) = _findings("BN207", model, x, {"max_ratio": _below(64.0)})
+    assert not rule_findings("BN207", model, x, {"max_ratio": 64.0})
+    (f,) = rule_findings("BN207", model, x, {"max_ratio": _below(64.0)})
     assert f.evidence["ratio"] == 1 / 64
 
 
 def test_bn207_explosion_needs_a_rising_trend_above_one():
     # log second moments 0, 5, 5, 0, 0, 7 (relative): the last is e**7 = 1097x the first, the fitted factor 1.53
-    (f,) = _findings("BN207", _chain([1.0, _e(2.5), 1.0, _e(-2.5), 1.0, _e(3.5)]), _positive())
+    (f,) = rule_findings("BN207", _chain([1.0, _e(2.5), 1.0, _e(-2.5), 1.0, _e(3.5)]), _positive())
     assert f.evidence["per_layer_factor"] == pytest.approx(_e(7.5 / 17.5), rel=1e-3) and "explodes" in f.message
     # log second moments 0, 6.9, -6.8, -6.8, -6.8, 6.95: the last is 1043x the first, but the fit falls
-    assert not _findings("BN207", _chain([1.0, _e(3.45), _e(-6.85), 1.0, 1.0, _e(6.875)]), _positive())
+    assert not rule_findings("BN207", _chain([1.0, _e(3.45), _e(-6.85), 1.0, 1.0, _e(6.875)]), _positive())
 
 
 class _SideBranch(nn.Module):
@@ -655,7 +640,7 @@ class _SideBranch(nn.Module):
 
 def test_bn207_reference_and_worst_layer_are_the_first_and_last_only():
     # a NaN side branch second in execution order does not stop the check; the chain after it vanishes
-    (f,) = _findings("BN207", _SideBranch(1.0, [0.01, 0.01, 0.01]), _positive(scale=0.01))
+    (f,) = rule_findings("BN207", _SideBranch(1.0, [0.01, 0.01, 0.01]), _positive(scale=0.01))
     assert f.evidence["first_layer"] == "first.0" and math.isnan(f.evidence["second_moments"][1])
     # a zero first layer is no reference, even when the layer after it adds a bias
-    assert not _findings("BN207", _SideBranch(0.0, [0.01, 0.01, 0.01]), _positive())
+    assert not rule_findings("BN207", _SideBranch(0.0, [0.01, 0.01, 0.01]), _positive())

@@ -9,22 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-import bnaudit
 from bnaudit.context import RuleContext
 from bnaudit.loading.data import Batch
 from bnaudit.probes.data import run_data_probe
 from bnaudit.rules import examples_data as XD
-
-
-def _report(code, model, data=None, options=None, **kw):
-    config = {code: {"options": options}} if options else None
-    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
-    assert code in report.rules_run, report.rules_skipped  # a crash of the rule lands in rules_skipped
-    return report
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from tests.rules.kills import seeded_randn
 
 
 # --- the data probe ---------------------------------------------------------------------------------------------
@@ -42,17 +31,17 @@ class _KeywordBN(nn.Module):
 
 
 def test_probe_runs_a_batchnorm_called_with_a_keyword_input():
-    probe = run_data_probe(_KeywordBN(), [Batch(_randn(8, 4))])
+    probe = run_data_probe(_KeywordBN(), [Batch(seeded_randn(8, 4))])
     assert probe.errors == {} and probe.batch_sizes == [8]
     assert "bn" not in probe.zero_positions  # nothing to see without a positional input
 
 
 def test_probe_records_the_models_own_error_for_a_batch_it_rejects():
-    probe = run_data_probe(XD.mlp_bn(), [Batch(_randn(8, 4)), Batch(_randn(1, 4)), Batch(_randn(8, 4))])
+    probe = run_data_probe(XD.mlp_bn(), [Batch(seeded_randn(8, 4)), Batch(seeded_randn(1, 4)), Batch(seeded_randn(8, 4))])
     assert probe.batch_sizes == [8, 8] and list(probe.errors) == [1]
     assert probe.errors[1].startswith("ValueError: Expected more than 1 value per channel when training")
     # a 1-D input is the BatchNorm's own error too (not the probe's hook failing on it)
-    one_d = run_data_probe(nn.Sequential(nn.BatchNorm1d(4)), [Batch(_randn(8, 4)[:, 0])])
+    one_d = run_data_probe(nn.Sequential(nn.BatchNorm1d(4)), [Batch(seeded_randn(8, 4)[:, 0])])
     assert one_d.errors[0].startswith("ValueError: expected 2D or 3D input")
 
 
@@ -96,7 +85,7 @@ def test_probe_dead_units_accumulate_over_batches_and_count_small_positive_outpu
 
 def test_probe_targets_as_class_labels():
     def labels(*targets):
-        return run_data_probe(XD.mlp(), [Batch(_randn(len(t), 4), t) for t in targets]).targets
+        return run_data_probe(XD.mlp(), [Batch(seeded_randn(len(t), 4), t) for t in targets]).targets
 
     got = labels(torch.tensor([0.0, 2.0, 1.0, 2.0]), torch.tensor([True, False, True, True]))
     assert [list(t) for t in got] == [[0, 2, 1, 2], [1, 0, 1, 1]] and got[1].dtype == np.int64
@@ -111,7 +100,7 @@ def test_probe_targets_as_class_labels():
 
 
 def test_probe_input_moments_cover_every_batch():
-    a, b = _randn(8, 4), _randn(8, 4, seed=1) + 3.0
+    a, b = seeded_randn(8, 4), seeded_randn(8, 4, seed=1) + 3.0
     probe = run_data_probe(XD.mlp(), [Batch(a), Batch(b)])
     both = torch.cat([a, b]).double()
     np.testing.assert_allclose(probe.input["mean"], both.mean(0).numpy(), rtol=1e-6)
@@ -128,7 +117,7 @@ class _TwoInputs(nn.Module):
 
 
 def test_probe_takes_inputs_that_are_not_one_tensor():
-    probe = run_data_probe(_TwoInputs(), [Batch([_randn(8, 4), _randn(8, 4, seed=1)])])
+    probe = run_data_probe(_TwoInputs(), [Batch([seeded_randn(8, 4), seeded_randn(8, 4, seed=1)])])
     assert probe.errors == {} and probe.batch_sizes == [8] and probe.input is None
 
 
@@ -147,7 +136,7 @@ class _ModeSpy(nn.Module):
 def test_probe_runs_batchnorm_in_train_mode_and_everything_else_in_eval_mode():
     spy = _ModeSpy()
     model = nn.Sequential(nn.Linear(4, 4), spy, nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
-    probe = run_data_probe(model, [Batch(_randn(8, 4)), Batch(_randn(1, 4))])
+    probe = run_data_probe(model, [Batch(seeded_randn(8, 4)), Batch(seeded_randn(1, 4))])
     assert spy.modes == [False, False] and model[2].training and not model[3].training
     assert list(probe.errors) == [1]  # the batch of one fails at the train-mode BatchNorm
 
@@ -164,7 +153,7 @@ class _EmptySequence(nn.Module):
 
 
 def test_probe_of_a_batchnorm_that_sees_no_position_has_no_zero_fraction():
-    probe = run_data_probe(_EmptySequence(), [Batch(_randn(4, 3, 5))])
+    probe = run_data_probe(_EmptySequence(), [Batch(seeded_randn(4, 3, 5))])
     assert "bn" not in probe.zero_positions and probe.spatial == {"bn": 0}
 
 
@@ -210,7 +199,7 @@ class _ScalarAndPairRelu(nn.Module):
 
 
 def test_probe_counts_relu_units_only_on_tensor_outputs_with_a_batch_axis():
-    probe = run_data_probe(_ScalarAndPairRelu(), [Batch(_randn(8, 4))])
+    probe = run_data_probe(_ScalarAndPairRelu(), [Batch(seeded_randn(8, 4))])
     assert probe.errors == {} and probe.dead == {}
 
 
@@ -224,7 +213,7 @@ class _KeywordSigmoid(nn.Module):
 
 
 def test_probe_runs_a_sigmoid_called_with_a_keyword_input():
-    probe = run_data_probe(_KeywordSigmoid(), [Batch(10 * _randn(8, 4))])
+    probe = run_data_probe(_KeywordSigmoid(), [Batch(10 * seeded_randn(8, 4))])
     assert probe.errors == {} and probe.saturated == {}  # nothing to see without a positional input
 
 

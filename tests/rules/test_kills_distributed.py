@@ -15,20 +15,14 @@ from torch import nn
 import bnaudit
 from bnaudit.distributed import DDPFacts, ddp_context
 from bnaudit.rules import get_rule
-
-
-def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
+from tests.rules.kills import features, rule_findings
 
 
 # --- BN401-BN403 in one process (the two-rank cases are at the end) ------------------------------------------------
 def _bn40(code: str, model: nn.Module, data=None, options=None, **kw):
-    config = {code: {"options": options}} if options else None
     if data is None:
         kw.setdefault("input_shape", "4")
-    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
-    assert code in report.rules_run, report.rules_skipped
-    return [f for f in report.findings if f.code == code]
+    return rule_findings(code, model, data, options, **kw)
 
 
 class _Buffers(nn.Module):
@@ -73,7 +67,7 @@ def test_bn403_names_each_layer_that_normalizes_over_the_device_batch_next_to_sy
 
 
 def test_bn401_planned_counts_the_same_layers():
-    found = _bn40("BN401", _batch_stat_zoo(), _x(16), {"world_size": 2}, batch_size=16)
+    found = _bn40("BN401", _batch_stat_zoo(), features(16), {"world_size": 2}, batch_size=16)
     assert sorted(f.layer for f in found) == ["2", "3", "8"]  # the SyncBatchNorm normalizes over the global batch
 
 
@@ -117,17 +111,17 @@ def test_bn403_in_a_process_group_of_one_rank():
 def test_bn401_planned_world_sizes_and_options():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    assert _bn40("BN401", model, _x(8), {"world_size": 1}, batch_size=8) == []  # one device: nothing split
-    (f,) = _bn40("BN401", model, _x(16), {"world_size": 2}, batch_size=16)
+    assert _bn40("BN401", model, features(8), {"world_size": 1}, batch_size=8) == []  # one device: nothing split
+    (f,) = _bn40("BN401", model, features(16), {"world_size": 2}, batch_size=16)
     assert f.evidence["samples_per_device"] == 8 and f.evidence["world_size"] == 2
     # 16 samples per device meet min_batch; 16 values per channel do not meet a min_values of 17
-    assert _bn40("BN401", model, _x(32), {"world_size": 2}, batch_size=32) == []
-    (f,) = _bn40("BN401", model, _x(32), {"world_size": 2, "min_values": 17}, batch_size=32)
+    assert _bn40("BN401", model, features(32), {"world_size": 2}, batch_size=32) == []
+    (f,) = _bn40("BN401", model, features(32), {"world_size": 2, "min_values": 17}, batch_size=32)
     assert f.evidence["values_per_channel_per_device"] == 16 and f.evidence["min_values"] == 17
     # 4 per device on 4 devices: SyncBatchNorm would see 16, exactly min_batch: converting is the fix
-    (f,) = _bn40("BN401", model, _x(16), {"world_size": 4}, batch_size=16)
+    (f,) = _bn40("BN401", model, features(16), {"world_size": 4}, batch_size=16)
     assert f.evidence["global_samples"] == 16 and "SyncBatchNorm" in f.fix and "over 16 samples" in f.fix
-    (f,) = _bn40("BN401", model, _x(12), {"world_size": 4}, batch_size=12)
+    (f,) = _bn40("BN401", model, features(12), {"world_size": 4}, batch_size=12)
     assert "GroupNorm" in f.fix and "only 12" in f.fix
 
 
@@ -191,7 +185,7 @@ def _bn40_scenarios(rank: int) -> dict:
     for device in ("cpu", "cuda"):  # the device DDP wrapped the model on decides, not the audit's
         with ddp_context(DDPFacts(True, True, device, ("1",))):
             out[f"403_{device}"] = _bn40_findings("BN403", sync)
-    x = _x(8, f=3, seed=rank).abs()
+    x = features(8, f=3, seed=rank).abs()
     out["401"] = _bn40_findings("BN401", _Branch(), -x)  # "branch" is reached on neither rank
     out["401_branch"] = _bn40_findings("BN401", _Branch(), x if rank == 0 else -x)
     return out

@@ -16,18 +16,7 @@ from torch import nn
 import bnaudit
 from bnaudit.rules import examples as X
 from bnaudit.rules import examples_modes as XM
-
-
-def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
-
-
-def _findings(code, model, data=None, options=None, **kw):
-    config = {code: {"options": options}} if options else None
-    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
-    assert code in report.rules_run, report.rules_skipped
-    return [f for f in report.findings if f.code == code]
-
+from tests.rules.kills import features, rule_findings
 
 
 # --- BN301 batch-dependent-inference ---------------------------------------------------------------------------
@@ -39,13 +28,13 @@ def _small_cnn() -> nn.Module:
 
 
 def test_bn301_evidence_of_the_default_options():
-    (f,) = _findings("BN301", _small_cnn(), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN301", _small_cnn(), X.digits(), predict=XM.predict_no_eval)
     ev = f.evidence
     assert ev["tolerance"] == 1e-4 and ev["cobatch_sizes"] == [8, 8, 1] and ev["train_mode_layers"] == ["2"]
     assert "single_sample_error" not in ev and "active_dropout" not in ev  # a batch of one ran, no dropout
     assert ev["numerical_noise"] < 1e-4 / 4 and ev["noise_margin"] == 4.0
     # a co-batch is never smaller than two samples
-    (f,) = _findings("BN301", _small_cnn(), X.digits(), {"cobatch_size": 1}, predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN301", _small_cnn(), X.digits(), {"cobatch_size": 1}, predict=XM.predict_no_eval)
     assert f.evidence["cobatch_sizes"] == [2, 2, 1]
 
 
@@ -62,9 +51,9 @@ class _IntFirst(nn.Module):
 
 
 def test_bn301_tolerance_is_at_least_two_units_in_the_last_place_of_the_models_float_dtype():
-    (f,) = _findings("BN301", _IntFirst(), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN301", _IntFirst(), X.digits(), predict=XM.predict_no_eval)
     assert f.evidence["tolerance"] == 1e-4
-    (f,) = _findings("BN301", XM.trained_mlp().to(torch.bfloat16), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN301", XM.trained_mlp().to(torch.bfloat16), X.digits(), predict=XM.predict_no_eval)
     assert f.evidence["tolerance"] == 2 * torch.finfo(torch.bfloat16).eps == 0.015625
 
 
@@ -87,11 +76,11 @@ class _Zeroed(nn.Module):
 
 
 def test_bn301_reports_a_batch_of_one_failing_in_batchnorm_even_when_no_co_batch_changes_the_output():
-    (f,) = _findings("BN301", _Zeroed(), X.digits())
+    (f,) = rule_findings("BN301", _Zeroed(), X.digits())
     assert f.layer == "bn" and f.evidence["relative_delta"] == 0.0 and "numerical_noise" not in f.evidence
     assert "fails on a batch of one sample (ValueError: Expected more than 1 value per channel" in f.message
     # the batch of one fails elsewhere (squeeze), but a layer normalized with batch statistics: still reported
-    (f,) = _findings("BN301", _Zeroed(length=2), X.digits())
+    (f,) = rule_findings("BN301", _Zeroed(length=2), X.digits())
     assert f.layer == "bn" and "fails on a batch of one sample (ValueError: the output has no tensor" in f.message
 
 
@@ -109,7 +98,7 @@ class _RefusesEight(nn.Module):
 
 def test_bn301_without_predict_does_not_blame_a_predict():
     # the forward itself fails on a co-batch: no predict() was given, so no "predict() raised" DataError
-    report = bnaudit.inspect(_RefusesEight().eval(), _x(32), select=["BN301"])
+    report = bnaudit.inspect(_RefusesEight().eval(), features(32), select=["BN301"])
     assert "no batches of eight" in report.rules_skipped["BN301"] and "predict" not in report.rules_skipped["BN301"]
 
 
@@ -123,12 +112,12 @@ def _mixed_modes() -> nn.Module:
 
 
 def test_bn301_one_finding_per_cause():
-    found = _findings("BN301", _mixed_modes(), X.digits(), predict=XM.predict_no_eval)
+    found = rule_findings("BN301", _mixed_modes(), X.digits(), predict=XM.predict_no_eval)
     assert [(f.layer, f.evidence.get("train_mode_layers")) for f in found] == [(None, ["1"]), ("4", None)]
     # an untracked layer in train mode is named by the train-mode finding alone
-    (f,) = _findings("BN301", XM.untracked_mlp(), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN301", XM.untracked_mlp(), X.digits(), predict=XM.predict_no_eval)
     assert f.layer is None and f.evidence["train_mode_layers"] == ["1"]
-    (f,) = _findings("BN301", XM.untracked_mlp(), X.digits())  # eval mode: the untracked layer alone
+    (f,) = rule_findings("BN301", XM.untracked_mlp(), X.digits())  # eval mode: the untracked layer alone
     assert f.layer == "1" and "train_mode_layers" not in f.evidence
 
 
@@ -143,7 +132,7 @@ class _Centered(nn.Module):
 
 
 def test_bn301_batch_mixing_without_batchnorm_gets_the_generic_finding_alone():
-    (f,) = _findings("BN301", _Centered(), X.digits())
+    (f,) = rule_findings("BN301", _Centered(), X.digits())
     assert f.layer is None and "although no BatchNorm normalized with batch statistics" in f.message
 
 
@@ -163,7 +152,7 @@ class _Outlier(nn.Module):
 def test_bn306_without_predict_does_not_blame_a_predict():
     from torch.utils.data import DataLoader, TensorDataset
 
-    x = _x(32)
+    x = features(32)
     x[20, 0] = 100.0  # in the second batch: the graph pass (first batch) runs, the probe's second call fails
     report = bnaudit.inspect(_Outlier().eval(), DataLoader(TensorDataset(x), batch_size=16), select=["BN306"])
     assert "an outlier" in report.rules_skipped["BN306"] and "predict" not in report.rules_skipped["BN306"]
@@ -191,7 +180,7 @@ def _predict_counting(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_bn306_names_batchnorms_and_other_changed_buffers_apart():
-    (f,) = _findings("BN306", _Counting(), X.digits(), predict=_predict_counting)
+    (f,) = rule_findings("BN306", _Counting(), X.digits(), predict=_predict_counting)
     assert set(f.evidence["changed"]) == {"net.1", "net.4", "tally", "<model>"}
     assert f.evidence["changed"]["<model>"]["buffers"] == ["calls"]
     assert "running statistics of 2 BatchNorm layer(s) (net.1, net.4;" in f.message
@@ -201,7 +190,7 @@ def test_bn306_names_batchnorms_and_other_changed_buffers_apart():
 
 def test_bn306_buffers_changed_outside_batchnorm_only():
     model = _Counting().eval()
-    (f,) = _findings("BN306", model, X.digits(), predict=_predict_counting)
+    (f,) = rule_findings("BN306", model, X.digits(), predict=_predict_counting)
     assert "BatchNorm" not in f.message and "changed buffers of <model>, tally: inference" in f.message
     assert "not side-effect free" in f.message and set(f.evidence["changed"]) == {"tally", "<model>"}
 
@@ -214,10 +203,10 @@ def _nudge(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_bn306_batchnorm_changes_alone():
-    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval)
     assert "changed too" not in f.message and set(f.evidence["changed"]) == {"1", "4"}
     # the statistics moved without a counted batch: no counter to quote
-    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=_nudge)
+    (f,) = rule_findings("BN306", XM.trained_mlp(), X.digits(), predict=_nudge)
     assert set(f.evidence["changed"]) == {"1"} and "num_batches_tracked" not in f.message
     assert "num_batches_tracked" not in f.evidence["changed"]["1"] and "largest change 1" in f.message
 
@@ -244,7 +233,7 @@ class _Served(nn.Module):
 def test_bn308_counts_and_names_only_tracking_batchnorms_given_in_eval_mode():
     model = _Served().eval()
     model.late.train()
-    (f,) = _findings("BN308", model, X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN308", model, X.digits(), predict=XM.predict_no_eval)
     assert f.evidence == {"train_mode_layers": ["bn"], "eval_mode_layers_given": 1}
 
 
@@ -253,7 +242,7 @@ def test_bn308_does_not_call_predict_when_no_batchnorm_is_given_in_eval_mode():
         raise RuntimeError("only for deployed models")
 
     # in train mode (as after training): nothing relies on eval mode, predict() is not even called
-    assert _findings("BN308", XM.trained_mlp(), X.digits(), predict=broken) == []
+    assert rule_findings("BN308", XM.trained_mlp(), X.digits(), predict=broken) == []
     with pytest.raises(bnaudit.BnauditError, match="predict\\(\\) raised"):
         bnaudit.inspect(XM.deployed(), X.digits(), predict=broken, select=["BN308"])
 
@@ -296,7 +285,7 @@ def _four_recorded() -> tuple[nn.Module, object]:
 
 def _bn307(options=None):
     model, history = _four_recorded()
-    return _findings("BN307", copy.deepcopy(model), None, options, history=history, input_shape="8")
+    return rule_findings("BN307", copy.deepcopy(model), None, options, history=history, input_shape="8")
 
 
 def test_bn307_groups_layers_by_their_steps_in_order_of_the_first_step():
@@ -343,7 +332,7 @@ def _norm(channels: int = 1, mean: float = 0.0, var: float = 1.0, trained: bool 
 
 
 def _rs(code: str, model: nn.Module, data, options=None):
-    return _findings(code, model, data, options, batch_size=64)
+    return rule_findings(code, model, data, options, batch_size=64)
 
 
 def test_bn302_default_thresholds_and_min_samples():
@@ -515,19 +504,19 @@ class _FrozenNorm(nn.Module):
 
 
 def test_bn305_a_model_given_in_eval_mode_with_anything_trainable_is_reported():
-    (f,) = _findings("BN305", _FrozenNorm().eval(), X.digits())
+    (f,) = rule_findings("BN305", _FrozenNorm().eval(), X.digits())
     assert f.layer == "bn" and f.evidence["training"] is False and f.evidence["trainable_params"] == 1
     assert "will be in train mode after model.train()" in f.message and f.evidence["num_batches_tracked"] == [0, 1]
-    assert _findings("BN305", _FrozenNorm(trainable=False).eval(), X.digits()) == []  # inference only
+    assert rule_findings("BN305", _FrozenNorm(trainable=False).eval(), X.digits()) == []  # inference only
 
 
 def test_bn305_a_layer_in_train_mode_is_reported_even_when_nothing_trains():
-    (f,) = _findings("BN305", _FrozenNorm(trainable=False).train(), X.digits())
+    (f,) = rule_findings("BN305", _FrozenNorm(trainable=False).train(), X.digits())
     assert f.evidence["training"] is True and f.evidence["trainable_params"] == 0 and "is in train mode" in f.message
 
 
 def test_bn305_without_data_or_without_a_counter():
-    (f,) = _findings("BN305", _FrozenNorm().train(), None, input_shape="64")
+    (f,) = rule_findings("BN305", _FrozenNorm().train(), None, input_shape="64")
     assert "mean_shift" not in f.evidence and "one train-mode forward" not in f.message
-    (f,) = _findings("BN305", _FrozenNorm(counter=False).train(), X.digits())
+    (f,) = rule_findings("BN305", _FrozenNorm(counter=False).train(), X.digits())
     assert f.evidence["mean_shift"] > 0 and "num_batches_tracked" not in f.evidence

@@ -28,16 +28,12 @@ from bnaudit.probes.common import (
 )
 from bnaudit.probes.running_stats import ChannelMoments, layer_fit, running_stats_fit, train_mode_pass
 from bnaudit.probes.state import ModelState, state_for
-
-
-def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
-
+from tests.rules.kills import features
 
 
 # --- probes/common.py: the user's inputs taken apart and put together ------------------------------------------
 def test_batch_size_reads_the_first_tensor_with_a_batch_dimension():
-    x = _x(5)
+    x = features(5)
     assert batch_size(x) == 5 and batch_size(x.T) == 4  # the leading size, not another
     assert batch_size((3, torch.tensor(2.0), x)) == 5  # an int and a 0-d tensor have no batch dimension
     assert batch_size({"flag": True}) is None and batch_size(torch.tensor(1.0)) is None
@@ -45,13 +41,13 @@ def test_batch_size_reads_the_first_tensor_with_a_batch_dimension():
 
 
 def test_take_indexes_only_the_tensors_of_batch_size():
-    x, mask = _x(5), torch.arange(3.0)
+    x, mask = features(5), torch.arange(3.0)
     got, m, flag = take((x, mask, 7), [4, 0])
     assert torch.equal(got, x[[4, 0]]) and torch.equal(m, mask) and flag == 7
 
 
 def test_concat_joins_batches_of_different_sizes_and_refuses_other_structures():
-    a, b, c = _x(2, seed=1), _x(3, seed=2), _x(4, seed=3)
+    a, b, c = features(2, seed=1), features(3, seed=2), features(4, seed=3)
     assert torch.equal(concat([a, b]), torch.cat([a, b]))
     assert torch.equal(concat([a, b, c]), torch.cat([a, b, c]))
     only = concat([(a, 1)])
@@ -63,7 +59,7 @@ def test_concat_joins_batches_of_different_sizes_and_refuses_other_structures():
 
 
 def test_sample_output_takes_only_the_outputs_of_batch_size():
-    logits, aux, scalar = _x(3, f=2, seed=1), _x(5, f=2, seed=2), torch.tensor(7.0)
+    logits, aux, scalar = features(3, f=2, seed=1), features(5, f=2, seed=2), torch.tensor(7.0)
     got = sample_output((logits, aux, scalar, "note"), 3, 1)
     assert got.dtype == torch.float64 and torch.equal(got, logits[1].double())
     images = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
@@ -73,8 +69,8 @@ def test_sample_output_takes_only_the_outputs_of_batch_size():
 
 
 def test_first_output_tensor_skips_what_is_not_a_tensor():
-    x = _x(2)
-    assert first_output_tensor(("text", 3, x, _x(3))) is x
+    x = features(2)
+    assert first_output_tensor(("text", 3, x, features(3))) is x
     assert first_output_tensor({"n": 1}) is None
 
 
@@ -165,7 +161,7 @@ def test_restore_writes_back_in_place_and_leaves_untouched_parameters_alone():
     ptrs = {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     versions = {n: p._version for n, p in model.named_parameters()}
     with state.restoring():
-        model(_x(8))  # train mode: the running statistics move, the parameters do not
+        model(features(8))  # train mode: the running statistics move, the parameters do not
     assert bn.num_batches_tracked == 0 and torch.all(bn.running_mean == 0)
     # written back into the same storage; an untouched parameter is not even copied (its version is unchanged)
     assert {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]} == ptrs
@@ -234,7 +230,7 @@ def _buffers(bn: nn.Module, mean, var) -> nn.Module:
 
 
 def test_layer_fit_against_a_naive_recomputation():
-    x = _x(16, f=3, seed=4).double()
+    x = features(16, f=3, seed=4).double()
     mom = ChannelMoments()
     mom.add(x)
     bn = _buffers(nn.BatchNorm1d(3, eps=1e-3), [0.5, -0.2, 0.0], [0.25, 0.5, 2.0])  # variances below 1 too
@@ -251,7 +247,7 @@ def test_layer_fit_against_a_naive_recomputation():
 
 def test_layer_fit_at_init_needs_both_buffers_at_their_initial_values():
     mom = ChannelMoments()
-    mom.add(_x(8, f=2))
+    mom.add(features(8, f=2))
     assert layer_fit("bn", nn.BatchNorm1d(2), mom).at_init is True
     assert layer_fit("bn", _buffers(nn.BatchNorm1d(2), [0.0, 0.0], [1.0, 2.0]), mom).at_init is False
     assert layer_fit("bn", _buffers(nn.BatchNorm1d(2), [0.0, 0.3], [1.0, 1.0]), mom).at_init is False
@@ -268,7 +264,7 @@ class _Stats(nn.Module):
 
 
 def test_layer_fit_of_a_module_without_eps_or_num_features():
-    x = _x(8, f=2, seed=5).double()
+    x = features(8, f=2, seed=5).double()
     mom = ChannelMoments()
     mom.add(x)
     fit = layer_fit("s", _Stats([0.0, 1.0], [0.0, 4.0]), mom)
@@ -281,7 +277,7 @@ def test_layer_fit_of_a_module_without_eps_or_num_features():
 
 
 def test_layer_fit_of_a_layer_that_keeps_no_statistics_still_reports_the_datas():
-    x = _x(8, f=3, seed=6).double()
+    x = features(8, f=3, seed=6).double()
     mom = ChannelMoments()
     mom.add(x)
     fit = layer_fit("bn", nn.BatchNorm1d(3, track_running_stats=False), mom)
@@ -299,8 +295,8 @@ def test_layer_fit_of_a_layer_that_keeps_no_statistics_still_reports_the_datas()
 def test_train_mode_pass_counts_the_batches_it_ran_and_keeps_their_outputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
-    a, b = _x(2, seed=1), _x(5, seed=2)
-    res = train_mode_pass(model, [a, _x(1), torch.tensor(3.0), Batch(b)])
+    a, b = features(2, seed=1), features(5, seed=2)
+    res = train_mode_pass(model, [a, features(1), torch.tensor(3.0), Batch(b)])
     assert (res.batches, res.samples) == (2, 7)
     assert res.skipped == ("a batch of 1 sample(s) (train-mode statistics need at least 2)",
                            "a batch of 0 sample(s) (train-mode statistics need at least 2)")
@@ -323,7 +319,7 @@ class _NoTensorOut(nn.Module):
 
 
 def test_train_mode_pass_of_a_model_without_a_tensor_output():
-    res = train_mode_pass(_NoTensorOut(), [_x(4)])
+    res = train_mode_pass(_NoTensorOut(), [features(4)])
     assert res.outputs == [None] and res.batches == 1 and res.moments["bn"].calls == 1
 
 
@@ -357,8 +353,8 @@ class _Feeds(nn.Module):
 
 @pytest.mark.parametrize("how", ["list", "flat", "keyword"])
 def test_moments_are_collected_only_from_a_positional_tensor_of_two_or_more_dimensions(how):
-    res = running_stats_fit(_Feeds(how), [_x(6)])
+    res = running_stats_fit(_Feeds(how), [features(6)])
     assert res.batches == 1 and res.layers == {}  # the layer ran, but on nothing the hook can read
-    assert set(running_stats_fit(_Feeds("tensor"), [_x(6)]).layers) == {"bn"}
+    assert set(running_stats_fit(_Feeds("tensor"), [features(6)]).layers) == {"bn"}
 
 

@@ -19,10 +19,7 @@ from bnaudit.probes.inference import cobatch_invariance, predict_mutations, pred
 from bnaudit.probes.running_stats import train_mode_pass
 from bnaudit.probes.train_eval import frozen_bn_drift, train_eval_gap
 from bnaudit.rules import examples_modes as XM
-
-
-def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
+from tests.rules.kills import features
 
 
 def _linear(seed: int = 0, f: int = 4, out: int = 2) -> nn.Module:
@@ -50,37 +47,37 @@ def test_cobatch_sizes_by_pooled_samples_and_cobatch_size():
              (7, 8): (4, 4, 1), (15, 8): (8, 8, 1), (20, 8): (8, 8, 1), (20, 2): (2, 2, 1), (20, 1): (2, 2, 1),
              (20, 3): (3, 3, 1), (4, 3): (2, 2, 1), (5, 3): (3, 3, 1)}
     for (n, size), compared in cases.items():
-        assert cobatch_invariance(model, [_x(n)], cobatch_size=size).compared == compared, (n, size)
-    assert cobatch_invariance(model, [_x(20)]).compared == (8, 8, 1)  # the default co-batch holds 8 samples
+        assert cobatch_invariance(model, [features(n)], cobatch_size=size).compared == compared, (n, size)
+    assert cobatch_invariance(model, [features(20)]).compared == (8, 8, 1)  # the default co-batch holds 8 samples
 
 
 def test_cobatch_draws_only_the_batches_it_needs():
     model = _linear()
     # cobatch_size 2 needs 3 samples: two batches of 2 give 4 (both drawn, the third never is)
-    batches = _Counted([_x(2, seed=s) for s in range(4)])
+    batches = _Counted([features(2, seed=s) for s in range(4)])
     assert cobatch_invariance(model, batches, cobatch_size=2).compared == (2, 2, 1)
     assert batches.drawn == 2
     # exactly enough in the first batch: the second is never drawn
-    batches = _Counted([_x(3, seed=s) for s in range(3)])
+    batches = _Counted([features(3, seed=s) for s in range(3)])
     assert cobatch_invariance(model, batches, cobatch_size=2).compared == (2, 2, 1)
     assert batches.drawn == 1
     # an empty batch is skipped, not counted as the pool
-    assert cobatch_invariance(model, [_x(0), _x(3)], cobatch_size=2).compared == (2, 2, 1)
+    assert cobatch_invariance(model, [features(0), features(3)], cobatch_size=2).compared == (2, 2, 1)
 
 
 def test_cobatch_of_one_sample_is_not_run():
-    res = cobatch_invariance(_linear(), [_x(1)], lambda m, x: m(x))
+    res = cobatch_invariance(_linear(), [features(1)], lambda m, x: m(x))
     assert res.note == "needs at least two samples" and res.compared == () and res.used_predict is True
     assert res.max_abs_delta == 0.0 and res.scale == 0.0 and res.relative == 0.0
     assert cobatch_invariance(_linear(), []).used_predict is False
-    ok = cobatch_invariance(_linear(), [_x(2)])
+    ok = cobatch_invariance(_linear(), [features(2)])
     assert ok.note == "" and ok.used_predict is False and ok.changed is None and ok.noise is None
 
 
 def test_cobatch_seeds_zero_by_default():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
-    x = _x(6)
+    x = features(6)
 
     def draws(**kw):
         return cobatch_invariance(model, [x], XM.predict_no_eval, **kw).scale
@@ -96,7 +93,7 @@ class _SimilarityHead(nn.Module):
 
 
 def test_cobatch_output_of_another_shape_is_an_infinite_change():
-    res = cobatch_invariance(_SimilarityHead(), [_x(2)])
+    res = cobatch_invariance(_SimilarityHead(), [features(2)])
     assert res.compared == (2, 1) and res.max_abs_delta == math.inf and res.relative == math.inf
 
 
@@ -106,7 +103,7 @@ class _Empty(nn.Module):
 
 
 def test_cobatch_of_an_output_without_values_changes_by_zero():
-    res = cobatch_invariance(_Empty(), [_x(5)])
+    res = cobatch_invariance(_Empty(), [features(5)])
     assert res.compared == (3, 3, 1) and res.max_abs_delta == 0.0 and res.scale == 0.0 and res.relative == 0.0
 
 
@@ -120,21 +117,21 @@ class _NoSingles(nn.Module):
 
 
 def test_cobatch_when_a_single_sample_raises():
-    res = cobatch_invariance(_NoSingles(), [_x(5)])
+    res = cobatch_invariance(_NoSingles(), [features(5)])
     assert res.compared == (3, 3) and res.single_sample_error and "needs two samples" in res.single_sample_error
     assert res.max_abs_delta == 0.0 and res.relative == 0.0
     # with any tolerance, even one below zero, the missing single-sample output is not compared
     for tolerance in (0.0, -1.0):
-        res = cobatch_invariance(_NoSingles(), [_x(5)], tolerance=tolerance)
+        res = cobatch_invariance(_NoSingles(), [features(5)], tolerance=tolerance)
         assert res.changed is False and res.compared == (3, 3)
         assert res.noise == (0.0 if tolerance < 0 else None)  # below zero, the co-batch noise is measured
 
 
 def test_cobatch_no_change_at_tolerance_zero_measures_no_noise():
     # an elementwise model: every co-batch gives the sample bit-identical outputs, a change of exactly 0
-    res = cobatch_invariance(_NoSingles(), [_x(5)], tolerance=0.0)
+    res = cobatch_invariance(_NoSingles(), [features(5)], tolerance=0.0)
     assert res.max_abs_delta == 0.0 and res.changed is False and res.noise is None
-    res = cobatch_invariance(nn.Sequential(nn.Tanh()), [_x(5)], tolerance=0.0)
+    res = cobatch_invariance(nn.Sequential(nn.Tanh()), [features(5)], tolerance=0.0)
     assert res.compared == (3, 3, 1) and res.max_abs_delta == 0.0 and res.changed is False and res.noise is None
 
 
@@ -153,7 +150,7 @@ class _Untracked(nn.Module):
 def test_cobatch_two_samples_single_comparison_alone_decides():
     # two samples: no disjoint co-batch, so the sample alone against the pair is the only comparison; the
     # sample repeated twice has its own statistics, as alone: noise ~0, the change is real
-    x = _x(2, f=6, seed=3)
+    x = features(2, f=6, seed=3)
     res = cobatch_invariance(_Untracked().eval(), [x], tolerance=1e-3)
     assert res.compared == (2, 1) and res.max_abs_delta > 0.1
     assert res.changed is True and res.noise is not None and res.noise < 1e-5
@@ -161,7 +158,7 @@ def test_cobatch_two_samples_single_comparison_alone_decides():
 
 
 def test_cobatch_batch_dependence_beats_the_measured_noise():
-    res = cobatch_invariance(_Untracked().eval(), [_x(9, f=6, seed=4)], tolerance=1e-3)
+    res = cobatch_invariance(_Untracked().eval(), [features(9, f=6, seed=4)], tolerance=1e-3)
     assert res.compared == (5, 5, 1) and res.changed is True and res.noise is not None and res.noise < 1e-5
 
 
@@ -233,11 +230,11 @@ def test_cobatch_names_each_layer_by_what_it_does_in_its_mode():
     model[3].train()  # tracked, in train mode
     model[5].train()  # the only active dropout
     model[6].train()
-    res = cobatch_invariance(model, [_x(6)], XM.predict_no_eval)  # keeps the modes as given
+    res = cobatch_invariance(model, [features(6)], XM.predict_no_eval)  # keeps the modes as given
     assert res.batch_stat_layers == ("2", "3") and res.train_mode_layers == ("3",) and res.untracked_layers == ("2",)
     assert res.active_dropout == ("5",) and res.used_predict is True
     # without a predict the path is an eval-mode forward: only the untracked layer uses batch statistics
-    plain = cobatch_invariance(model, [_x(6)])
+    plain = cobatch_invariance(model, [features(6)])
     assert plain.batch_stat_layers == ("2",) and plain.train_mode_layers == () and plain.active_dropout == ()
 
 
@@ -252,15 +249,15 @@ def test_predict_train_mode_layers_calls_predict_once_on_the_first_two_samples_s
         seen.append((x.clone(), torch.rand(1)))
         return m(x)
 
-    x = _x(2)
+    x = features(2)
     assert predict_train_mode_layers(model, x, predict) == ("1",)  # a batch of two is enough
     ((inputs, draw),) = seen
     assert torch.equal(inputs, x[:2])
     torch.manual_seed(0)
     assert torch.equal(draw, torch.rand(1))  # seeded with 0 by default
-    predict_train_mode_layers(model, _x(5), predict)
-    assert torch.equal(seen[1][0], _x(5)[:2])
-    assert predict_train_mode_layers(model, _x(1), predict) == () and len(seen) == 2  # one sample: not called
+    predict_train_mode_layers(model, features(5), predict)
+    assert torch.equal(seen[1][0], features(5)[:2])
+    assert predict_train_mode_layers(model, features(1), predict) == () and len(seen) == 2  # one sample: not called
 
 
 # --- predict_mutations (BN306) ------------------------------------------------------------------------------------
@@ -270,10 +267,10 @@ def _bn(seed: int = 0) -> nn.Module:
 
 
 def test_predict_mutations_runs_two_batches_by_default_and_counts_their_samples():
-    res = predict_mutations(_bn(), [_x(8, seed=s) for s in range(4)], XM.predict_no_eval)
+    res = predict_mutations(_bn(), [features(8, seed=s) for s in range(4)], XM.predict_no_eval)
     assert res.calls == 2 and res.samples == 16 and res.used_predict is True and res.note == ""
     assert res.changes[0].num_batches_tracked == (0, 2)
-    three = predict_mutations(_bn(), [_x(8, seed=s) for s in range(4)], XM.predict_no_eval, max_calls=3)
+    three = predict_mutations(_bn(), [features(8, seed=s) for s in range(4)], XM.predict_no_eval, max_calls=3)
     assert three.calls == 3 and three.samples == 24
 
 
@@ -281,7 +278,7 @@ def test_predict_mutations_without_batches():
     res = predict_mutations(_bn(), [])
     assert res.note == "no batches" and res.calls == 0 and res.samples == 0 and res.used_predict is False
     assert res.changes == ()
-    eval_path = predict_mutations(_bn(), [_x(8)])
+    eval_path = predict_mutations(_bn(), [features(8)])
     assert eval_path.used_predict is False and eval_path.changes == () and eval_path.calls == 1
 
 
@@ -304,7 +301,7 @@ class _Counter(nn.Module):
 
 def test_predict_mutations_reads_counters_of_batchnorms_only():
     model = nn.Sequential(nn.Linear(4, 4), _Counter())
-    (change,) = predict_mutations(model, [_x(8)], XM.predict_no_eval).changes
+    (change,) = predict_mutations(model, [features(8)], XM.predict_no_eval).changes
     assert change.layer == "1" and change.buffers == ("num_batches_tracked",) and change.num_batches_tracked is None
     assert change.max_abs_delta == 0.0  # an integer counter has no float change
 
@@ -323,7 +320,7 @@ def test_predict_mutations_buffers_added_removed_or_resized_are_infinite_changes
         return model[0](x)
 
     for predict, name in ((added, "extra"), (removed, "running_var"), (resized, "running_mean")):
-        (change,) = predict_mutations(_bn(), [_x(8)], predict).changes
+        (change,) = predict_mutations(_bn(), [features(8)], predict).changes
         assert change.buffers == (name,) and change.max_abs_delta == math.inf, name
 
 
@@ -343,7 +340,7 @@ def _metric(model: nn.Module, x: torch.Tensor, y) -> str:
 
 
 def test_train_eval_gap_metric_by_targets_and_output():
-    x, head = _x(8, seed=6), _bn_head()
+    x, head = features(8, seed=6), _bn_head()
     classes = torch.tensor([0, 1, 2, 0, 1, 2, 0, 2])
     assert _metric(head, x, classes) == "cross_entropy"  # 0 and 2 = C - 1 both allowed
     assert _metric(head, x, None) == "output"
@@ -362,7 +359,7 @@ def test_train_eval_gap_metric_by_targets_and_output():
 
 def test_train_eval_gap_cross_entropy_against_a_naive_recomputation():
     head, classes = _bn_head(), torch.tensor([0, 1, 2, 0, 1, 2, 0, 2, 1, 1])
-    xs = [_x(10, seed=7), _x(6, seed=8)]
+    xs = [features(10, seed=7), features(6, seed=8)]
     ys = [classes, classes[:6]]
     res = train_eval_gap(head, [Batch(x, y) for x, y in zip(xs, ys)])
     loss = {"eval": 0.0, "train": 0.0}
@@ -381,7 +378,7 @@ def test_train_eval_gap_cross_entropy_against_a_naive_recomputation():
 
 def test_train_eval_gap_mse_against_a_naive_recomputation():
     head = _bn_head(2)
-    x, y = _x(12, seed=9), 0.3 * _x(12, f=2, seed=10)
+    x, y = features(12, seed=9), 0.3 * features(12, f=2, seed=10)
     e, t = _outputs(head, x)
     res = train_eval_gap(head, [Batch(x, y)])
     train_v, eval_v = float(((t - y.double()) ** 2).mean()), float(((e - y.double()) ** 2).mean())
@@ -394,7 +391,7 @@ def test_train_eval_gap_mse_against_a_naive_recomputation():
 
 def test_train_eval_gap_output_rms_of_both_modes():
     head = _bn_head(2)
-    x = _x(12, seed=11, scale=2.0)
+    x = features(12, seed=11, scale=2.0)
     e, t = _outputs(head, x)
     res = train_eval_gap(head, [x, x[:1]])  # the batch of one is skipped
     assert res.batches == 1 and res.samples == 12
@@ -407,7 +404,7 @@ def test_train_eval_gap_zero_losses():
     bn = nn.BatchNorm1d(3)
     with torch.no_grad():
         bn.running_mean.fill_(1.0)
-    x = _x(8, f=3, seed=12)
+    x = features(8, f=3, seed=12)
     with torch.no_grad():
         y = copy.deepcopy(bn).train()(x)
     res = train_eval_gap(bn, [Batch(x, y)])
@@ -426,7 +423,7 @@ def test_train_eval_gap_output_that_is_zero_in_eval_mode_is_an_infinite_change()
     bn = nn.BatchNorm1d(3)
     with torch.no_grad():
         bn.running_mean.fill_(100.0)
-    res = train_eval_gap(nn.Sequential(bn, nn.ReLU()), [_x(8, f=3, seed=13)])
+    res = train_eval_gap(nn.Sequential(bn, nn.ReLU()), [features(8, f=3, seed=13)])
     assert res.metric == "output" and res.eval_value == 0.0 and res.train_value > 0 and res.relative_change == math.inf
 
 
@@ -454,14 +451,14 @@ class _WidthByMode(nn.Module):
 def test_train_eval_gap_skips_batches_without_comparable_outputs():
     note = "no batch of two or more samples with a usable output"
     for model in (_ByMode(True), _ByMode(False), _WidthByMode(), _Empty()):
-        res = train_eval_gap(model, [_x(8)])
+        res = train_eval_gap(model, [features(8)])
         assert res.note == note and res.batches == 0 and res.samples == 0, model
         assert res.metric == "output" and res.train_value == res.eval_value == res.relative_change == 0.0
 
 
 def test_train_eval_gap_takes_boolean_labels_as_classes_0_and_1():
     # cross_entropy refuses bool targets: the probe used to raise on a binary task labelled with booleans
-    head, x = _bn_head(2), _x(8, seed=17)
+    head, x = _bn_head(2), features(8, seed=17)
     labels = torch.tensor([True, False, True, True, False, False, True, False])
     res = train_eval_gap(head, [Batch(x, labels)])
     ref = train_eval_gap(head, [Batch(x, labels.long())])
@@ -470,7 +467,7 @@ def test_train_eval_gap_takes_boolean_labels_as_classes_0_and_1():
 
 def test_train_eval_gap_keeps_the_first_batchs_metric():
     head = _bn_head(2)
-    x = _x(8, seed=14)
+    x = features(8, seed=14)
     res = train_eval_gap(head, [Batch(x, torch.zeros(8, 2)), x, Batch(x, torch.ones(8, 2))])
     assert res.metric == "mse" and res.batches == 2 and res.samples == 16  # the batch without targets is left out
     e, t = _outputs(head, x)
@@ -482,7 +479,7 @@ def test_train_eval_gap_uses_the_train_pass_it_is_given():
     head = _bn_head(2)
     calls = []
     head.register_forward_hook(lambda m, a, o: calls.append(m.training))
-    batches = [_x(8, seed=15), _x(8, seed=16)]
+    batches = [features(8, seed=15), features(8, seed=16)]
     given = train_mode_pass(head, batches)
     calls.clear()
     res = train_eval_gap(head, batches, train_pass=given)
@@ -527,7 +524,7 @@ class _Frozen(nn.Module):
 
 
 def test_frozen_bn_drift_layers_and_drift_against_a_naive_recomputation():
-    model, x = _Frozen(), _x(8, seed=18, scale=3.0)
+    model, x = _Frozen(), features(8, seed=18, scale=3.0)
     res = frozen_bn_drift(model, x)
     assert res.frozen_total == 5 and res.trainable_params == 4 * 4 + 4 + 2 * 4 and res.forward_ran
     assert [(lay.layer, lay.training_now, lay.training_after_train) for lay in res.layers] == [
@@ -550,20 +547,20 @@ def test_frozen_bn_drift_layers_and_drift_against_a_naive_recomputation():
 
 
 def test_frozen_bn_drift_without_a_usable_batch_measures_nothing():
-    for batch in (None, _x(1, seed=19)):  # a batch of one sample cannot normalize in train mode
+    for batch in (None, features(1, seed=19)):  # a batch of one sample cannot normalize in train mode
         res = frozen_bn_drift(_Frozen(), batch)
         assert not res.forward_ran and [lay.layer for lay in res.layers] == ["a", "e", "f"]
         assert all(lay.moved is None and lay.mean_shift is None and lay.var_ratio is None
                    and lay.num_batches_tracked is None for lay in res.layers)
-    assert frozen_bn_drift(_Frozen(), _x(2, seed=19)).forward_ran  # two samples are enough
+    assert frozen_bn_drift(_Frozen(), features(2, seed=19)).forward_ran  # two samples are enough
 
 
 def test_frozen_bn_drift_with_nothing_frozen_or_nothing_that_drifts():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    assert frozen_bn_drift(plain, _x(8)) == type(frozen_bn_drift(plain))((), 0, 28, False)
+    assert frozen_bn_drift(plain, features(8)) == type(frozen_bn_drift(plain))((), 0, 28, False)
     untracked = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False).requires_grad_(False))
-    res = frozen_bn_drift(untracked, _x(8))
+    res = frozen_bn_drift(untracked, features(8))
     assert res.layers == () and res.frozen_total == 1 and res.trainable_params == 20 and not res.forward_ran
 
 
@@ -638,7 +635,7 @@ def test_history_eval_mode_steps_skips_frozen_affine_and_counts_affine_free_laye
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with bnaudit.record(model) as rec:
         for step in range(4):
-            model(_x(8, seed=step)).pow(2).mean().backward()
+            model(features(8, seed=step)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
             if step == 0:

@@ -14,13 +14,7 @@ from torch import nn
 
 import bnaudit
 from bnaudit.rules import examples_architecture as A
-
-
-def _findings(code, model, data=None, options=None, **kw):
-    config = {code: {"options": options}} if options else None
-    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
-    assert code in report.rules_run, report.rules_skipped
-    return [f for f in report.findings if f.code == code]
+from tests.rules.kills import rule_findings
 
 
 def _bn_mlp(bn: nn.Module) -> nn.Module:
@@ -31,59 +25,59 @@ def _bn_mlp(bn: nn.Module) -> nn.Module:
 @pytest.mark.parametrize(("momentum", "fires"), [(0.5, False), (0.75, True), (0.3, False), (None, False)])
 def test_bn106_fires_above_the_default_max_momentum_only(momentum, fires):
     # the default max_momentum is 0.5, "above" it fires: exactly 0.5 (MorvanNet's bn_input) does not
-    found = _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=momentum)))
+    found = rule_findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=momentum)))
     assert [f.layer for f in found] == (["1"] if fires else [])
 
 
 def test_bn106_at_a_configured_max_momentum_and_just_above_it():
     m = 0.6543217
-    assert not _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m)), options={"max_momentum": m})
-    (f,) = _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m)), options={"max_momentum": math.nextafter(m, 0)})
+    assert not rule_findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m)), options={"max_momentum": m})
+    (f,) = rule_findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m)), options={"max_momentum": math.nextafter(m, 0)})
     assert f.evidence == {"momentum": m, "max_momentum": math.nextafter(m, 0), "pytorch_equivalent_of_keras": 0.345678}
     assert "momentum=0.654322" in f.message and "65% the latest batch" in f.message
     assert f.fix.startswith("set momentum=0.35 on 1")
 
 
 def test_bn106_exact_evidence_of_keras_momentum():
-    (f,) = _findings("BN106", A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, momentum=0.99)))
+    (f,) = rule_findings("BN106", A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, momentum=0.99)))
     assert f.evidence["pytorch_equivalent_of_keras"] == round(1 - 0.99, 6) == 0.01
     assert f.severity == "warning" and "Keras's 0.99 is PyTorch's 0.01" in f.message
 
 
 def test_bn106_momentum_zero_and_no_running_stats():
-    (f,) = _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=0.0)))
+    (f,) = rule_findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=0.0)))
     assert f.evidence == {"momentum": 0.0} and "never update" in f.message
     assert f.fix.startswith("set momentum=0.1 (the default) on 1")
     # without running statistics momentum does nothing: left to BN107, whatever the momentum
     for m in (0.99, 0.0):
-        assert not _findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m, track_running_stats=False)))
+        assert not rule_findings("BN106", _bn_mlp(nn.BatchNorm1d(8, momentum=m, track_running_stats=False)))
 
 
 def test_bn106_skips_unused_batchnorms_and_the_root_module():
     net = A.MorvanNet(do_bn=False)
     net.bn_input = nn.BatchNorm1d(1, momentum=0.99)  # never called: BN112's alone
-    assert not _findings("BN106", net, A.scalar_x())
+    assert not rule_findings("BN106", net, A.scalar_x())
     net.do_bn = True
-    assert [f.layer for f in _findings("BN106", net, A.scalar_x())] == ["bn_input"]
+    assert [f.layer for f in rule_findings("BN106", net, A.scalar_x())] == ["bn_input"]
     # a model that is a BatchNorm has no layer name to report: the rules look at its submodules only
-    assert not _findings("BN106", nn.BatchNorm1d(4, momentum=0.99), torch.randn(8, 4))
+    assert not rule_findings("BN106", nn.BatchNorm1d(4, momentum=0.99), torch.randn(8, 4))
 
 
 def test_bn107_only_batchnorms_without_running_stats():
     model = nn.Sequential(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(),
                           nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    (f,) = _findings("BN107", model)
+    (f,) = rule_findings("BN107", model)
     assert f.layer == "1" and f.evidence == {"track_running_stats": False}
 
 
 # --- BN108 eps vs dtype -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("eps", "fires"), [(1e-3, False), (1.5e-3, False), (9e-4, True)])
 def test_bn108_default_min_eps(eps, fires):
-    assert bool(_findings("BN108", A.half_bn(eps))) == fires
+    assert bool(rule_findings("BN108", A.half_bn(eps))) == fires
 
 
 def test_bn108_evidence_and_escalation_when_eps_rounds_to_zero():
-    (f,) = _findings("BN108", A.half_bn(1e-5))
+    (f,) = rule_findings("BN108", A.half_bn(1e-5))
     info = torch.finfo(torch.bfloat16)
     assert f.severity == "warning" and f.layer == "1"
     assert f.evidence == {"eps": 1e-5, "dtype": "torch.bfloat16", "min_eps": 1e-3, "gain": (1 / 1e-5) ** 0.5,
@@ -92,15 +86,15 @@ def test_bn108_evidence_and_escalation_when_eps_rounds_to_zero():
     assert "scaled by 316x" in f.message and "rounds to 0" not in f.message
     assert f.fix == "construct 1 with eps=0.001 or keep it in float32"
     # 1e-8 is below float16's smallest subnormal (6e-8): it rounds to 0 and the finding is an error
-    (g,) = _findings("BN108", _bn_mlp(nn.BatchNorm1d(8, eps=1e-8)).half(), options={"min_eps": 2e-3})
+    (g,) = rule_findings("BN108", _bn_mlp(nn.BatchNorm1d(8, eps=1e-8)).half(), options={"min_eps": 2e-3})
     assert g.severity == "error" and g.evidence["eps_rounds_to_zero"] is True and g.evidence["min_eps"] == 2e-3
     assert g.evidence["dtype"] == "torch.float16" and g.evidence["dtype_max"] == 65504.0
     assert "eps itself rounds to 0" in g.message
 
 
 def test_bn108_at_a_configured_min_eps():
-    assert not _findings("BN108", A.half_bn(1e-4), options={"min_eps": 1e-4})
-    assert _findings("BN108", A.half_bn(1e-4), options={"min_eps": math.nextafter(1e-4, 1)})
+    assert not rule_findings("BN108", A.half_bn(1e-4), options={"min_eps": 1e-4})
+    assert rule_findings("BN108", A.half_bn(1e-4), options={"min_eps": math.nextafter(1e-4, 1)})
 
 
 def test_bn108_dtype_is_the_first_floating_tensor_of_the_layer():
@@ -111,14 +105,14 @@ def test_bn108_dtype_is_the_first_floating_tensor_of_the_layer():
         delattr(bn, k)
         bn.register_buffer(k, t)
     assert next(bn.buffers()).dtype == torch.long
-    assert [f.layer for f in _findings("BN108", _bn_mlp(bn).to(torch.bfloat16))] == ["1"]
+    assert [f.layer for f in rule_findings("BN108", _bn_mlp(bn).to(torch.bfloat16))] == ["1"]
     # weight bfloat16, bias float32 (a model with no first layer to infer an input from: no forward pass, which
     # would refuse the mixed dtypes on CPU): the first floating tensor, the weight, decides
     for which, fires in (("weight", True), ("bias", False)):
         model = nn.Sequential(nn.BatchNorm1d(8, eps=1e-5), nn.ReLU())
         p = getattr(model[0], which)
         p.data = p.data.to(torch.bfloat16)
-        assert [f.evidence["dtype"] for f in _findings("BN108", model)] == (["torch.bfloat16"] if fires else [])
+        assert [f.evidence["dtype"] for f in rule_findings("BN108", model)] == (["torch.bfloat16"] if fires else [])
 
 
 # --- BN109 wrong axis ---------------------------------------------------------------------------------------------
@@ -147,18 +141,18 @@ def _tokens(length: int = 6) -> torch.Tensor:
 
 def test_bn109_square_tokens_fire_only_without_a_transpose():
     # L == C == 16: after the transpose the last axis (L) happens to have the Linear's width, still silent
-    assert not _findings("BN109", _Tokens("transpose", length=16), _tokens(16))
-    (f,) = _findings("BN109", _Tokens("plain", length=16), _tokens(16))
+    assert not rule_findings("BN109", _Tokens("transpose", length=16), _tokens(16))
+    (f,) = rule_findings("BN109", _Tokens("plain", length=16), _tokens(16))
     assert f.layer == "bn" and f.evidence == {"input_shape": [8, 16, 16], "num_features": 16, "producer": "proj",
                                               "producer_features": 16}
 
 
 def test_bn109_a_reshape_that_moves_the_features_off_the_last_axis_is_silent():
-    assert not _findings("BN109", _Tokens("view"), _tokens())
+    assert not rule_findings("BN109", _Tokens("view"), _tokens())
 
 
 def test_bn109_evidence_names_the_producer_and_its_features():
-    (f,) = _findings("BN109", _Tokens("plain"), _tokens())
+    (f,) = rule_findings("BN109", _Tokens("plain"), _tokens())
     assert f.evidence == {"input_shape": [8, 6, 16], "num_features": 6, "producer": "proj", "producer_features": 16}
     assert "(8, 6, 16) from proj (Linear, 16 features" in f.message and "(size 6)" in f.message
 
@@ -188,7 +182,7 @@ class _ConvThenBN(nn.Module):
 
 def test_bn109_only_linear_and_embedding_say_features_are_last():
     # (N, C=8, L=8) from a conv-like block with out_features=8: channels on axis 1, as BatchNorm1d wants
-    assert not _findings("BN109", _ConvThenBN(), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert not rule_findings("BN109", _ConvThenBN(), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)))
 
 
 class _EmbedBN(nn.Module):
@@ -203,7 +197,7 @@ class _EmbedBN(nn.Module):
 
 def test_bn109_embedding_output_fires():
     ids = torch.randint(0, 20, (4, 7), generator=torch.Generator().manual_seed(0))
-    (f,) = _findings("BN109", _EmbedBN(), ids)
+    (f,) = rule_findings("BN109", _EmbedBN(), ids)
     assert f.evidence["producer"] == "emb" and f.evidence["producer_features"] == 5
 
 
@@ -220,46 +214,46 @@ def _pm(a: float, batches: int = 3, n: int = 8) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("eps", "fires"), [(0.015, True), (0.01, True), (0.009, False)])
 def test_bn111_default_max_eps_fires_at_and_above(eps, fires):
-    found = _findings("BN111", _eps_bn(eps))
+    found = rule_findings("BN111", _eps_bn(eps))
     assert [f.layer for f in found] == (["0"] if fires else [])
     if fires:
         assert found[0].evidence == {"eps": eps, "max_eps": 1e-2, "default_eps": 1e-5}
 
 
 def test_bn111_at_a_configured_max_eps():
-    assert _findings("BN111", _eps_bn(0.3), options={"max_eps": 0.3})
-    assert not _findings("BN111", _eps_bn(0.3), options={"max_eps": math.nextafter(0.3, 1)})
+    assert rule_findings("BN111", _eps_bn(0.3), options={"max_eps": 0.3})
+    assert not rule_findings("BN111", _eps_bn(0.3), options={"max_eps": math.nextafter(0.3, 1)})
 
 
 @pytest.mark.parametrize(("eps", "keras"), [(0.4, False), (0.5, True), (0.8, True), (1.0, False), (1.5, False)])
 def test_bn111_fix_reads_eps_in_0_5_to_1_as_keras_momentum(eps, keras):
-    (f,) = _findings("BN111", _eps_bn(eps))
+    (f,) = rule_findings("BN111", _eps_bn(eps))
     assert (f"momentum={1 - eps:.2g}" in f.fix) == keras
     assert ("pass eps by keyword" in f.fix) == (not keras)
 
 
 def test_bn111_with_data_quotes_the_exact_input_variance():
-    (f,) = _findings("BN111", _eps_bn(0.02), _pm(0.5))
+    (f,) = rule_findings("BN111", _eps_bn(0.02), _pm(0.5))
     ev = f.evidence
     assert ev["median_input_var"] == 0.25 and ev["variance_source"] == "data" and ev["variance_steps"] == 3
     assert ev["max_eps_to_var"] == 0.1 and ev["eps_to_var"] == 0.02 / 0.25
     assert "only 8.00% of the median input variance" in f.message
     # eps / var = 0.15 lies between the default max_eps_to_var (0.1) and twice it
-    (g,) = _findings("BN111", _eps_bn(0.0375), _pm(0.5))
+    (g,) = rule_findings("BN111", _eps_bn(0.0375), _pm(0.5))
     assert "0.15x the median per-channel variance" in g.message and "barely normalizes" in g.message
 
 
 def test_bn111_eps_to_var_share_at_its_edge():
     # var 0.25, share 0.5: eps 0.125 is exactly share * var: not above it
-    (f,) = _findings("BN111", _eps_bn(0.125), _pm(0.5), options={"max_eps_to_var": 0.5})
+    (f,) = rule_findings("BN111", _eps_bn(0.125), _pm(0.5), options={"max_eps_to_var": 0.5})
     assert "only 50.00%" in f.message
-    (g,) = _findings("BN111", _eps_bn(0.125), _pm(0.5),
+    (g,) = rule_findings("BN111", _eps_bn(0.125), _pm(0.5),
                      options={"max_eps_to_var": math.nextafter(0.5, 0)})
     assert "0.5x the median per-channel variance" in g.message
 
 
 def test_bn111_zero_input_variance():
-    (f,) = _findings("BN111", _eps_bn(0.8), [torch.ones(8, 4)] * 2)
+    (f,) = rule_findings("BN111", _eps_bn(0.8), [torch.ones(8, 4)] * 2)
     assert f.evidence["median_input_var"] == 0.0 and f.evidence["eps_to_var"] == float("inf")
     assert "zero variance on this data" in f.message
 
@@ -268,9 +262,9 @@ def test_bn111_skips_non_finite_batches_and_stays_static_when_none_is_left():
     x = _pm(0.5)
     x[1] = x[1].clone()
     x[1][0, 0] = float("nan")  # one NaN: the second batch's statistics are not finite, the step is left out
-    (f,) = _findings("BN111", _eps_bn(0.8), x)
+    (f,) = rule_findings("BN111", _eps_bn(0.8), x)
     assert f.evidence["variance_steps"] == 2 and f.evidence["median_input_var"] == 0.25
-    (g,) = _findings("BN111", _eps_bn(0.8), [torch.full((8, 4), float("nan"))] * 2)
+    (g,) = rule_findings("BN111", _eps_bn(0.8), [torch.full((8, 4), float("nan"))] * 2)
     assert g.evidence == {"eps": 0.8, "max_eps": 1e-2, "default_eps": 1e-5}
 
 
@@ -290,21 +284,21 @@ def _recorded(model: nn.Module, batches: list[torch.Tensor]):
 def test_bn111_variance_from_a_recorded_history_without_data():
     model = _eps_bn(0.8)
     history = _recorded(model, _pm(0.5, batches=2) + _pm(1.0, batches=1))
-    (f,) = _findings("BN111", model, history=history)
+    (f,) = rule_findings("BN111", model, history=history)
     ev = f.evidence
     assert ev["variance_source"] == "history" and ev["variance_steps"] == 3
     assert ev["median_input_var"] == pytest.approx((0.25 + 0.25 + 1.0) / 3, rel=1e-6)
     assert "history)" in f.message
     # data, when given, is measured first; data with no finite step falls back to the history
-    (g,) = _findings("BN111", model, _pm(0.5), history=history)
+    (g,) = rule_findings("BN111", model, _pm(0.5), history=history)
     assert g.evidence["variance_source"] == "data" and g.evidence["median_input_var"] == 0.25
-    (h,) = _findings("BN111", model, [torch.full((8, 4), float("nan"))] * 2, history=history)
+    (h,) = rule_findings("BN111", model, [torch.full((8, 4), float("nan"))] * 2, history=history)
     assert h.evidence["variance_source"] == "history" and h.evidence["variance_steps"] == 3
 
 
 # --- BN112 unused normalization -----------------------------------------------------------------------------------
 def test_bn112_counts_the_parameters_of_an_unused_layer():
-    (f,) = _findings("BN112", A.MorvanNet(), A.scalar_x())
+    (f,) = rule_findings("BN112", A.MorvanNet(), A.scalar_x())
     assert f.evidence == {"type": "BatchNorm1d", "owner": "MorvanNet", "attribute": "bn_input", "parameters": 2,
                           "graph_method": "fx", "recorded_steps": None}
     assert "its 2 parameters get no gradient" in f.message and "recorded steps" not in f.message
@@ -312,7 +306,7 @@ def test_bn112_counts_the_parameters_of_an_unused_layer():
 
 # --- BN101 redundant bias -----------------------------------------------------------------------------------------
 def test_bn101_evidence_and_fix():
-    (f,) = _findings("BN101", A.mlp(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), A.x())
+    (f,) = rule_findings("BN101", A.mlp(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), A.x())
     assert f.layer == "0" and f.evidence == {"bias_values": 8, "feeds": ["1"]}
     assert f.fix == "construct 0 with bias=False; the BatchNorm's beta already provides the shift"
     assert "Linear 0 has a bias of 8 values that BatchNorm1d 1 subtracts away again" == f.message
@@ -321,15 +315,15 @@ def test_bn101_evidence_and_fix():
 # --- the rule machinery: Rule.finding -----------------------------------------------------------------------------
 def test_finding_severity_configured_over_escalated_over_default():
     model = _bn_mlp(nn.BatchNorm1d(8, eps=1e-8)).half()  # eps rounds to 0 in float16: escalated to error
-    assert [f.severity for f in _findings("BN108", model)] == ["error"]
+    assert [f.severity for f in rule_findings("BN108", model)] == ["error"]
     config = {"BN108": {"severity": "info"}}
     [f] = bnaudit.inspect(model, select=["BN108"], rule_config=config).findings
     assert f.severity == "info"
     [g] = bnaudit.inspect(A.half_bn(1e-5), select=["BN108"], rule_config=config).findings
     assert g.severity == "info"
-    assert [f.severity for f in _findings("BN108", A.half_bn(1e-5))] == ["warning"]
+    assert [f.severity for f in rule_findings("BN108", A.half_bn(1e-5))] == ["warning"]
     # a rule's own fix when the finding gives none, the finding's when it does
-    (h,) = _findings("BN109", _Tokens("plain"), _tokens())
+    (h,) = rule_findings("BN109", _Tokens("plain"), _tokens())
     assert h.fix == bnaudit.rules.catalog.get_rule("BN109").fix
 
 
@@ -348,7 +342,7 @@ class _Versioned(nn.Module):
 
 def test_shared_batches_take_the_dtype_of_the_first_floating_parameter():
     # the batches stay float32: cast to the integer parameter's dtype the train-mode pass would fail
-    assert not _findings("BN302", _Versioned(), _x4())
+    assert not rule_findings("BN302", _Versioned(), _x4())
 
 
 class _SyncTokens(nn.Module):
@@ -365,11 +359,11 @@ class _SyncTokens(nn.Module):
 
 
 def test_bn109_a_sync_batchnorm_on_tokens_fires_too():
-    (f,) = _findings("BN109", _SyncTokens(), _tokens())
+    (f,) = rule_findings("BN109", _SyncTokens(), _tokens())
     assert f.layer == "bn" and f.evidence["input_shape"] == [8, 6, 16] and f.evidence["producer_features"] == 16
     # 4-D input to a BatchNorm2d after a Linear on its last axis: not BN109's case
     model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm2d(3))
-    assert not _findings("BN109", model, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)))
+    assert not rule_findings("BN109", model, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)))
 
 
 # --- BN101: a bias whose output feeds nothing ----------------------------------------------------------------------
@@ -388,7 +382,7 @@ class _DeadBranch(nn.Module):
 
 
 def test_bn101_a_layer_with_no_consumer_is_not_reported():
-    assert not _findings("BN101", _DeadBranch(), A.x())
+    assert not rule_findings("BN101", _DeadBranch(), A.x())
 
 
 # --- BN102 placement ----------------------------------------------------------------------------------------------
@@ -406,25 +400,25 @@ class _FunctionalAfterBN(nn.Module):
 
 
 def test_bn102_names_a_functional_activation_before_the_batchnorm():
-    (f,) = _findings("BN102", A.BiasTo(activation=True), A.x())
+    (f,) = rule_findings("BN102", A.BiasTo(activation=True), A.x())
     assert f.layer == "bn" and f.evidence == {"placement": "after-activation", "policy": "before-activation",
                                               "activation": "F.relu"}
     assert "output of an activation (F.relu)" in f.message
-    (g,) = _findings("BN102", _FunctionalAfterBN(first_relu=True), A.x())
+    (g,) = rule_findings("BN102", _FunctionalAfterBN(first_relu=True), A.x())
     assert g.evidence["activation"] == "F.relu"
-    (h,) = _findings("BN102", A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), A.x())
+    (h,) = rule_findings("BN102", A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2)), A.x())
     assert h.evidence["activation"] == "ReLU" and h.layer == "2"
 
 
 def test_bn102_after_activation_policy():
     after = {"placement": "after-activation"}
-    (f,) = _findings("BN102", _FunctionalAfterBN(), A.x(), options=after)  # BatchNorm -> F.relu
+    (f,) = rule_findings("BN102", _FunctionalAfterBN(), A.x(), options=after)  # BatchNorm -> F.relu
     assert f.layer == "bn" and f.evidence == {"placement": "before-activation", "policy": "after-activation"}
     assert f.fix.startswith("move the BatchNorm after the activation")
     # a BatchNorm whose output is the model's output feeds no activation (and no layer)
-    assert not _findings("BN102", A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.BatchNorm1d(2)), A.x(),
+    assert not rule_findings("BN102", A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.BatchNorm1d(2)), A.x(),
                          options=after)
-    assert not _findings("BN102", _FunctionalAfterBN(first_relu=True), A.x(), options=after)
+    assert not rule_findings("BN102", _FunctionalAfterBN(first_relu=True), A.x(), options=after)
 
 
 # --- BN103 norm on output -----------------------------------------------------------------------------------------
@@ -443,8 +437,8 @@ class _ResidualOut(nn.Module):
 
 
 def test_bn103_walks_back_through_parameter_free_ops_to_the_input():
-    assert not _findings("BN103", _ResidualOut(bn_last=False), A.x())
-    (f,) = _findings("BN103", _ResidualOut(bn_last=True), A.x())  # reached along two paths: one finding
+    assert not rule_findings("BN103", _ResidualOut(bn_last=False), A.x())
+    (f,) = rule_findings("BN103", _ResidualOut(bn_last=True), A.x())  # reached along two paths: one finding
     assert f.layer == "bn" and f.evidence == {"output_shape": [16, 10]}
     assert f.fix == "remove bn; the output layer should be the last Linear/Conv"
 
@@ -463,17 +457,17 @@ class _SoftmaxBetween(nn.Module):
 
 
 def test_bn104_stops_at_a_softmax_module():
-    assert not _findings("BN104", _SoftmaxBetween(), A.x())
+    assert not rule_findings("BN104", _SoftmaxBetween(), A.x())
 
 
 def test_bn104_one_batchnorm_message_and_no_functional_false_alarm():
     model = A.mlp(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
                   nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    (f,) = _findings("BN104", model, A.x())
+    (f,) = rule_findings("BN104", model, A.x())
     assert f.layer == "3" and f.evidence == {"dropout": "3", "p": 0.3, "batchnorms": ["5"], "path": ["4"]}
     assert "3 (p=0.3) feeds 5 through 4:" in f.message
     # F.relu straight into a BatchNorm is no functional dropout
-    assert not _findings("BN104", A.BiasTo(activation=True), A.x())
+    assert not rule_findings("BN104", A.BiasTo(activation=True), A.x())
 
 
 # --- BN105 reused BatchNorm ---------------------------------------------------------------------------------------
@@ -488,7 +482,7 @@ class _TwiceBN(nn.Module):
 
 
 def test_bn105_a_batchnorm_called_twice():
-    (f,) = _findings("BN105", _TwiceBN(), A.x())
+    (f,) = rule_findings("BN105", _TwiceBN(), A.x())
     assert f.layer == "bn" and f.evidence == {"calls": 2} and "called 2 times" in f.message
 
 
@@ -502,21 +496,21 @@ def _linears(n: int) -> nn.Module:
 
 @pytest.mark.parametrize(("weight_layers", "fires"), [(5, True), (4, False)])
 def test_bn110_default_min_hidden_layers(weight_layers, fires):
-    found = _findings("BN110", _linears(weight_layers), A.x())
+    found = rule_findings("BN110", _linears(weight_layers), A.x())
     assert [f.evidence for f in found] == ([{"hidden_layers": 4, "min_hidden_layers": 4}] if fires else [])
 
 
 def test_bn110_counts_hidden_weight_layers_exactly():
-    (f,) = _findings("BN110", _linears(3), A.x(), options={"min_hidden_layers": 2})
+    (f,) = rule_findings("BN110", _linears(3), A.x(), options={"min_hidden_layers": 2})
     assert f.evidence["hidden_layers"] == 2 and f.message.startswith("2 hidden Linear/Conv layers")
-    assert not _findings("BN110", _linears(1), A.x(), options={"min_hidden_layers": 1})  # the output layer only
-    assert not _findings("BN110", _linears(3), A.x(), options={"min_hidden_layers": 3})
+    assert not rule_findings("BN110", _linears(1), A.x(), options={"min_hidden_layers": 1})  # the output layer only
+    assert not rule_findings("BN110", _linears(3), A.x(), options={"min_hidden_layers": 3})
 
 
 def test_bn110_an_unused_norm_does_not_count():
-    found = _findings("BN110", A.MorvanNet(do_bn=False), A.scalar_x())
+    found = rule_findings("BN110", A.MorvanNet(do_bn=False), A.scalar_x())
     assert [f.evidence for f in found] == [{"hidden_layers": 5, "min_hidden_layers": 4}]
-    assert not _findings("BN110", A.MorvanNet(do_bn=True), A.scalar_x())
+    assert not rule_findings("BN110", A.MorvanNet(do_bn=True), A.scalar_x())
 
 
 # --- the rule machinery: options, registration, look-up, selection -------------------------------------------------
@@ -649,7 +643,7 @@ def test_bn111_a_history_without_per_channel_records_uses_the_layer_variance():
             model(b)
             rec.step()
     assert rec.history.series("0", "channel_var").shape == (3, 1)  # one column: the variance of all values
-    (f,) = _findings("BN111", model, history=rec.history)
+    (f,) = rule_findings("BN111", model, history=rec.history)
     assert f.evidence["median_input_var"] == pytest.approx(0.5, rel=1e-6) and f.evidence["variance_steps"] == 3
 
 
@@ -670,7 +664,7 @@ def test_bn111_a_history_that_never_saw_the_layer_gives_no_variance():
     model = _BigBatchOnly()
     history = _recorded(model, _pm(0.5, n=4))  # batches of 4: bn never runs in the recorded steps
     # the data (16 samples: bn runs) has no finite statistic, so the history is asked, and has no bn
-    (f,) = _findings("BN111", model, [torch.full((16, 4), float("nan"))], history=history)
+    (f,) = rule_findings("BN111", model, [torch.full((16, 4), float("nan"))], history=history)
     assert f.layer == "bn" and f.evidence == {"eps": 0.8, "max_eps": 1e-2, "default_eps": 1e-5}
 
 
@@ -687,9 +681,9 @@ class _LinearWithHead(nn.Linear):
 
 def test_bn110_counts_submodules_only():
     # the model itself is not one of its layers: one weight layer (head), no hidden one
-    assert not _findings("BN110", _LinearWithHead(), A.x(), options={"min_hidden_layers": 1})
+    assert not rule_findings("BN110", _LinearWithHead(), A.x(), options={"min_hidden_layers": 1})
     # nor is it a normalization layer of itself: a bare RmsNorm has no hidden layers and no normalization
-    (f,) = _findings("BN110", A.RmsNorm(10), A.x(), options={"min_hidden_layers": 0})
+    (f,) = rule_findings("BN110", A.RmsNorm(10), A.x(), options={"min_hidden_layers": 0})
     assert f.evidence == {"hidden_layers": 0, "min_hidden_layers": 0}
 
 
@@ -704,12 +698,12 @@ def test_bn110_counts_submodules_only():
     ("BN105", lambda: A.SharedBN(shared=False)),
 ])
 def test_bn10x_silent_cases(code, model):
-    assert not _findings(code, model(), A.x())
+    assert not rule_findings(code, model(), A.x())
 
 
 def test_bn103_through_a_softmax_module():
     model = A.mlp(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.BatchNorm1d(2), nn.Softmax(dim=1))
-    assert [f.layer for f in _findings("BN103", model, A.x())] == ["3"]
+    assert [f.layer for f in rule_findings("BN103", model, A.x())] == ["3"]
 
 
 # --- rules/common.py: the recalibrate command a BN3xx fix quotes ----------------------------------------------------
@@ -725,7 +719,7 @@ def test_recalibrate_command_quotes_only_a_retypeable_model_spec(name, shown):
     with torch.no_grad():  # running statistics far from the data's: BN302 fires and quotes the command
         model[1].running_mean.fill_(10.0)
         model[1].num_batches_tracked.fill_(100)
-    (f,) = _findings("BN302", model.eval(), _x4(), name=name)
+    (f,) = rule_findings("BN302", model.eval(), _x4(), name=name)
     assert f.fix.split("`")[1] == f"bnaudit recalibrate {shown} --data DATA -o recalibrated.pt"
 
 

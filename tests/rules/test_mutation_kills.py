@@ -24,17 +24,7 @@ from bnaudit.rules import examples as X
 from bnaudit.rules import examples_modes as XM
 from bnaudit.rules.common import name_list
 from bnaudit.rules.running_stats import _model_trained
-
-
-def _findings(code, model, data=None, options=None, **kw):
-    config = {code: {"options": options}} if options else None
-    report = bnaudit.inspect(model, data, select=[code], rule_config=config, **kw)
-    assert code in report.rules_run, report.rules_skipped
-    return [f for f in report.findings if f.code == code]
-
-
-def _x(n: int, f: int = 4, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
+from tests.rules.kills import features, rule_findings
 
 
 # --- BN207 vanishing-or-exploding -------------------------------------------------------------------------------
@@ -52,7 +42,7 @@ def _scaled_chain(scales: list[float]) -> nn.Module:
 
 def test_bn207_explosion_at_the_second_layer_fires_without_a_trend():
     # second moments m, 1e4 m, m, m: the peak is at layer 1, two points give no trend (NaN), the ratio decides
-    (f,) = _findings("BN207", _scaled_chain([1.0, 100.0, 0.01, 1.0]), _x(64, 8))
+    (f,) = rule_findings("BN207", _scaled_chain([1.0, 100.0, 0.01, 1.0]), features(64, 8))
     ev = f.evidence
     assert f.layer == "1" and ev["first_layer"] == "0" and ev["worst_layer"] == "1"
     assert ev["ratio"] == pytest.approx(1e4, rel=1e-4) and math.isnan(ev["per_layer_factor"])
@@ -60,7 +50,7 @@ def test_bn207_explosion_at_the_second_layer_fires_without_a_trend():
 
 
 def test_bn207_vanishing_message_says_falls():
-    (f,) = _findings("BN207", _scaled_chain([1.0, 0.1, 0.1, 0.1, 1.0]), _x(64, 8))
+    (f,) = rule_findings("BN207", _scaled_chain([1.0, 0.1, 0.1, 0.1, 1.0]), features(64, 8))
     assert f.layer == "3" and f.evidence["ratio"] == pytest.approx(1e-6, rel=1e-4)
     assert "second moment falls" in f.message and "vanishes" in f.message
     assert f.evidence["per_layer_factor"] == pytest.approx(0.01, rel=1e-3)
@@ -70,8 +60,8 @@ def test_bn207_leaves_a_non_finite_last_layer_to_bn209():
     model = _scaled_chain([1.0, 0.1, 0.1, 0.1, 1.0])
     with torch.no_grad():
         model[4].weight.fill_(float("nan"))
-    assert not _findings("BN207", model, _x(64, 8))
-    assert _findings("BN207", _scaled_chain([1.0, 0.1, 0.1, 0.1, 1.0]), _x(64, 8))  # finite: it fires
+    assert not rule_findings("BN207", model, features(64, 8))
+    assert rule_findings("BN207", _scaled_chain([1.0, 0.1, 0.1, 0.1, 1.0]), features(64, 8))  # finite: it fires
 
 
 # --- BN208 / the data probe -------------------------------------------------------------------------------------
@@ -88,10 +78,10 @@ class _ScalarRelu(nn.Module):
 
 
 def test_probe_counts_a_one_dimensional_relu_output_as_one_unit():
-    x = _x(16)
+    x = features(16)
     assert run_data_probe(_ScalarRelu(-100.0), [Batch(x)]).dead == {"act": (1, 1)}
     assert run_data_probe(_ScalarRelu(100.0), [Batch(x)]).dead == {"act": (0, 1)}
-    (f,) = _findings("BN208", _ScalarRelu(-100.0), x)
+    (f,) = rule_findings("BN208", _ScalarRelu(-100.0), x)
     assert f.layer == "act" and f.evidence["dead_units"] == 1 and f.evidence["units"] == 1
 
 
@@ -107,12 +97,12 @@ class _ScalarInput(nn.Module):
 
 
 def test_probe_input_layout_by_rank():
-    assert run_data_probe(nn.Sequential(nn.BatchNorm1d(4)), [Batch(_x(8))]).input["layout"] == "features"
+    assert run_data_probe(nn.Sequential(nn.BatchNorm1d(4)), [Batch(features(8))]).input["layout"] == "features"
     images = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     probe = run_data_probe(nn.Sequential(nn.BatchNorm2d(3)), [Batch(images)])
     assert probe.input["layout"] == "channels" and probe.input["mean"].shape == (3,)
     # a 1-D float input has no feature axis: no input moments (BN201 has nothing to judge)
-    assert run_data_probe(_ScalarInput(), [Batch(_x(8)[:, 0])]).input is None
+    assert run_data_probe(_ScalarInput(), [Batch(features(8)[:, 0])]).input is None
 
 
 # --- BN401 small-per-device-batch (planned world size, no process group) ----------------------------------------
@@ -132,16 +122,16 @@ class _TwoNorms(nn.Module):
 
 
 def test_bn401_reads_each_layers_own_samples_and_values():
-    found = {f.layer: f.evidence for f in _findings("BN401", _TwoNorms(), _x(32, 8), {"world_size": 4})}
+    found = {f.layer: f.evidence for f in rule_findings("BN401", _TwoNorms(), features(32, 8), {"world_size": 4})}
     assert set(found) == {"bn1", "bn2"}
     assert (found["bn1"]["samples_per_device"], found["bn1"]["values_per_channel_per_device"]) == (8, 8)
     assert (found["bn2"]["samples_per_device"], found["bn2"]["values_per_channel_per_device"]) == (8, 40)
 
 
 def test_bn401_is_an_error_at_one_value_per_channel_a_warning_at_two():
-    (two,) = [f for f in _findings("BN401", _TwoNorms(), _x(8, 8), {"world_size": 4}) if f.layer == "bn1"]
+    (two,) = [f for f in rule_findings("BN401", _TwoNorms(), features(8, 8), {"world_size": 4}) if f.layer == "bn1"]
     assert two.evidence["values_per_channel_per_device"] == 2 and two.severity == "warning"
-    (one,) = [f for f in _findings("BN401", _TwoNorms(), _x(4, 8), {"world_size": 4}) if f.layer == "bn1"]
+    (one,) = [f for f in rule_findings("BN401", _TwoNorms(), features(4, 8), {"world_size": 4}) if f.layer == "bn1"]
     assert one.evidence["values_per_channel_per_device"] == 1 and one.severity == "error"
 
 
@@ -157,7 +147,7 @@ def _no_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_predict_mutations_delta_is_the_float_buffers_change():
     model = _bn_net()
-    batches = [_x(16, seed=1, scale=0.1), _x(16, seed=2, scale=0.1)]
+    batches = [features(16, seed=1, scale=0.1), features(16, seed=2, scale=0.1)]
     res = predict_mutations(model, batches, _no_eval)
     naive = copy.deepcopy(model)
     before = {k: v.clone() for k, v in naive.state_dict().items() if "running" in k}
@@ -178,14 +168,14 @@ def test_predict_mutations_reports_no_counter_when_only_a_float_buffer_moved():
             model[2].running_mean.add_(0.5)
         return model(x)
 
-    (change,) = predict_mutations(_bn_net(), [_x(8)], nudge).changes
+    (change,) = predict_mutations(_bn_net(), [features(8)], nudge).changes
     assert change.buffers == ("running_mean",) and change.max_abs_delta == pytest.approx(0.5)
     assert change.num_batches_tracked is None
 
 
 def test_predict_mutations_seeds_zero_by_default():
     model = _bn_net(dropout=0.5)  # dropout before BatchNorm: the running statistics depend on the masks
-    batches = [_x(16, seed=1)]
+    batches = [features(16, seed=1)]
     delta = {s: predict_mutations(model, batches, _no_eval, seed=s).changes[0].max_abs_delta for s in (0, 1)}
     assert delta[0] != delta[1]
     assert predict_mutations(model, batches, _no_eval).changes[0].max_abs_delta == delta[0]
@@ -193,7 +183,7 @@ def test_predict_mutations_seeds_zero_by_default():
 
 def test_concat_passes_a_tensor_without_the_batch_dimension_through():
     mask = torch.arange(5.0)
-    a, b = (_x(2, seed=1), mask), (_x(3, seed=2), mask)
+    a, b = (features(2, seed=1), mask), (features(3, seed=2), mask)
     x, m = concat([a, b])
     assert torch.equal(x, torch.cat([a[0], b[0]])) and torch.equal(m, mask)
 
@@ -201,7 +191,7 @@ def test_concat_passes_a_tensor_without_the_batch_dimension_through():
 def test_cobatch_pools_batches_and_splits_three_samples_into_two_pairs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 2)).eval()
-    x = _x(4)
+    x = features(4)
     # two batches of 2 are pooled into 4 samples: a reference pair, a disjoint pair and the sample alone
     assert cobatch_invariance(model, [x[:2], x[2:]]).compared == (2, 2, 1)
     pair = cobatch_invariance(model, [x[:2]])  # no disjoint co-batch: only the sample alone is compared
@@ -211,7 +201,7 @@ def test_cobatch_pools_batches_and_splits_three_samples_into_two_pairs():
 
 
 def test_channel_moments_take_a_batch_of_two():
-    x = _x(2).double()
+    x = features(2).double()
     mom = ChannelMoments()
     mom.add(x)
     assert mom.calls == 1 and mom.samples == 2
@@ -226,9 +216,9 @@ def test_layer_fit_against_a_reference_of_another_width_reports_no_fit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     reference = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
-    layer = running_stats_fit(model, [_x(8)], reference=reference).layers["1"]
+    layer = running_stats_fit(model, [features(8)], reference=reference).layers["1"]
     assert layer.z is None and layer.r is None and layer.channels == 5
-    same = running_stats_fit(model, [_x(8)]).layers["1"]
+    same = running_stats_fit(model, [features(8)]).layers["1"]
     assert same.z is not None and same.r is not None
 
 
@@ -242,13 +232,13 @@ def _bn_then_linear(weight_scale: float) -> nn.Module:
 
 
 def test_train_eval_gap_uses_batches_of_two():
-    res = train_eval_gap(_bn_then_linear(1.0), [_x(2, seed=1), _x(2, seed=2)])
+    res = train_eval_gap(_bn_then_linear(1.0), [features(2, seed=1), features(2, seed=2)])
     assert res.note == "" and res.batches == 2 and res.samples == 4
 
 
 def test_train_eval_gap_output_change_against_a_naive_recomputation():
     model = _bn_then_linear(0.1)
-    x = _x(16, seed=3, scale=3.0)
+    x = features(16, seed=3, scale=3.0)
     res = train_eval_gap(model, [x])
     with torch.no_grad():
         e = copy.deepcopy(model).eval()(x).double()
@@ -260,14 +250,14 @@ def test_train_eval_gap_output_change_against_a_naive_recomputation():
 
 
 def test_train_eval_gap_of_an_all_zero_output_is_zero():
-    res = train_eval_gap(_bn_then_linear(0.0), [_x(8)])
+    res = train_eval_gap(_bn_then_linear(0.0), [features(8)])
     assert res.metric == "output" and res.eval_value == 0.0 and res.relative_change == 0.0
 
 
 def test_train_eval_gap_float_targets_of_the_output_size_are_mse():
     torch.manual_seed(0)
     model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 1))
-    x, y = _x(16, seed=4), torch.linspace(0.0, 0.9, 16)  # float targets that also look like class indices of 1
+    x, y = features(16, seed=4), torch.linspace(0.0, 0.9, 16)  # float targets that also look like class indices of 1
     res = train_eval_gap(model, [Batch(x, y)])
     with torch.no_grad():
         e = copy.deepcopy(model).eval()(x).double()[:, 0]
@@ -287,7 +277,7 @@ class _Votes(nn.Module):
 
 
 def test_train_eval_gap_compares_integer_outputs_as_outputs_even_with_class_targets():
-    x, y = _x(16, seed=5), torch.arange(16) % 3
+    x, y = features(16, seed=5), torch.arange(16) % 3
     assert train_eval_gap(_Votes(), [Batch(x, y)]).metric == "output"
 
 
@@ -314,7 +304,7 @@ def test_model_with_moved_running_var_alone_counts_as_trained():
 
 
 def _stale_r(options=None) -> float:
-    found = [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), options) if f.layer == "1"]
+    found = [f for f in rule_findings("BN302", XM.trained_mlp(), XM.shifted_digits(), options) if f.layer == "1"]
     return found[0].evidence["r"] if found else float("nan")
 
 
@@ -322,22 +312,22 @@ def test_bn302_variance_ratio_range_is_inclusive_at_both_ends():
     r = _stale_r({"z_max": 1e9, "r_min": 1e-9, "r_max": 1e-9})  # every r is above r_max: read it
     assert r > 0
     at_edges = {"z_max": 1e9, "r_min": r, "r_max": r}
-    assert not [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), at_edges) if f.layer == "1"]
+    assert not [f for f in rule_findings("BN302", XM.trained_mlp(), XM.shifted_digits(), at_edges) if f.layer == "1"]
     above = {"z_max": 1e9, "r_min": math.nextafter(r, math.inf), "r_max": 1e9}
-    assert [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), above) if f.layer == "1"]
+    assert [f for f in rule_findings("BN302", XM.trained_mlp(), XM.shifted_digits(), above) if f.layer == "1"]
     below = {"z_max": 1e9, "r_min": 1e-9, "r_max": math.nextafter(r, -math.inf)}
-    assert [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), below) if f.layer == "1"]
+    assert [f for f in rule_findings("BN302", XM.trained_mlp(), XM.shifted_digits(), below) if f.layer == "1"]
 
 
 def test_bn303_evidence_states_the_initial_buffers():
-    (f,) = [f for f in _findings("BN303", XM.ema_params_only(), X.digits()) if f.layer == "1"]
+    (f,) = [f for f in rule_findings("BN303", XM.ema_params_only(), X.digits()) if f.layer == "1"]
     assert f.evidence["running_mean"] == 0.0 and f.evidence["running_var"] == 1.0
     bn = XM.ema_params_only()[1]
     assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)  # what the evidence claims
 
 
 def test_bn301_evidence_has_no_dropout_entry_when_none_was_active():
-    (f,) = [f for f in _findings("BN301", XM.untracked_mlp(), X.digits()) if f.layer == "1"]
+    (f,) = [f for f in rule_findings("BN301", XM.untracked_mlp(), X.digits()) if f.layer == "1"]
     assert "active_dropout" not in f.evidence
 
 
@@ -354,7 +344,7 @@ def test_bn304_with_float_targets_compares_mse_and_has_no_accuracy():
 
 
 def test_bn306_evidence_rounds_each_delta_to_six_decimals():
-    (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval)
     deltas = [c["max_abs_delta"] for c in f.evidence["changed"].values()]
     assert deltas and all(d > 0 and d == round(d, 6) for d in deltas)
     assert any(d != round(d, 5) for d in deltas)  # six decimals, not fewer
@@ -379,11 +369,11 @@ class _SpareNorm(nn.Module):
 
 
 def test_running_stats_fit_covers_only_the_layers_that_ran():
-    assert set(running_stats_fit(_SpareNorm(), [_x(8)]).layers) == {"bn"}
+    assert set(running_stats_fit(_SpareNorm(), [features(8)]).layers) == {"bn"}
     # a reference with a BatchNorm the pass never saw: nothing to compare it with
     reference = _SpareNorm()
     reference.extra = nn.BatchNorm1d(3)
-    assert set(running_stats_fit(_SpareNorm(), [_x(8)], reference=reference).layers) == {"bn"}
+    assert set(running_stats_fit(_SpareNorm(), [features(8)], reference=reference).layers) == {"bn"}
 
 
 def test_cobatch_of_an_all_zero_output_changes_by_zero():
@@ -391,18 +381,18 @@ def test_cobatch_of_an_all_zero_output_changes_by_zero():
     with torch.no_grad():
         model[0].weight.zero_()
         model[0].bias.zero_()
-    res = cobatch_invariance(model.eval(), [_x(4)])
+    res = cobatch_invariance(model.eval(), [features(4)])
     assert res.scale == 0.0 and res.max_abs_delta == 0.0 and res.relative == 0.0
 
 
 def test_bn401_skips_a_batchnorm_the_example_never_reaches():
-    found = _findings("BN401", _SpareNorm(), _x(32), {"world_size": 4})
+    found = rule_findings("BN401", _SpareNorm(), features(32), {"world_size": 4})
     assert [f.layer for f in found] == ["bn"] and found[0].evidence["samples_per_device"] == 8
 
 
 def test_bn302_names_only_the_threshold_crossed():
     options = {"z_max": 0.0, "r_min": 1e-9, "r_max": 1e9}  # any shift crosses, no variance ratio can
-    (f,) = [f for f in _findings("BN302", XM.trained_mlp(), XM.shifted_digits(), options) if f.layer == "1"]
+    (f,) = [f for f in rule_findings("BN302", XM.trained_mlp(), XM.shifted_digits(), options) if f.layer == "1"]
     assert "mean shift z=" in f.message and "variance ratio r=" not in f.message
 
 
@@ -421,7 +411,7 @@ class _SharedNorm(nn.Module):
 
 
 def test_bn306_quotes_the_counter_of_the_first_changed_batchnorm_when_counts_differ():
-    (f,) = _findings("BN306", _SharedNorm(), X.digits(), predict=XM.predict_no_eval)
+    (f,) = rule_findings("BN306", _SharedNorm(), X.digits(), predict=XM.predict_no_eval)
     bn, bn2 = (f.evidence["changed"][k]["num_batches_tracked"] for k in ("bn", "bn2"))
     calls = f.evidence["calls"]
     assert calls >= 1 and bn == [0, 2 * calls] and bn2 == [0, calls]
@@ -430,7 +420,7 @@ def test_bn306_quotes_the_counter_of_the_first_changed_batchnorm_when_counts_dif
 
 def test_recalibrate_command_quotes_a_spec_only_when_it_can_be_typed_again():
     def command(name):
-        (f,) = _findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval, name=name)
+        (f,) = rule_findings("BN306", XM.trained_mlp(), X.digits(), predict=XM.predict_no_eval, name=name)
         return f.fix.split("`")[1]
 
     assert command("models/net.pt") == "bnaudit recalibrate models/net.pt --data DATA -o recalibrated.pt"
@@ -441,10 +431,10 @@ def test_recalibrate_command_quotes_a_spec_only_when_it_can_be_typed_again():
 def test_cobatch_pools_only_the_first_batch_when_the_next_cannot_be_concatenated():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 2)).eval()
-    x = _x(3)
+    x = features(3)
     # the second batch has another width: no pool of both, the first batch alone is probed
     alone = cobatch_invariance(model, [x])
-    mixed = cobatch_invariance(model, [x, _x(5, f=6, seed=1)])
+    mixed = cobatch_invariance(model, [x, features(5, f=6, seed=1)])
     assert mixed.compared == alone.compared == (2, 2, 1)
     assert mixed.max_abs_delta == alone.max_abs_delta
 
@@ -467,7 +457,7 @@ def test_bn203_measures_from_two_batches_when_min_batches_allows_it():
 
     def found(options):
         model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
-        return _findings("BN203", model, XD.mean_noise_batches(0.95, batches=2), options, steps=2)
+        return rule_findings("BN203", model, XD.mean_noise_batches(0.95, batches=2), options, steps=2)
 
     assert found(None) == []  # the default needs three batches
     (f,) = found({"min_batches": 2})  # two is the least that makes a bound, and is accepted
@@ -477,15 +467,15 @@ def test_bn203_measures_from_two_batches_when_min_batches_allows_it():
 def test_bn207_growth_exactly_at_max_ratio_is_not_reported():
     # scales that are powers of two scale every moment exactly: second moments m, 4m, 16m, 64m
     model = _scaled_chain([1.0, 2.0, 2.0, 2.0])
-    (f,) = _findings("BN207", model, _x(64, 8), {"max_ratio": 63.0})
+    (f,) = rule_findings("BN207", model, features(64, 8), {"max_ratio": 63.0})
     assert f.layer == "3" and f.evidence["ratio"] == 64.0 and f.evidence["per_layer_factor"] == pytest.approx(4.0)
-    assert _findings("BN207", model, _x(64, 8), {"max_ratio": 64.0}) == []  # the limit itself is allowed
+    assert rule_findings("BN207", model, features(64, 8), {"max_ratio": 64.0}) == []  # the limit itself is allowed
 
 
 def test_cobatch_counts_only_dropout_that_drops_something():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
-    res = cobatch_invariance(model.train(), [_x(6)], XM.predict_no_eval)  # a predict() without model.eval()
+    res = cobatch_invariance(model.train(), [features(6)], XM.predict_no_eval)  # a predict() without model.eval()
     assert res.active_dropout == ("3",)  # "1" is in train mode too, but with p = 0 it is the identity
 
 
@@ -501,8 +491,8 @@ def test_model_with_untracked_batchnorm_and_constant_affine_is_not_trained():
 
 def test_bn401_is_silent_exactly_at_min_batch_and_min_values():
     # batches of 64 on 4 devices: 16 per device, bn1 with 16 values per channel: both at the default limits
-    assert _findings("BN401", _TwoNorms(), _x(64, 8), {"world_size": 4}, batch_size=64) == []
-    found = {f.layer: f.evidence for f in _findings("BN401", _TwoNorms(), _x(60, 8), {"world_size": 4}, batch_size=60)}
+    assert rule_findings("BN401", _TwoNorms(), features(64, 8), {"world_size": 4}, batch_size=64) == []
+    found = {f.layer: f.evidence for f in rule_findings("BN401", _TwoNorms(), features(60, 8), {"world_size": 4}, batch_size=60)}
     assert found["bn1"]["samples_per_device"] == 15 and found["bn1"]["values_per_channel_per_device"] == 15
 
 
@@ -511,17 +501,17 @@ def test_predict_train_mode_layers_names_only_batchnorms_that_track_running_stat
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4, track_running_stats=False),
                           nn.Linear(4, 2))
     # "3" uses batch statistics in either mode: that is BN301's finding, not a predict() that skips eval()
-    assert predict_train_mode_layers(model, _x(4), XM.predict_no_eval) == ("1",)
-    assert predict_train_mode_layers(model, _x(4), XM.predict_eval) == ()
+    assert predict_train_mode_layers(model, features(4), XM.predict_no_eval) == ("1",)
+    assert predict_train_mode_layers(model, features(4), XM.predict_eval) == ()
 
 
 def test_bn207_vanishing_needs_the_ratio_below_one_over_max_ratio_and_a_falling_trend():
     # second moments m, m/4, m/16, m/64 (exact: powers of two): a ratio of 1/64
     falling = _scaled_chain([1.0, 0.5, 0.5, 0.5])
-    assert _findings("BN207", falling, _x(64, 8), {"max_ratio": 100.0}) == []  # 1/64 is not below 1/100
-    (f,) = _findings("BN207", falling, _x(64, 8), {"max_ratio": 63.0})
+    assert rule_findings("BN207", falling, features(64, 8), {"max_ratio": 100.0}) == []  # 1/64 is not below 1/100
+    (f,) = rule_findings("BN207", falling, features(64, 8), {"max_ratio": 63.0})
     assert f.layer == "3" and "vanishes" in f.message
     # log2 second moments 0, 0, 26, -8: the last layer is 256x below the first, but the fitted trend over the
     # four layers rises (x2**0.2 per layer): not vanishing; the peak at layer 2 explodes instead
-    (f,) = _findings("BN207", _scaled_chain([1.0, 1.0, 2.0**13, 2.0**-17]), _x(64, 8), {"max_ratio": 100.0})
+    (f,) = rule_findings("BN207", _scaled_chain([1.0, 1.0, 2.0**13, 2.0**-17]), features(64, 8), {"max_ratio": 100.0})
     assert f.layer == "2" and "explodes" in f.message
